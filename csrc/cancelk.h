@@ -1,0 +1,48 @@
+/*
+ * cancelk C process core: the raw process operations around a fork and a
+ * small event loop that waits for children, fds and a deadline without the GIL.
+ *
+ * Every function returns -1 and leaves errno set on failure; the Python side
+ * (cancelk._core) turns that into OSError with what was attempted.
+ */
+#ifndef CANCELK_H
+#define CANCELK_H
+
+#include <stdint.h>
+
+#define CANCELK_BACKEND_PIDFD 1
+#define CANCELK_BACKEND_POSIX 2
+
+/* Token reported by cancelk_loop_wait when the deadline has passed. */
+#define CANCELK_TOKEN_DEADLINE (-1)
+
+/* backend.c */
+int cancelk_pidfd_supported(void);
+
+/* proc.c: process operations */
+int64_t cancelk_monotonic_ns(void);
+int cancelk_pidfd_open(int pid);
+int cancelk_pidfd_send_signal(int pidfd, int sig);
+int cancelk_kill_group(int pgid, int sig);
+int cancelk_kill_pid(int pid, int sig);
+int cancelk_become_group_leader(void);
+int cancelk_set_parent_death_signal(int sig);
+int cancelk_set_child_subreaper(void);
+int cancelk_reap(int pid, int nohang, int *status);
+int cancelk_has_exited(int pid);
+int64_t cancelk_word_load(int64_t *word);
+void cancelk_word_store(int64_t *word, int64_t value);
+int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);
+
+/* loop.c: wait for the first of several events */
+struct cancelk_loop;
+struct cancelk_loop *cancelk_loop_new(int backend);
+void cancelk_loop_free(struct cancelk_loop *loop);
+int cancelk_loop_add_fd(struct cancelk_loop *loop, int fd, int64_t token);
+int cancelk_loop_remove_fd(struct cancelk_loop *loop, int fd);
+int cancelk_loop_add_child(struct cancelk_loop *loop, int pid, int64_t token);
+int cancelk_loop_remove_child(struct cancelk_loop *loop, int pid);
+int cancelk_loop_wait(struct cancelk_loop *loop, int64_t deadline_ns,
+                      int64_t *tokens, int max_tokens);
+
+#endif

@@ -1,0 +1,155 @@
+/*
+ * Process operations: pidfds, process groups, parent-death signal,
+ * subreaping, reaping, and the shared job words used to decide races
+ * between a job finishing and a job being killed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cancelk.h"
+
+#ifdef __linux__
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#endif
+
+int64_t cancelk_monotonic_ns(void)
+{
+	struct timespec ts;
+
+	if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+		return -1;
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int cancelk_pidfd_open(int pid)
+{
+#ifdef __linux__
+	return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+	(void)pid;
+	errno = ENOSYS;
+	return -1;
+#endif
+}
+
+int cancelk_pidfd_send_signal(int pidfd, int sig)
+{
+#ifdef __linux__
+	return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+#else
+	(void)pidfd;
+	(void)sig;
+	errno = ENOSYS;
+	return -1;
+#endif
+}
+
+int cancelk_kill_group(int pgid, int sig)
+{
+	/* pgid <= 1 would address every process we may signal; refuse. */
+	if (pgid <= 1) {
+		errno = EINVAL;
+		return -1;
+	}
+	return kill(-pgid, sig);
+}
+
+int cancelk_kill_pid(int pid, int sig)
+{
+	if (pid <= 0) {
+		errno = EINVAL;
+		return -1;
+	}
+	return kill(pid, sig);
+}
+
+int cancelk_become_group_leader(void)
+{
+	return setpgid(0, 0);
+}
+
+int cancelk_set_parent_death_signal(int sig)
+{
+#ifdef __linux__
+	if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0) != 0)
+		return -1;
+	/* The parent may have died before the prctl: then nobody will
+	 * signal us, so do it ourselves.  Reparenting changes getppid(). */
+	if (sig != 0 && getppid() == 1)
+		return raise(sig);
+	return 0;
+#else
+	(void)sig;
+	errno = ENOSYS;
+	return -1;
+#endif
+}
+
+int cancelk_set_child_subreaper(void)
+{
+#ifdef __linux__
+	return prctl(PR_SET_CHILD_SUBREAPER, 1UL, 0, 0, 0);
+#else
+	errno = ENOSYS;
+	return -1;
+#endif
+}
+
+/* waitpid() that retries on EINTR.  Returns the pid, 0 when nohang and the
+ * child still runs, -1 on error. */
+int cancelk_reap(int pid, int nohang, int *status)
+{
+	pid_t rc;
+
+	do {
+		rc = waitpid((pid_t)pid, status, nohang ? WNOHANG : 0);
+	} while (rc < 0 && errno == EINTR);
+	return (int)rc;
+}
+
+/* Has the child exited?  Leaves it unreaped (WNOWAIT) so its pid, and so
+ * its process group id, cannot be reused while we still act on it. */
+int cancelk_has_exited(int pid)
+{
+	siginfo_t info;
+	int rc;
+
+	info.si_pid = 0;
+	do {
+		rc = waitid(P_PID, (id_t)pid, &info, WEXITED | WNOHANG | WNOWAIT);
+	} while (rc < 0 && errno == EINTR);
+	if (rc < 0)
+		return -1;
+	return info.si_pid != 0;
+}
+
+/* The job words live in a MAP_SHARED page seen by the user process, the
+ * supervisor and the runners; sequentially consistent atomics make a
+ * compare-and-swap the single point that decides "finished" vs "killed". */
+int64_t cancelk_word_load(int64_t *word)
+{
+	return __atomic_load_n(word, __ATOMIC_SEQ_CST);
+}
+
+void cancelk_word_store(int64_t *word, int64_t value)
+{
+	__atomic_store_n(word, value, __ATOMIC_SEQ_CST);
+}
+
+int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired)
+{
+	return __atomic_compare_exchange_n(word, &expected, desired, 0,
+					   __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}

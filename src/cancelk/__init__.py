@@ -1,0 +1,18 @@
+"""cancelk: a process pool whose jobs can really be stopped."""
+
+from __future__ import annotations
+
+from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError
+from cancelk.options import ProcessCancelTimeout, ProcessTimeout
+from cancelk.wrapper import killable_wrapper
+
+__all__ = [
+    "ProcessCancelTimeout",
+    "ProcessCancelledError",
+    "ProcessDiedError",
+    "ProcessTimeout",
+    "ProcessTimeoutError",
+    "killable_wrapper",
+]
+
+__version__ = "0.1.0"

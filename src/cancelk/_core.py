@@ -1,0 +1,204 @@
+"""Typed wrapper over the C process core; the only module that touches ``lib``.
+
+    Python caller --(ints, fds)--> _core --cffi, GIL released--> csrc/*.c
+                  <--OSError(errno, "what was attempted")--
+
+Each loop picks a backend: ``pidfd`` when the kernel offers pidfd_open(2),
+else ``posix``; ``CANCELK_BACKEND=pidfd|posix`` forces one.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Any
+
+from cancelk._cancelk_core import ffi, lib
+
+__all__ = [
+    "BACKEND",
+    "DEADLINE",
+    "Loop",
+    "SharedWords",
+    "become_group_leader",
+    "has_exited",
+    "kill_group",
+    "kill_pid",
+    "monotonic_ns",
+    "pidfd_open",
+    "reap",
+    "selected_backend",
+    "set_child_subreaper",
+    "set_parent_death_signal",
+]
+
+DEADLINE = int(lib.CANCELK_TOKEN_DEADLINE)
+
+
+def _fail(what: str) -> OSError:
+    code = ffi.errno
+    return OSError(code, f"{what}: {os.strerror(code)}")
+
+
+_PIDFD_SUPPORTED = bool(lib.cancelk_pidfd_supported())
+
+
+def selected_backend() -> str:
+    """The backend for a new loop: read from the environment each time, so a
+    test (or a host worker's initializer) can switch it for what follows."""
+    wanted = os.environ.get("CANCELK_BACKEND", "").strip().lower()
+    supported = _PIDFD_SUPPORTED
+    if wanted == "posix":
+        return "posix"
+    if wanted == "pidfd":
+        if not supported:
+            raise RuntimeError("CANCELK_BACKEND=pidfd but this kernel does not offer pidfd_open(2)")
+        return "pidfd"
+    if wanted:
+        raise ValueError(f"CANCELK_BACKEND must be 'pidfd' or 'posix', not {wanted!r}")
+    return "pidfd" if supported else "posix"
+
+
+BACKEND = selected_backend()
+
+
+def monotonic_ns() -> int:
+    """CLOCK_MONOTONIC in nanoseconds: the clock all deadlines use, in every process."""
+    return int(lib.cancelk_monotonic_ns())
+
+
+def pidfd_open(pid: int) -> int:
+    fd = int(lib.cancelk_pidfd_open(pid))
+    if fd < 0:
+        raise _fail(f"pidfd_open({pid})")
+    return fd
+
+
+def kill_group(pgid: int, sig: int) -> bool:
+    """Signal a whole process group; False if the group no longer exists."""
+    if lib.cancelk_kill_group(pgid, sig) == 0:
+        return True
+    if ffi.errno == _errno.ESRCH:
+        return False
+    raise _fail(f"kill(-{pgid}, {sig})")
+
+
+def kill_pid(pid: int, sig: int) -> bool:
+    """Signal one process; False if it no longer exists."""
+    if lib.cancelk_kill_pid(pid, sig) == 0:
+        return True
+    if ffi.errno == _errno.ESRCH:
+        return False
+    raise _fail(f"kill({pid}, {sig})")
+
+
+def become_group_leader() -> None:
+    if lib.cancelk_become_group_leader() != 0:
+        raise _fail("setpgid(0, 0)")
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask for ``sig`` when the parent dies; False where the OS has no such thing."""
+    if lib.cancelk_set_parent_death_signal(sig) == 0:
+        return True
+    if ffi.errno == _errno.ENOSYS:
+        return False
+    raise _fail(f"prctl(PR_SET_PDEATHSIG, {sig})")
+
+
+def set_child_subreaper() -> bool:
+    """Become a child subreaper; False where the OS has no such thing."""
+    if lib.cancelk_set_child_subreaper() == 0:
+        return True
+    if ffi.errno == _errno.ENOSYS:
+        return False
+    raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap(pid: int, *, block: bool = True) -> int | None:
+    """waitpid(); the raw status, or None if ``block`` is False and it still runs."""
+    status = ffi.new("int *")
+    rc = int(lib.cancelk_reap(pid, 0 if block else 1, status))
+    if rc < 0:
+        raise _fail(f"waitpid({pid})")
+    if rc == 0:
+        return None
+    return int(status[0])
+
+
+def has_exited(pid: int) -> bool:
+    """True once the child has exited; it stays unreaped."""
+    rc = int(lib.cancelk_has_exited(pid))
+    if rc < 0:
+        raise _fail(f"waitid({pid}, WNOWAIT)")
+    return rc == 1
+
+
+class Loop:
+    """Wait for the first of: watched children exiting, fds readable, a deadline.
+
+    Tokens are caller-chosen integers >= 0; ``DEADLINE`` (-1) reports the deadline.
+    """
+
+    def __init__(self, backend: str | None = None) -> None:
+        backend = backend or selected_backend()
+        code = lib.CANCELK_BACKEND_PIDFD if backend == "pidfd" else lib.CANCELK_BACKEND_POSIX
+        handle = lib.cancelk_loop_new(code)
+        if handle == ffi.NULL:
+            raise _fail(f"creating the {backend} event loop")
+        self._handle: Any = ffi.gc(handle, lib.cancelk_loop_free)
+        self._tokens: Any = ffi.new("int64_t[]", 64)
+        self.backend = backend
+
+    def close(self) -> None:
+        if self._handle is not None:
+            ffi.release(self._handle)
+            self._handle = None
+
+    def add_fd(self, fd: int, token: int) -> None:
+        if lib.cancelk_loop_add_fd(self._handle, fd, token) != 0:
+            raise _fail(f"watching fd {fd}")
+
+    def remove_fd(self, fd: int) -> None:
+        if lib.cancelk_loop_remove_fd(self._handle, fd) != 0:
+            raise _fail(f"unwatching fd {fd}")
+
+    def add_child(self, pid: int, token: int) -> None:
+        if lib.cancelk_loop_add_child(self._handle, pid, token) != 0:
+            raise _fail(f"watching child {pid}")
+
+    def remove_child(self, pid: int) -> None:
+        if lib.cancelk_loop_remove_child(self._handle, pid) != 0:
+            raise _fail(f"unwatching child {pid}")
+
+    def wait(self, deadline_ns: int | None) -> list[int]:
+        """Ready tokens; an empty list means a signal interrupted the wait."""
+        deadline = -1 if deadline_ns is None else max(deadline_ns, 0)
+        n = int(lib.cancelk_loop_wait(self._handle, deadline, self._tokens, 64))
+        if n < 0:
+            raise _fail("waiting for children, fds and deadline")
+        return [int(self._tokens[i]) for i in range(n)]
+
+
+class SharedWords:
+    """Atomic 64-bit words in a buffer shared between processes (a MAP_SHARED mmap)."""
+
+    def __init__(self, buffer: Any, count: int) -> None:
+        self._cdata: Any = ffi.from_buffer("int64_t[]", buffer, require_writable=True)
+        if len(self._cdata) < count:
+            raise ValueError(f"shared buffer holds {len(self._cdata)} words, need {count}")
+        self.count = count
+
+    def _ptr(self, index: int) -> Any:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self._cdata + index
+
+    def load(self, index: int) -> int:
+        return int(lib.cancelk_word_load(self._ptr(index)))
+
+    def store(self, index: int, value: int) -> None:
+        lib.cancelk_word_store(self._ptr(index), value)
+
+    def cas(self, index: int, expected: int, desired: int) -> bool:
+        return bool(lib.cancelk_word_cas(self._ptr(index), expected, desired))

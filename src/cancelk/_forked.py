@@ -1,0 +1,54 @@
+"""What every process cancelk forks does first, before any user code runs.
+
+    parent --os.fork()--> child: forget_parent_signals()  (I9)
+                                 own process group         (so one kill reaches the tree)
+                                 parent-death signal       (no orphans, Linux)
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from cancelk import _core
+
+
+def forget_parent_signals() -> None:
+    """Drop the parent's Python signal handlers and wakeup fd.
+
+    A forked child shares the parent's asyncio self-pipe; if its wakeup fd
+    stayed set, a signal in the child would wake the parent's event loop and
+    run the parent's handlers there (I9).
+    """
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        pass
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (ValueError, OSError):
+            continue
+        if callable(handler) and handler is not signal.default_int_handler:
+            try:
+                signal.signal(signum, signal.SIG_DFL)
+            except (ValueError, OSError):
+                continue
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def become_job_process(parent_death_signal: int = signal.SIGKILL) -> None:
+    """Run in a freshly forked job process: own group, die with the parent."""
+    forget_parent_signals()
+    _core.become_group_leader()
+    _core.set_parent_death_signal(parent_death_signal)
+
+
+def flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass

@@ -1,0 +1,171 @@
+"""Framing and outcome encoding shared by every pipe cancelk writes.
+
+    job side:    fn(*args) -> encode_outcome -> frame -> write_frame(fd)
+    parent side: read(fd) -> FrameReader.feed -> payload -> decode_outcome -> value | raise
+
+A frame is an 8-byte little-endian length followed by a pickle.  Readers are
+incremental so a parent never blocks on a half-written frame.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote
+
+HEADER = struct.Struct("<Q")
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def dumps(obj: object) -> bytes:
+    return pickle.dumps(obj, protocol=PROTOCOL)
+
+
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Blocking write of the whole buffer (the fd must be blocking)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_frame(fd: int, payload: bytes) -> None:
+    write_all(fd, HEADER.pack(len(payload)))
+    write_all(fd, payload)
+
+
+def read_exact(fd: int, size: int) -> bytes | None:
+    """Blocking read of exactly ``size`` bytes; None on EOF before any byte."""
+    chunks = []
+    remaining = size
+    while remaining:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            if remaining == size:
+                return None
+            raise EOFError(f"pipe closed after {size - remaining} of {size} bytes")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> bytes | None:
+    """Blocking read of one frame; None on a clean EOF."""
+    header = read_exact(fd, HEADER.size)
+    if header is None:
+        return None
+    (size,) = HEADER.unpack(header)
+    body = read_exact(fd, size) if size else b""
+    if body is None:
+        raise EOFError("pipe closed between a frame's header and its body")
+    return body
+
+
+class FrameReader:
+    """Accumulates bytes and yields complete frames."""
+
+    __slots__ = ("_buffer", "_need")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._need = -1  # body size once the header is in, else -1
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._buffer) or self._need >= 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames = []
+        while True:
+            if self._need < 0:
+                if len(self._buffer) < HEADER.size:
+                    return frames
+                (self._need,) = HEADER.unpack_from(self._buffer)
+                del self._buffer[: HEADER.size]
+            if len(self._buffer) < self._need:
+                return frames
+            frames.append(bytes(self._buffer[: self._need]))
+            del self._buffer[: self._need]
+            self._need = -1
+
+
+def _type_name(obj: object) -> str:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def encode_exception(exc: BaseException) -> bytes:
+    tb = format_remote(exc)
+    try:
+        return dumps(("err", exc, tb))
+    except Exception as why:
+        substitute = ResultPicklingError(
+            f"the job raised {_type_name(exc)}: {exc}, which could not be pickled: "
+            f"{type(why).__name__}: {why}"
+        )
+        return dumps(("err", substitute, tb))
+
+
+def encode_result(value: object) -> bytes:
+    try:
+        return dumps(("ok", value))
+    except Exception as why:
+        return dumps(
+            (
+                "err",
+                ResultPicklingError(
+                    f"the job's result of type {_type_name(value)} could not be pickled: "
+                    f"{type(why).__name__}: {why}"
+                ),
+                format_remote(why),
+            )
+        )
+
+
+def run_and_encode(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Call the job and encode what happened; never raises (but BaseExit from pickling)."""
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:
+        return encode_exception(exc)
+    return encode_result(value)
+
+
+class Outcome:
+    """A decoded job outcome: a value or an exception with its remote traceback."""
+
+    __slots__ = ("exception", "value")
+
+    def __init__(self, value: Any = None, exception: BaseException | None = None) -> None:
+        self.value = value
+        self.exception = exception
+
+    def unwrap(self) -> Any:
+        if self.exception is not None:
+            raise self.exception
+        return self.value
+
+
+def decode_outcome(payload: bytes) -> Outcome:
+    try:
+        kind, *rest = pickle.loads(payload)
+    except Exception as why:
+        error = ResultPicklingError(
+            f"the job's result or exception could not be unpickled: {type(why).__name__}: {why}"
+        )
+        error.__cause__ = why
+        return Outcome(exception=error)
+    if kind == "ok":
+        return Outcome(value=rest[0])
+    exc, tb = rest
+    exc.__cause__ = RemoteTraceback(tb)
+    return Outcome(exception=exc)
