@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError
+from cancelk.executor import ExecutorOptions, ProcessPoolExecutor
+from cancelk.futures import Future
 from cancelk.options import ProcessCancelTimeout, ProcessTimeout
 from cancelk.wrapper import killable_wrapper
 
 __all__ = [
+    "ExecutorOptions",
+    "Future",
+    "ProcessPoolExecutor",
     "ProcessCancelTimeout",
     "ProcessCancelledError",
     "ProcessDiedError",

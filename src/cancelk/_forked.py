@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from multiprocessing import spawn
 
 from cancelk import _core
 
@@ -34,8 +35,9 @@ def forget_parent_signals() -> None:
                 signal.signal(signum, signal.SIG_DFL)
             except (ValueError, OSError):
                 continue
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ignored dispositions survive exec(); a job's subprocesses must not
+    # inherit a supervisor's "ignore SIGINT".
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def become_job_process(parent_death_signal: int = signal.SIGKILL) -> None:
@@ -52,3 +54,14 @@ def flush_std_streams() -> None:
                 stream.flush()
         except Exception:
             pass
+
+
+def main_preparation(name: str) -> dict[str, object]:
+    """What a fresh interpreter needs to import ``__main__`` as spawn does.
+
+    The authkey is left out: it refuses to pickle outside multiprocessing's
+    own spawning, and nothing cancelk starts uses it.
+    """
+    data: dict[str, object] = spawn.get_preparation_data(name)
+    data.pop("authkey", None)
+    return data

@@ -150,7 +150,7 @@ class _CleanJob:
         # Two layers: the job may name functions of __main__, which can only
         # be unpickled after spawn.prepare() has imported the main module.
         job = _wire.dumps((fn, args, kwargs))
-        payload = _wire.dumps((spawn.get_preparation_data("cancelk-job"), job))
+        payload = _wire.dumps((_forked.main_preparation("cancelk-job"), job))
         job_read, job_write = os.pipe()
         result_read, result_write = os.pipe()
         try:

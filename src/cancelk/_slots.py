@@ -1,0 +1,99 @@
+"""The shared job words: one small record per runner slot in a MAP_SHARED page.
+
+    user process ─┐                      ┌─ runner (slot i)
+                  ├── memfd / tmp file ──┤
+    supervisor ───┘   mmap(MAP_SHARED)   └─ runner (slot j)
+
+    STATE       0            fresh runner, no job yet
+                seq          job seq is running
+                seq|DONE     job seq finished (its result is being sent)
+                seq|KILL_*   a kill of job seq was decided (by timeout or cancel)
+    STARTED_NS  CLOCK_MONOTONIC when the running job began (time limits count from it)
+
+Every transition is a compare-and-swap from a value that names the job, so
+"finished" and "killed" cannot both win, and a late kill cannot hit the next
+job: once job seq is DONE no CAS expecting seq (or what preceded it) succeeds (I1).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+
+from cancelk import _core
+
+DONE = 1 << 59
+KILL_TIMEOUT = 1 << 60
+KILL_CANCEL = 1 << 61
+KILL_FLAGS = KILL_TIMEOUT | KILL_CANCEL
+SEQ_MASK = (1 << 48) - 1
+
+_STATE, _STARTED_NS = 0, 1
+_WORDS_PER_SLOT = 4  # two spare words keep each slot on its own 32 bytes
+
+
+def _size(slots: int) -> int:
+    return max(mmap.PAGESIZE, slots * _WORDS_PER_SLOT * 8)
+
+
+def create_fd(slots: int) -> int:
+    """A file descriptor backing the shared page; nothing is left in /dev/shm."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("cancelk-slots", os.MFD_CLOEXEC)
+    else:
+        with tempfile.TemporaryFile() as handle:
+            fd = os.dup(handle.fileno())
+    os.ftruncate(fd, _size(slots))
+    return fd
+
+
+class SlotWords:
+    """Typed access to the per-slot words."""
+
+    def __init__(self, fd: int, slots: int) -> None:
+        self._map = mmap.mmap(fd, _size(slots), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._words: _core.SharedWords | None = _core.SharedWords(
+            self._map, slots * _WORDS_PER_SLOT
+        )
+        self.slots = slots
+
+    def _w(self) -> _core.SharedWords:
+        assert self._words is not None, "slot words used after close()"
+        return self._words
+
+    def state(self, slot: int) -> int:
+        return self._w().load(slot * _WORDS_PER_SLOT + _STATE)
+
+    def started_ns(self, slot: int) -> int:
+        return self._w().load(slot * _WORDS_PER_SLOT + _STARTED_NS)
+
+    def begin(self, slot: int, before: int, seq: int) -> bool:
+        """Runner: job ``seq`` starts; False if its kill was already decided."""
+        words, base = self._w(), slot * _WORDS_PER_SLOT
+        words.store(base + _STARTED_NS, _core.monotonic_ns())
+        return words.cas(base + _STATE, before, seq)
+
+    def finish(self, slot: int, seq: int) -> bool:
+        """Runner: job ``seq`` is done; False if its kill won the race."""
+        return self._w().cas(slot * _WORDS_PER_SLOT + _STATE, seq, seq | DONE)
+
+    def decide_kill(self, slot: int, seq: int, flag: int, before: int | None = None) -> bool:
+        """Kill job ``seq`` if it runs, or (given what preceded it) has not begun."""
+        words, index = self._w(), slot * _WORDS_PER_SLOT + _STATE
+        if words.cas(index, seq, seq | flag):
+            return True
+        return before is not None and words.cas(index, before, seq | flag)
+
+    def reset(self, slot: int) -> None:
+        """The slot's runner is reaped; a fresh one starts clean."""
+        words, base = self._w(), slot * _WORDS_PER_SLOT
+        words.store(base + _STATE, 0)
+        words.store(base + _STARTED_NS, 0)
+
+    def close(self) -> None:
+        self._words = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a cffi view is still alive; the mapping goes with the process

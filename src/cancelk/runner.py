@@ -1,0 +1,115 @@
+"""Runner processes: forked by the supervisor, they run jobs one at a time.
+
+    supervisor --fork--> runner(slot): own process group, SIGKILL when the
+                         supervisor dies, child subreaper for its jobs' orphans
+                         initializer(*initargs) once
+    user process ==channel==> frame(seq, pickled (fn, args, kwargs))
+                              words.begin(slot, seq)   (lost race: wait to be killed)
+                              run, encode the outcome
+                              words.finish(slot, seq)  (lost race: wait to be killed)
+    user process <==channel== frame(seq, outcome)
+
+A runner never decides to be killed; it only makes sure that once a kill is
+decided it neither starts nor reports the job the kill names.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cancelk import _core, _forked, _wire
+from cancelk._slots import DONE, SlotWords
+
+SEQ = struct.Struct("<Q")
+INIT_FAILED_SEQ = 0
+
+
+def run(
+    slot: int,
+    channel_fd: int,
+    words: SlotWords,
+    initializer: Callable[..., Any] | None,
+    initargs: Sequence[Any],
+    max_tasks: int | None,
+) -> None:  # pragma: no cover - runs in the runner process
+    """The runner's whole life; never returns."""
+    code = 0
+    try:
+        _forked.become_job_process()
+        _core.set_child_subreaper()
+        if initializer is not None and not _initialize(channel_fd, initializer, initargs):
+            code = 3
+            return
+        _serve(slot, channel_fd, words, max_tasks)
+    except BaseException:
+        code = 70
+    finally:
+        _forked.flush_std_streams()
+        os._exit(code)
+
+
+def _initialize(
+    channel_fd: int, initializer: Callable[..., Any], initargs: Sequence[Any]
+) -> bool:  # pragma: no cover - runs in the runner process
+    try:
+        initializer(*initargs)
+    except BaseException as exc:
+        _send(channel_fd, INIT_FAILED_SEQ, _wire.encode_exception(exc))
+        return False
+    return True
+
+
+def _serve(
+    slot: int, channel_fd: int, words: SlotWords, max_tasks: int | None
+) -> None:  # pragma: no cover - runs in the runner process
+    done = 0
+    before = 0
+    while max_tasks is None or done < max_tasks:
+        frame = _wire.read_frame(channel_fd)
+        if frame is None:
+            return  # the user process closed the channel: shut down
+        (seq,) = SEQ.unpack_from(frame)
+        if not words.begin(slot, before, seq):
+            _await_kill()
+        outcome = _run_job(memoryview(frame)[SEQ.size :])
+        _forked.flush_std_streams()
+        if not words.finish(slot, seq):
+            _await_kill()
+        before = seq | DONE
+        _send(channel_fd, seq, outcome)
+        done += 1
+        _reap_orphans()
+
+
+def _run_job(job: memoryview) -> bytes:  # pragma: no cover - runs in the runner process
+    try:
+        fn, args, kwargs = pickle.loads(job)
+    except BaseException as exc:
+        return _wire.encode_exception(exc)
+    return _wire.run_and_encode(fn, args, kwargs)
+
+
+def _send(channel_fd: int, seq: int, outcome: bytes) -> None:  # pragma: no cover
+    _wire.write_all(channel_fd, _wire.HEADER.pack(SEQ.size + len(outcome)) + SEQ.pack(seq))
+    _wire.write_all(channel_fd, outcome)
+
+
+def _await_kill() -> None:  # pragma: no cover - runs in the runner process
+    while True:
+        signal.pause()
+
+
+def _reap_orphans() -> None:  # pragma: no cover - runs in the runner process
+    """Reap zombies a finished job left behind (we are their subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
