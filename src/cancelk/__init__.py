@@ -11,10 +11,10 @@ from cancelk.wrapper import killable_wrapper
 __all__ = [
     "ExecutorOptions",
     "Future",
-    "ProcessPoolExecutor",
     "ProcessCancelTimeout",
     "ProcessCancelledError",
     "ProcessDiedError",
+    "ProcessPoolExecutor",
     "ProcessTimeout",
     "ProcessTimeoutError",
     "killable_wrapper",

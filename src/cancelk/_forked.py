@@ -1,8 +1,8 @@
 """What every process cancelk forks does first, before any user code runs.
 
-    parent --os.fork()--> child: forget_parent_signals()  (I9)
-                                 own process group         (so one kill reaches the tree)
-                                 parent-death signal       (no orphans, Linux)
+parent --os.fork()--> child: forget_parent_signals()  (I9)
+                             own process group         (so one kill reaches the tree)
+                             parent-death signal       (no orphans, Linux)
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buffer += data
-        frames = []
+        frames: list[bytes] = []
         while True:
             if self._need < 0:
                 if len(self._buffer) < HEADER.size:

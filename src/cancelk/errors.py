@@ -63,9 +63,7 @@ class ProcessDiedError(Exception):
                 f"(signal {self.signal})"
             )
             if self.signal == _signal.SIGKILL:
-                what += (
-                    "; cancelk did not send it, so the kernel's OOM killer is a likely cause"
-                )
+                what += "; cancelk did not send it, so the kernel's OOM killer is a likely cause"
         elif self.exitcode is not None:
             what = f"job process {self.pid} exited with code {self.exitcode} without a result"
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -114,7 +115,7 @@ class _Slot:
         self.retiring = False
 
 
-_Completion = Callable[[], None]
+_Completion = Callable[[], object]
 _live_pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
 
 
@@ -197,7 +198,11 @@ class _Pool:
 
     # -- submitting -------------------------------------------------------
     def submit(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], defaults: JobOptions
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        defaults: JobOptions,
     ) -> Future:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
@@ -456,7 +461,7 @@ class _Pool:
         self.idle.clear()
         while self.pending:
             job = self.pending.popleft()
-            out.append(lambda job=job: _fail(job.future, error))  # type: ignore[misc]
+            out.append(functools.partial(_fail, job.future, error))
         self.shutting_down = True
 
     def _runner_exited(self, slot: _Slot, status: int, word: int, out: list[_Completion]) -> None:
@@ -498,8 +503,9 @@ class _Pool:
         if self.shutting_down and not self.pending:
             return
         if status and not self.shutting_down:
-            log.warning("cancelk supervisor %d died (status %d); starting a new one",
-                        supervisor.pid, status)
+            log.warning(
+                "cancelk supervisor %d died (status %d); starting a new one", supervisor.pid, status
+            )
         try:
             self._start_supervisor()
         except OSError as why:
@@ -601,7 +607,7 @@ class _Pool:
                 job = slot.job
                 if job is not None and self._kill_job(job, _slots.KILL_CANCEL, reason):
                     completions.append(
-                        lambda job=job: job.future.mark_cancelled(f"killed: {reason}")  # type: ignore[misc]
+                        functools.partial(job.future.mark_cancelled, f"killed: {reason}")
                     )
             self.wake()
         for complete in completions:
@@ -733,14 +739,18 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         )
         self._max_workers = max_workers
         self._pool = _Pool(
-            max_workers, _start_method(mp_context), initializer, tuple(initargs), max_tasks_per_child
+            max_workers,
+            _start_method(mp_context),
+            initializer,
+            tuple(initargs),
+            max_tasks_per_child,
         )
         weakref.finalize(self, self._pool.shutdown, False, False, None)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         return self._pool.submit(fn, args, kwargs, self._defaults)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
@@ -765,9 +775,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         self._pool.kill_everything("kill_workers()")
         self._pool.shutdown(False, True, None)
 
-    def options(
-        self, *, timeout: Any = ..., cancel_timeout: Any = ...
-    ) -> ExecutorOptions:
+    def options(self, *, timeout: Any = ..., cancel_timeout: Any = ...) -> ExecutorOptions:
         """A light view of this pool whose jobs get other default options."""
         return ExecutorOptions(self, _merge(self._defaults, timeout, cancel_timeout))
 
@@ -795,7 +803,7 @@ class ExecutorOptions(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         return self._executor._pool.submit(fn, args, kwargs, self._defaults)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
@@ -831,19 +839,15 @@ def _map(
             raise ValueError("buffersize must be None or > 0")
     end_time = None if timeout is None else timeout + time.monotonic()
     work: Iterator[Any] = zip(*iterables)
+    source: Iterator[Any] = work
     if chunksize > 1:
-        chunks = iter(lambda: list(itertools.islice(work, chunksize)), [])
+        source = iter(lambda: list(itertools.islice(work, chunksize)), [])
 
-        def submit_one(chunk: Any) -> Future:
-            return submit(_process_chunk, fn, chunk)
+    def submit_one(item: Any) -> Future:
+        if chunksize > 1:
+            return submit(_process_chunk, fn, item)
+        return submit(fn, *item)
 
-        source: Iterator[Any] = chunks
-    else:
-
-        def submit_one(args: Any) -> Future:
-            return submit(fn, *args)
-
-        source = work
     if buffersize is None:
         futures = deque(submit_one(item) for item in source)
     else:

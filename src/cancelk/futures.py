@@ -1,10 +1,10 @@
 """cancelk's Future: a concurrent.futures.Future whose cancel() reaches a running job.
 
-    Future.cancel() --pending--> stdlib behaviour (cancelled, never runs)
-                    --running--> owner.cancel_running(future)
-                                   grace 0: kill decided now -> cancelled, True
-                                   grace g: kill in g seconds unless done -> False
-    result()/exception() on a cancelled future raise ProcessCancelledError.
+Future.cancel() --pending--> stdlib behaviour (cancelled, never runs)
+                --running--> owner.cancel_running(future)
+                               grace 0: kill decided now -> cancelled, True
+                               grace g: kill in g seconds unless done -> False
+result()/exception() on a cancelled future raise ProcessCancelledError.
 """
 
 from __future__ import annotations
@@ -68,5 +68,5 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         return True

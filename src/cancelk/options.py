@@ -46,7 +46,10 @@ class _Marker:
         return f"{type(self).__name__}({self.seconds!r})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.seconds == self.seconds  # type: ignore[attr-defined]
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, _Marker)
+        return other.seconds == self.seconds
 
     def __hash__(self) -> int:
         return hash((type(self), self.seconds))

@@ -420,9 +420,7 @@ class SupervisorProcess:
     ) -> int:
         # Two layers: the initializer may live in __main__, which the
         # supervisor can unpickle only after spawn.prepare() imported it.
-        payload = _wire.dumps(
-            (_forked.main_preparation("cancelk-supervisor"), _wire.dumps(config))
-        )
+        payload = _wire.dumps((_forked.main_preparation("cancelk-supervisor"), _wire.dumps(config)))
         self._popen = subprocess.Popen(
             [spawn.get_executable(), "-c", _SPAWNED_MAIN, str(sup_end.fileno()), str(words_fd)],
             pass_fds=(sup_end.fileno(), words_fd),
