@@ -18,6 +18,7 @@ from typing import Any
 from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote
 
 HEADER = struct.Struct("<Q")
+SMALL = 1 << 16  # below this, copying to join a header and a payload beats a second syscall
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 

@@ -247,7 +247,10 @@ class _Pool:
         slot.job = job
         job.future._job_pid = slot.pid
         head = _wire.HEADER.pack(_SEQ.size + len(job.payload)) + _SEQ.pack(job.seq)
-        self._write(slot, head, job.payload)
+        if len(job.payload) <= _wire.SMALL:
+            self._write(slot, head + job.payload)
+        else:
+            self._write(slot, head, job.payload)
         job.payload = b""
         if job.options.timeout is not None:
             self._send_control(

@@ -19,7 +19,7 @@ import os
 import pickle
 import signal
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from cancelk import _core, _forked, _wire
@@ -69,8 +69,9 @@ def _serve(
 ) -> None:  # pragma: no cover - runs in the runner process
     done = 0
     before = 0
+    frames = _incoming_frames(channel_fd)
     while max_tasks is None or done < max_tasks:
-        frame = _wire.read_frame(channel_fd)
+        frame = next(frames, None)
         if frame is None:
             return  # the user process closed the channel: shut down
         (seq,) = SEQ.unpack_from(frame)
@@ -86,6 +87,16 @@ def _serve(
         _reap_orphans()
 
 
+def _incoming_frames(channel_fd: int) -> Iterator[bytes]:  # pragma: no cover
+    """Frames from the user process, read in large chunks: one read per small job."""
+    reader = _wire.FrameReader()
+    while True:
+        chunk = os.read(channel_fd, 1 << 16)
+        if not chunk:
+            return
+        yield from reader.feed(chunk)
+
+
 def _run_job(job: memoryview) -> bytes:  # pragma: no cover - runs in the runner process
     try:
         fn, args, kwargs = pickle.loads(job)
@@ -95,8 +106,12 @@ def _run_job(job: memoryview) -> bytes:  # pragma: no cover - runs in the runner
 
 
 def _send(channel_fd: int, seq: int, outcome: bytes) -> None:  # pragma: no cover
-    _wire.write_all(channel_fd, _wire.HEADER.pack(SEQ.size + len(outcome)) + SEQ.pack(seq))
-    _wire.write_all(channel_fd, outcome)
+    head = _wire.HEADER.pack(SEQ.size + len(outcome)) + SEQ.pack(seq)
+    if len(outcome) <= _wire.SMALL:
+        _wire.write_all(channel_fd, head + outcome)  # one write: the user wakes once
+    else:
+        _wire.write_all(channel_fd, head)
+        _wire.write_all(channel_fd, outcome)
 
 
 def _await_kill() -> None:  # pragma: no cover - runs in the runner process
