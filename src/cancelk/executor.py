@@ -51,6 +51,7 @@ log = logging.getLogger("cancelk")
 _SEQ = struct.Struct("<Q")
 _INIT_FAILED_SEQ = 0
 _INIT_FAILURES_TO_BREAK = 3
+_CTRL_WRITE = -1  # in want_write: the control socket has queued bytes
 
 
 def _default_workers() -> int:
@@ -147,6 +148,7 @@ class _Pool:
         self.selector: selectors.BaseSelector | None = None
         self.thread: threading.Thread | None = None
         self.want_write: set[int] = set()
+        self.ctrl_out: deque[memoryview] = deque()
         self.shutting_down = False
         self.broken: BaseException | None = None
         self.forked_away = False
@@ -183,12 +185,34 @@ class _Pool:
         self.counts["supervisors_started"] += 1
 
     def _send_control(self, message: tuple[Any, ...]) -> None:
-        if self.supervisor is not None:
-            self.supervisor.ctrl.setblocking(True)
+        """Queue a message for the supervisor and send what fits without blocking.
+
+        Blocking here, under the lock, could deadlock: the supervisor may be
+        blocked sending us events that only the lock holder's thread reads.
+        """
+        if self.supervisor is None:
+            return
+        self.ctrl_out.append(memoryview(_wire.frame(_wire.dumps(message))))
+        self._flush_control()
+        if self.ctrl_out:
+            self.want_write.add(_CTRL_WRITE)
+            if threading.current_thread() is not self.thread:
+                self.wake()
+
+    def _flush_control(self) -> None:
+        assert self.supervisor is not None
+        while self.ctrl_out:
             try:
-                self.supervisor.send(message)
-            finally:
-                self.supervisor.ctrl.setblocking(False)
+                sent = self.supervisor.ctrl.send(self.ctrl_out[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.ctrl_out.clear()  # it died; the manager sees the EOF
+                return
+            if sent < len(self.ctrl_out[0]):
+                self.ctrl_out[0] = self.ctrl_out[0][sent:]
+            else:
+                self.ctrl_out.popleft()
 
     def wake(self) -> None:
         try:
@@ -351,7 +375,11 @@ class _Pool:
         if key.data == "wake":
             _drain(self.wake_r)
         elif key.data == "ctrl":
-            self._read_control(out)
+            if mask & selectors.EVENT_WRITE and self.supervisor is not None:
+                self._flush_control()
+                self.want_write.add(_CTRL_WRITE)
+            if mask & selectors.EVENT_READ:
+                self._read_control(out)
         elif isinstance(key.data, _Slot):
             slot = key.data
             if mask & selectors.EVENT_WRITE and slot.sock is not None:
@@ -364,6 +392,13 @@ class _Pool:
     def _register_writes(self) -> None:
         assert self.selector is not None
         for index in self.want_write:
+            if index == _CTRL_WRITE:
+                if self.supervisor is not None:
+                    flags = selectors.EVENT_WRITE if self.ctrl_out else 0
+                    self.selector.modify(
+                        self.supervisor.ctrl, selectors.EVENT_READ | flags, "ctrl"
+                    )
+                continue
             slot = self.slots[index]
             if slot.sock is None:
                 continue
@@ -496,6 +531,7 @@ class _Pool:
         assert supervisor is not None and self.selector is not None and self.words is not None
         self.selector.unregister(supervisor.ctrl)
         supervisor.ctrl.close()
+        self.ctrl_out.clear()
         status = supervisor.reap()
         self.supervisor = None
         for slot in self.slots:
@@ -546,6 +582,10 @@ class _Pool:
     def _stop_processes(self, out: list[_Completion]) -> None:
         supervisor = self.supervisor
         if supervisor is not None:
+            supervisor.ctrl.setblocking(True)
+            for pending in self.ctrl_out:
+                supervisor.ctrl.sendall(pending)  # the supervisor reads until it stops
+            self.ctrl_out.clear()
             supervisor.send(("shutdown",))
             assert self.selector is not None
             self.selector.unregister(supervisor.ctrl)
