@@ -39,6 +39,9 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def write_frame(fd: int, payload: bytes) -> None:
+    if len(payload) <= SMALL:
+        write_all(fd, HEADER.pack(len(payload)) + payload)  # one write, one wake-up
+        return
     write_all(fd, HEADER.pack(len(payload)))
     write_all(fd, payload)
 
