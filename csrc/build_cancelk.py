@@ -7,7 +7,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["backend.c", "proc.c", "loop.c"]
+SOURCES = ["backend.c", "proc.c", "tree.c", "loop.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(
@@ -31,6 +31,9 @@ ffibuilder.cdef(
     int64_t cancelk_word_load(int64_t *word);
     void cancelk_word_store(int64_t *word, int64_t value);
     int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);
+
+    int cancelk_list_children(int parent, int *out, int max);
+    int cancelk_kill_descendants(int root, int max_rounds);
 
     struct cancelk_loop;
     struct cancelk_loop *cancelk_loop_new(int backend);

@@ -34,6 +34,10 @@ int64_t cancelk_word_load(int64_t *word);
 void cancelk_word_store(int64_t *word, int64_t value);
 int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);
 
+/* tree.c: process trees (Linux; ENOSYS elsewhere) */
+int cancelk_list_children(int parent, int *out, int max);
+int cancelk_kill_descendants(int root, int max_rounds);
+
 /* loop.c: wait for the first of several events */
 struct cancelk_loop;
 struct cancelk_loop *cancelk_loop_new(int backend);

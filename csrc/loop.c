@@ -223,6 +223,12 @@ int cancelk_loop_add_child(struct cancelk_loop *loop, int pid, int64_t token)
 	child->pid = pid;
 	child->pidfd = -1;
 	child->token = token;
+	if (loop->backend == CANCELK_BACKEND_POSIX) {
+		/* Without a pidfd only our own children can be watched: say so
+		 * now (ECHILD) rather than report a stranger as exited later. */
+		if (cancelk_has_exited(pid) < 0)
+			return -1;
+	}
 	if (loop->backend == CANCELK_BACKEND_PIDFD) {
 #ifdef __linux__
 		child->pidfd = cancelk_pidfd_open(pid);

@@ -22,8 +22,10 @@ __all__ = [
     "SharedWords",
     "become_group_leader",
     "has_exited",
+    "kill_descendants",
     "kill_group",
     "kill_pid",
+    "list_children",
     "monotonic_ns",
     "pidfd_open",
     "reap",
@@ -134,6 +136,27 @@ def has_exited(pid: int) -> bool:
     return rc == 1
 
 
+def list_children(parent: int) -> list[int] | None:
+    """Pids whose parent is ``parent``; None where the OS cannot tell (not Linux)."""
+    out = ffi.new("int[]", 4096)
+    n = int(lib.cancelk_list_children(parent, out, 4096))
+    if n < 0:
+        if ffi.errno == _errno.ENOSYS:
+            return None
+        raise _fail(f"listing the children of {parent} in /proc")
+    return [int(out[i]) for i in range(n)]
+
+
+def kill_descendants(root: int) -> int | None:
+    """SIGKILL every descendant of ``root`` (not root itself); None where unsupported."""
+    n = int(lib.cancelk_kill_descendants(root, 16))
+    if n < 0:
+        if ffi.errno == _errno.ENOSYS:
+            return None
+        raise _fail(f"killing the descendants of {root}")
+    return n
+
+
 class Loop:
     """Wait for the first of: watched children exiting, fds readable, a deadline.
 
@@ -142,6 +165,8 @@ class Loop:
 
     def __init__(self, backend: str | None = None) -> None:
         backend = backend or selected_backend()
+        if backend not in ("pidfd", "posix"):
+            raise ValueError(f"backend must be 'pidfd' or 'posix', not {backend!r}")
         code = lib.CANCELK_BACKEND_PIDFD if backend == "pidfd" else lib.CANCELK_BACKEND_POSIX
         handle = lib.cancelk_loop_new(code)
         if handle == ffi.NULL:

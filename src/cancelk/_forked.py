@@ -46,11 +46,16 @@ def forget_parent_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def become_job_process(parent_death_signal: int = signal.SIGKILL) -> None:
-    """Run in a freshly forked job process: own group, die with the parent."""
+def become_job_process() -> None:
+    """Run in a freshly forked job process: own group, die with the parent.
+
+    It also becomes a child subreaper (Linux), so whatever the job starts
+    stays in its tree even if it daemonizes, and a kill can find it.
+    """
     forget_parent_signals()
     _core.become_group_leader()
-    _core.set_parent_death_signal(parent_death_signal)
+    _core.set_parent_death_signal(signal.SIGKILL)
+    _core.set_child_subreaper()
 
 
 def flush_std_streams() -> None:

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from cancelk import _core, _forked, _wire
+from cancelk import _forked, _wire
 from cancelk._slots import DONE, SlotWords
 
 SEQ = struct.Struct("<Q")
@@ -41,7 +41,6 @@ def run(
     code = 0
     try:
         _forked.become_job_process()
-        _core.set_child_subreaper()
         if initializer is not None and not _initialize(channel_fd, initializer, initargs):
             code = 3
             return

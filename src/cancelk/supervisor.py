@@ -311,21 +311,7 @@ def _join_own_group(pid: int) -> None:
 
 
 def _children_of(parent: int) -> list[int]:
-    if not sys.platform.startswith("linux"):
-        return []
-    children = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if int(fields[1]) == parent:
-            children.append(int(name))
-    return children
+    return _core.list_children(parent) or []
 
 
 def _kill_tree_root(pid: int) -> None:

@@ -44,7 +44,7 @@ class _Job(Protocol):
     pid: int
     result_fd: int
 
-    def finish(self) -> int: ...
+    def finish(self, *, whole_tree: bool) -> int: ...
 
 
 def killable_wrapper(
@@ -96,8 +96,8 @@ class _ForkedJob:
         self.pid = pid
         self.result_fd = read_fd
 
-    def finish(self) -> int:
-        return _reap_and_close(self.pid, self.result_fd)
+    def finish(self, *, whole_tree: bool) -> int:
+        return _reap_and_close(self.pid, self.result_fd, whole_tree=whole_tree)
 
 
 def _job_child(
@@ -130,8 +130,13 @@ def _join_own_group(pid: int) -> None:
             raise
 
 
-def _reap_and_close(pid: int, fd: int) -> int:
+def _reap_and_close(pid: int, fd: int, *, whole_tree: bool) -> int:
     try:
+        if whole_tree:
+            # While the job lives (a subreaper) every process it started is in
+            # its tree, even one that left its group; killed first, they
+            # cannot be orphaned to init by the job's death.
+            _core.kill_descendants(pid)
         _core.kill_group(pid, signal.SIGKILL)
         status = _core.reap(pid)
         assert status is not None
@@ -172,8 +177,8 @@ class _CleanJob:
         finally:
             os.close(job_write)
 
-    def finish(self) -> int:
-        status = _reap_and_close(self.pid, self.result_fd)
+    def finish(self, *, whole_tree: bool) -> int:
+        status = _reap_and_close(self.pid, self.result_fd, whole_tree=whole_tree)
         self._popen.returncode = os.waitstatus_to_exitcode(status)
         return status
 
@@ -247,11 +252,11 @@ class _Watcher:
 
     def _finished(self) -> _wire.Outcome:
         assert self.outcome is not None
-        self.status = self.job.finish()
+        self.status = self.job.finish(whole_tree=False)
         return self.outcome
 
     def _died(self) -> _wire.Outcome:
-        status = self.status = self.job.finish()
+        status = self.status = self.job.finish(whole_tree=False)
         if os.WIFSIGNALED(status):
             error = ProcessDiedError(self.job.pid, signal=os.WTERMSIG(status))
         else:
@@ -259,7 +264,7 @@ class _Watcher:
         return _wire.Outcome(exception=error)
 
     def _stop(self, error: type[Exception]) -> _wire.Outcome:
-        self.status = self.job.finish()
+        self.status = self.job.finish(whole_tree=True)
         if error is ProcessTimeoutError:
             message = f"job process {self.job.pid} ran past its time limit and was killed"
         else:
@@ -285,5 +290,5 @@ class _Watcher:
 
     def close(self) -> None:
         if self.status is None:  # an error or interrupt in the host: never leave the job
-            self.status = self.job.finish()
+            self.status = self.job.finish(whole_tree=True)
         self.loop.close()
