@@ -277,12 +277,14 @@ class _Watcher:
             message = self.cancel_pipe.recv()
         except (EOFError, OSError):
             return  # the sender went away without asking for anything
-        grace = None
+        grace: float | None = 0.0
         if isinstance(message, dict) and "cancel_timeout" in message:
             grace = check_seconds(message["cancel_timeout"], "cancel_timeout")
+        if grace is None:
+            return  # unlimited grace: the job is left to finish
         self.deadline_error = ProcessCancelledError
         now = _core.monotonic_ns()
-        cancel_at = now if not grace else now + int(grace * 1e9)
+        cancel_at = now + int(grace * 1e9)
         if self.deadline is None or cancel_at < self.deadline:
             self.deadline = cancel_at
         else:
