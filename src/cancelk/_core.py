@@ -219,6 +219,10 @@ class SharedWords:
             raise IndexError(index)
         return self._cdata + index
 
+    def close(self) -> None:
+        """Release the buffer so its owner (an mmap) can be closed."""
+        ffi.release(self._cdata)
+
     def load(self, index: int) -> int:
         return int(lib.cancelk_word_load(self._ptr(index)))
 

@@ -92,8 +92,7 @@ class SlotWords:
         words.store(base + _STARTED_NS, 0)
 
     def close(self) -> None:
-        self._words = None
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # a cffi view is still alive; the mapping goes with the process
+        if self._words is not None:
+            self._words.close()
+            self._words = None
+        self._map.close()

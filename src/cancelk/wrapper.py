@@ -66,16 +66,36 @@ def killable_wrapper(
         raise TypeError(f"killable_wrapper needs a callable, not {type(fn).__name__}")
     timeout = check_seconds(killable_wrapper_timeout, "killable_wrapper_timeout")
     cancel_pipe = killable_wrapper_cancel_pipe
-    if cancel_pipe is not None and not callable(getattr(cancel_pipe, "fileno", None)):
-        raise TypeError("killable_wrapper_cancel_pipe must be a multiprocessing Connection")
-    started = _core.monotonic_ns()
-    job: _Job = _ForkedJob(fn, args, kwargs) if _alone_in_process() else _CleanJob(fn, args, kwargs)
+    cancel_fd = _cancel_fd(cancel_pipe)
+    # Everything that can fail is set up before the fork, so a failure never
+    # leaves a job running.
+    loop = _core.Loop()
+    try:
+        started = _core.monotonic_ns()
+        job: _Job = (
+            _ForkedJob(fn, args, kwargs) if _alone_in_process() else _CleanJob(fn, args, kwargs)
+        )
+    except BaseException:
+        loop.close()
+        raise
     deadline = None if timeout is None else started + int(timeout * 1e9)
-    watcher = _Watcher(job, deadline, cancel_pipe)
+    watcher = _Watcher(job, deadline, cancel_pipe, cancel_fd, loop)
     try:
         return watcher.run().unwrap()
     finally:
         watcher.close()
+
+
+def _cancel_fd(pipe: Any) -> int | None:
+    if pipe is None:
+        return None
+    fileno = getattr(pipe, "fileno", None)
+    if not callable(fileno):
+        raise TypeError("killable_wrapper_cancel_pipe must be a multiprocessing Connection")
+    try:
+        return int(fileno())
+    except OSError as why:
+        raise ValueError(f"killable_wrapper_cancel_pipe cannot be used: {why}") from why
 
 
 def _alone_in_process() -> bool:
@@ -206,7 +226,14 @@ def _clean_job_main() -> None:  # pragma: no cover - runs in the clean interpret
 class _Watcher:
     """Waits for the job's outcome and stops it when it must."""
 
-    def __init__(self, job: _Job, deadline: int | None, cancel_pipe: Any) -> None:
+    def __init__(
+        self,
+        job: _Job,
+        deadline: int | None,
+        cancel_pipe: Any,
+        cancel_fd: int | None,
+        loop: _core.Loop,
+    ) -> None:
         self.job = job
         self.deadline = deadline
         self.deadline_error: type[Exception] = ProcessTimeoutError
@@ -214,12 +241,17 @@ class _Watcher:
         self.reader = _wire.FrameReader()
         self.outcome: _wire.Outcome | None = None
         self.status: int | None = None
-        self.loop = _core.Loop()
+        self.loop = loop
         self.result_open = True
-        self.loop.add_fd(job.result_fd, _RESULT)
-        self.loop.add_child(job.pid, _CHILD)
-        if cancel_pipe is not None:
-            self.loop.add_fd(cancel_pipe.fileno(), _CANCEL)
+        self.cancel_fd = cancel_fd
+        try:
+            loop.add_fd(job.result_fd, _RESULT)
+            loop.add_child(job.pid, _CHILD)
+            if cancel_fd is not None:
+                loop.add_fd(cancel_fd, _CANCEL)
+        except BaseException:
+            self.close()
+            raise
 
     def run(self) -> _wire.Outcome:
         while True:
@@ -272,7 +304,8 @@ class _Watcher:
         return _wire.Outcome(exception=error(message))
 
     def _on_cancel_message(self) -> None:
-        self.loop.remove_fd(self.cancel_pipe.fileno())
+        assert self.cancel_fd is not None
+        self.loop.remove_fd(self.cancel_fd)
         try:
             message = self.cancel_pipe.recv()
         except (EOFError, OSError):

@@ -1,0 +1,484 @@
+"""The C process core through its typed wrapper, cancelk._core, on both backends."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from cancelk import _core
+
+import helpers
+
+MS = 1_000_000
+LINUX = sys.platform.startswith("linux")
+linux_only = pytest.mark.skipif(not LINUX, reason="Linux-only facility (prctl, /proc)")
+
+
+def spawn(*argv: str, group: bool = False) -> int:
+    """Start a process without a Popen object: its pid is ours to reap."""
+    kwargs = {"setpgroup": 0} if group else {}
+    return os.posix_spawnp(argv[0], list(argv), os.environ, **kwargs)
+
+
+@pytest.fixture
+def children():
+    """Pids the test starts; whatever is left is killed and reaped (a pid is
+    only signalled while it is our unreaped child, so never a reused one)."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                continue  # it had ended: reaped just now
+        except ChildProcessError:
+            continue  # the test reaped it
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.fixture
+def loop(backend):
+    lp = _core.Loop()
+    assert lp.backend == backend
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    fds = {"r": r, "w": w}
+    yield fds
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def elapsed_since(start_ns: int) -> float:
+    return (_core.monotonic_ns() - start_ns) / 1e9
+
+
+def run_python(code: str, timeout: float = 30) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+# --------------------------------------------------------------------------
+# backend selection
+
+
+class TestBackendSelection:
+    def test_environment_chooses(self, monkeypatch):
+        monkeypatch.setenv("CANCELK_BACKEND", "posix")
+        assert _core.selected_backend() == "posix"
+        assert _core.Loop().backend == "posix"
+        monkeypatch.setenv("CANCELK_BACKEND", " POSIX ")
+        assert _core.selected_backend() == "posix"
+
+    def test_default_prefers_pidfd(self, monkeypatch):
+        monkeypatch.delenv("CANCELK_BACKEND", raising=False)
+        expected = "pidfd" if _core._PIDFD_SUPPORTED else "posix"
+        assert _core.selected_backend() == expected
+
+    def test_unknown_name_in_environment(self, monkeypatch):
+        monkeypatch.setenv("CANCELK_BACKEND", "kqueue-please")
+        with pytest.raises(ValueError, match="kqueue-please"):
+            _core.selected_backend()
+
+    def test_unknown_name_for_loop(self):
+        # Loop("bogus") must not quietly build a posix loop that calls itself "bogus".
+        with pytest.raises(ValueError, match="bogus"):
+            _core.Loop("bogus")
+
+    def test_monotonic_clock_is_pythons(self):
+        assert abs(_core.monotonic_ns() - time.monotonic_ns()) < 50 * MS
+
+
+# --------------------------------------------------------------------------
+# the loop
+
+
+class TestLoop:
+    def test_deadline(self, loop):
+        start = _core.monotonic_ns()
+        assert loop.wait(start + 100 * MS) == [_core.DEADLINE]
+        assert 0.099 <= elapsed_since(start) < 1.0
+
+    def test_deadline_in_the_past_returns_at_once(self, loop):
+        start = _core.monotonic_ns()
+        assert loop.wait(0) == [_core.DEADLINE]
+        assert loop.wait(start - 10**9) == [_core.DEADLINE]
+        assert elapsed_since(start) < 0.5
+
+    def test_deadline_can_be_waited_again_and_moved(self, loop, pipe):
+        loop.add_fd(pipe["r"], 1)
+        start = _core.monotonic_ns()
+        deadline = start + 50 * MS
+        assert loop.wait(deadline) == [_core.DEADLINE]
+        assert loop.wait(deadline) == [_core.DEADLINE]  # passed: at once, again
+        later = _core.monotonic_ns() + 80 * MS
+        assert loop.wait(later) == [_core.DEADLINE]
+        assert _core.monotonic_ns() >= later
+        # An fd event before the deadline, then the same deadline again.
+        far = _core.monotonic_ns() + 150 * MS
+        os.write(pipe["w"], b"x")
+        assert loop.wait(far) == [1]
+        os.read(pipe["r"], 1)
+        assert loop.wait(far) == [_core.DEADLINE]
+        assert _core.monotonic_ns() >= far
+
+    def test_fd_readable(self, loop, pipe):
+        loop.add_fd(pipe["r"], 7)
+        start = _core.monotonic_ns()
+        assert loop.wait(start + 30 * MS) == [_core.DEADLINE]
+        os.write(pipe["w"], b"x")
+        start = _core.monotonic_ns()
+        assert loop.wait(start + 5 * 10**9) == [7]
+        assert elapsed_since(start) < 0.5
+        # Level-triggered: still readable until read.
+        assert loop.wait(_core.monotonic_ns() + 5 * 10**9) == [7]
+        os.read(pipe["r"], 1)
+        assert loop.wait(_core.monotonic_ns() + 30 * MS) == [_core.DEADLINE]
+
+    def test_fd_hangup_counts_as_ready(self, loop, pipe):
+        loop.add_fd(pipe["r"], 2)
+        os.close(pipe.pop("w"))
+        assert loop.wait(_core.monotonic_ns() + 5 * 10**9) == [2]
+
+    def test_removed_fd_is_not_reported(self, loop, pipe):
+        loop.add_fd(pipe["r"], 3)
+        loop.remove_fd(pipe["r"])
+        os.write(pipe["w"], b"x")
+        assert loop.wait(_core.monotonic_ns() + 30 * MS) == [_core.DEADLINE]
+
+    def test_child_exit(self, loop, children):
+        start = _core.monotonic_ns()
+        pid = spawn("sleep", "0.1")
+        children.append(pid)
+        loop.add_child(pid, 5)
+        assert loop.wait(start + 10 * 10**9) == [5]
+        assert 0.1 <= elapsed_since(start) < 2.0
+        # Reported, but left unreaped so the pid (and its group) stay ours.
+        assert _core.has_exited(pid)
+        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        status = _core.reap(pid)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert not psutil.pid_exists(pid)
+
+    def test_killed_child(self, loop, children):
+        pid = spawn("sleep", "30")
+        children.append(pid)
+        loop.add_child(pid, 9)
+        assert loop.wait(_core.monotonic_ns() + 50 * MS) == [_core.DEADLINE]
+        assert _core.reap(pid, block=False) is None
+        assert not _core.has_exited(pid)
+        assert _core.kill_pid(pid, signal.SIGKILL)
+        start = _core.monotonic_ns()
+        assert loop.wait(start + 10 * 10**9) == [9]
+        assert elapsed_since(start) < 1.0
+        status = _core.reap(pid)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert not _core.kill_pid(pid, signal.SIGKILL)  # gone: False, no error
+
+    def test_children_and_fds_together(self, loop, children, pipe):
+        first, second = spawn("sleep", "30"), spawn("sleep", "30")
+        children.extend([first, second])
+        loop.add_child(first, 1)
+        loop.add_child(second, 2)
+        loop.add_fd(pipe["r"], 3)
+        os.write(pipe["w"], b"x")
+        assert loop.wait(_core.monotonic_ns() + 5 * 10**9) == [3]
+        os.read(pipe["r"], 1)
+        os.kill(second, signal.SIGKILL)
+        assert loop.wait(_core.monotonic_ns() + 5 * 10**9) == [2]
+        loop.remove_child(second)
+        _core.reap(second)
+        os.kill(first, signal.SIGKILL)
+        assert loop.wait(_core.monotonic_ns() + 5 * 10**9) == [1]
+        _core.reap(first)
+
+    def test_removed_child_is_not_reported(self, loop, children):
+        pid = spawn("sleep", "0")
+        children.append(pid)
+        loop.add_child(pid, 4)
+        loop.remove_child(pid)
+        assert loop.wait(_core.monotonic_ns() + 200 * MS) == [_core.DEADLINE]
+
+    def test_signal_interrupts_wait(self, loop):
+        received = []
+        previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+        pid = spawn("sh", "-c", f"sleep 0.1; kill -USR1 {os.getpid()}")
+        try:
+            start = _core.monotonic_ns()
+            assert loop.wait(start + 10 * 10**9) == []  # empty: interrupted
+            assert elapsed_since(start) < 5
+        finally:
+            os.waitpid(pid, 0)
+            signal.signal(signal.SIGUSR1, previous)
+        assert received == [signal.SIGUSR1]
+
+    def test_close_twice(self, backend):
+        lp = _core.Loop()
+        lp.close()
+        lp.close()
+        assert lp._handle is None
+
+    @linux_only
+    def test_loops_do_not_leak_fds(self, backend):
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            lp = _core.Loop()
+            lp.wait(0)
+            lp.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
+class TestLoopErrors:
+    def test_bad_fd(self, loop):
+        with pytest.raises(OSError) as info:
+            loop.add_fd(-1, 0)
+        assert info.value.errno == errno.EINVAL
+
+    def test_negative_token(self, loop, pipe):
+        with pytest.raises(OSError) as info:
+            loop.add_fd(pipe["r"], -2)
+        assert info.value.errno == errno.EINVAL
+
+    def test_remove_unknown(self, loop, pipe):
+        with pytest.raises(OSError) as info:
+            loop.remove_fd(pipe["r"])
+        assert info.value.errno == errno.ENOENT
+        with pytest.raises(OSError) as info:
+            loop.remove_child(os.getpid())
+        assert info.value.errno == errno.ENOENT
+
+    @pytest.mark.parametrize("pid", [0, -1])
+    def test_bad_child_pid(self, loop, pid):
+        with pytest.raises(OSError) as info:
+            loop.add_child(pid, 0)
+        assert info.value.errno == errno.EINVAL
+        assert f"watching child {pid}" in str(info.value)
+
+    def test_posix_watching_a_process_that_is_not_our_child(self):
+        # Our parent runs on and is not ours to wait for: the posix loop must
+        # say so (ECHILD), not report it as exited.
+        lp = _core.Loop("posix")
+        try:
+            with pytest.raises(OSError) as info:
+                lp.add_child(os.getppid(), 0)
+                tokens = lp.wait(_core.monotonic_ns() + 100 * MS)
+                pytest.fail(f"watching a live non-child gave {tokens}, no error")
+            assert info.value.errno == errno.ECHILD
+        finally:
+            lp.close()
+
+    def test_pidfd_watching_a_process_that_does_not_exist(self):
+        if not _core._PIDFD_SUPPORTED:
+            pytest.skip("this kernel does not offer pidfd_open(2)")
+        pid = spawn("true")
+        os.waitpid(pid, 0)
+        lp = _core.Loop("pidfd")
+        try:
+            with pytest.raises(OSError) as info:
+                lp.add_child(pid, 0)
+            assert info.value.errno == errno.ESRCH
+        finally:
+            lp.close()
+
+    def test_pidfd_open_bad_pid(self):
+        if not _core._PIDFD_SUPPORTED:
+            pytest.skip("this kernel does not offer pidfd_open(2)")
+        with pytest.raises(OSError) as info:
+            _core.pidfd_open(-1)
+        assert info.value.errno == errno.EINVAL
+        assert "pidfd_open(-1)" in str(info.value)
+        fd = _core.pidfd_open(os.getpid())
+        assert fd >= 0
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# process operations
+
+
+class TestProcessOperations:
+    def test_kill_group_reaches_the_whole_group(self, children):
+        pid = spawn("sh", "-c", "sleep 30 & sleep 30 & wait", group=True)
+        children.append(pid)
+        leader = psutil.Process(pid)
+        deadline = time.monotonic() + 10
+        while len(leader.children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        members = [(p.pid, p.create_time()) for p in leader.children()]
+        assert len(members) == 2
+        assert all(os.getpgid(member) == pid for member, _ in members)
+        assert _core.kill_group(pid, signal.SIGKILL)
+        status = _core.reap(pid)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert not helpers.wait_gone(members)
+
+    def test_kill_group_of_nobody(self, children):
+        pid = spawn("true", group=True)
+        os.waitpid(pid, 0)
+        assert _core.kill_group(pid, signal.SIGKILL) is False
+
+    @pytest.mark.parametrize("pgid", [1, 0, -5])
+    def test_kill_group_refuses_everybody(self, pgid):
+        with pytest.raises(OSError) as info:
+            _core.kill_group(pgid, signal.SIGKILL)
+        assert info.value.errno == errno.EINVAL
+
+    @pytest.mark.parametrize("pid", [0, -1])
+    def test_kill_pid_refuses_groups(self, pid):
+        with pytest.raises(OSError) as info:
+            _core.kill_pid(pid, 0)
+        assert info.value.errno == errno.EINVAL
+
+    def test_reap_and_has_exited_need_our_child(self):
+        with pytest.raises(OSError) as info:
+            _core.reap(os.getppid())
+        assert info.value.errno == errno.ECHILD
+        with pytest.raises(OSError) as info:
+            _core.has_exited(os.getppid())
+        assert info.value.errno == errno.ECHILD
+
+    @linux_only
+    def test_parent_death_signal(self):
+        # middle forks a grandchild that asks for SIGKILL when middle dies.
+        out = run_python(
+            """
+            import os, signal, sys, time
+            from cancelk import _core
+            assert _core.set_parent_death_signal(0) is True
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                _core.set_parent_death_signal(signal.SIGKILL)
+                os.write(w, b"x")
+                time.sleep(30)
+                os._exit(0)
+            os.read(r, 1)
+            import psutil
+            print(pid, psutil.Process(pid).create_time())
+            """
+        )
+        pid, created = out.split()
+        assert not helpers.wait_gone([(int(pid), float(created))], timeout=3)
+
+    @linux_only
+    def test_child_subreaper(self):
+        out = run_python(
+            """
+            import os, subprocess, psutil
+            from cancelk import _core
+            assert _core.set_child_subreaper()
+            sh = subprocess.run(
+                ["sh", "-c", "sleep 30 </dev/null >/dev/null 2>&1 & echo $!"],
+                capture_output=True, text=True,
+            )
+            orphan = int(sh.stdout)
+            print(psutil.Process(orphan).ppid() == os.getpid())
+            os.kill(orphan, 9)
+            os.waitpid(orphan, 0)
+            """
+        )
+        assert out == "True"
+
+    def test_become_group_leader(self):
+        out = run_python(
+            """
+            import os
+            from cancelk import _core
+            _core.become_group_leader()
+            print(os.getpgid(0) == os.getpid())
+            """
+        )
+        assert out == "True"
+
+
+# --------------------------------------------------------------------------
+# shared words
+
+
+@pytest.fixture
+def shared():
+    # MAP_SHARED | MAP_ANONYMOUS; not closed explicitly: SharedWords keeps a
+    # buffer export (cffi from_buffer) for its lifetime, and mmap.close()
+    # refuses to run while one exists.
+    buf = mmap.mmap(-1, mmap.PAGESIZE)
+    return buf, _core.SharedWords(buf, 4)
+
+
+def _cas_increments(buf, index, count):
+    words = _core.SharedWords(buf, 4)
+    done = 0
+    while done < count:
+        seen = words.load(index)
+        if words.cas(index, seen, seen + 1):
+            done += 1
+
+
+class TestSharedWords:
+    def test_load_store_cas(self, shared):
+        _, words = shared
+        assert [words.load(i) for i in range(4)] == [0, 0, 0, 0]
+        words.store(1, -5)
+        assert words.load(1) == -5
+        assert words.cas(1, -5, 7) is True
+        assert words.cas(1, -5, 9) is False
+        assert words.load(1) == 7
+        for value in (2**63 - 1, -(2**63)):
+            words.store(3, value)
+            assert words.load(3) == value
+
+    @pytest.mark.parametrize("index", [4, -1])
+    def test_index_checked(self, shared, index):
+        _, words = shared
+        with pytest.raises(IndexError):
+            words.load(index)
+
+    def test_buffer_too_small(self):
+        buf = bytearray(16)
+        with pytest.raises(ValueError, match="need 3"):
+            _core.SharedWords(buf, 3)
+
+    def test_read_only_buffer_refused(self):
+        with pytest.raises((TypeError, BufferError)):
+            _core.SharedWords(bytes(64), 2)
+
+    @pytest.mark.timeout(60)
+    def test_cas_is_atomic_across_processes(self, shared):
+        buf, words = shared
+        count = 20_000
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=_cas_increments, args=(buf, 2, count)) for _ in range(2)]
+        for proc in procs:
+            proc.start()
+        try:
+            _cas_increments(buf, 2, count)
+        finally:
+            for proc in procs:
+                proc.join(30)
+        assert [proc.exitcode for proc in procs] == [0, 0]
+        assert words.load(2) == 3 * count
