@@ -254,9 +254,17 @@ int cancelk_loop_remove_child(struct cancelk_loop *loop, int pid)
 	for (i = 0; i < loop->nchildren; i++) {
 		if (loop->children[i].pid != pid)
 			continue;
-		/* Closing the pidfd also drops it from the epoll set. */
-		if (loop->children[i].pidfd >= 0)
+		if (loop->children[i].pidfd >= 0) {
+#ifdef __linux__
+			/* Delete explicitly: close() alone leaves the registration
+			 * alive while a just-forked child still holds a copy of the
+			 * pidfd, and it would then fire again under the old token. */
+			if (epoll_ctl(loop->epoll_fd, EPOLL_CTL_DEL, loop->children[i].pidfd,
+				      NULL) != 0)
+				return -1;
+#endif
 			close(loop->children[i].pidfd);
+		}
 		loop->children[i] = loop->children[--loop->nchildren];
 		return 0;
 	}

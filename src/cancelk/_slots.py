@@ -4,15 +4,16 @@
                   ├── memfd / tmp file ──┤
     supervisor ───┘   mmap(MAP_SHARED)   └─ runner (slot j)
 
-    STATE       0            fresh runner, no job yet
+    STATE       FRESH|rid    runner rid was given the slot, no job yet
                 seq          job seq is running
                 seq|DONE     job seq finished (its result is being sent)
                 seq|KILL_*   a kill of job seq was decided (by timeout or cancel)
     STARTED_NS  CLOCK_MONOTONIC when the running job began (time limits count from it)
 
-Every transition is a compare-and-swap from a value that names the job, so
-"finished" and "killed" cannot both win, and a late kill cannot hit the next
-job: once job seq is DONE no CAS expecting seq (or what preceded it) succeeds (I1).
+Every transition is a compare-and-swap from a value that names the job (or,
+before its first job, the runner), so "finished" and "killed" cannot both win,
+and a late kill cannot hit the next job or the next runner: once job seq is
+DONE, or the slot has a new runner, no CAS expecting an older value succeeds (I1).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 
 from cancelk import _core
 
+FRESH = 1 << 58
 DONE = 1 << 59
 KILL_TIMEOUT = 1 << 60
 KILL_CANCEL = 1 << 61
@@ -85,14 +87,19 @@ class SlotWords:
             return True
         return before is not None and words.cas(index, before, seq | flag)
 
-    def reset(self, slot: int) -> None:
-        """The slot's runner is reaped; a fresh one starts clean."""
+    def give(self, slot: int, runner_id: int) -> None:
+        """Supervisor: runner ``runner_id`` (unique, never reused) takes the slot."""
         words, base = self._w(), slot * _WORDS_PER_SLOT
-        words.store(base + _STATE, 0)
         words.store(base + _STARTED_NS, 0)
+        words.store(base + _STATE, FRESH | runner_id)
 
     def close(self) -> None:
         if self._words is not None:
             self._words.close()
             self._words = None
         self._map.close()
+
+
+def job_of(state: int) -> int:
+    """The job seq a STATE word names; 0 for a runner that has not begun one."""
+    return 0 if state & FRESH else state & SEQ_MASK

@@ -49,6 +49,7 @@ __all__ = ["ProcessPoolExecutor"]
 log = logging.getLogger("cancelk")
 
 _SEQ = struct.Struct("<Q")
+_JOB_HEAD = struct.Struct("<QQ")  # seq, slot
 _INIT_FAILED_SEQ = 0
 _INIT_FAILURES_TO_BREAK = 3
 _CTRL_WRITE = -1  # in want_write: the control socket has queued bytes
@@ -176,6 +177,9 @@ class _Pool:
         self.thread.start()
 
     def _start_supervisor(self) -> None:
+        # Runner ids never repeat within a pool, so no shared word written for
+        # a runner of a dead supervisor can match one of the next supervisor's.
+        self.config.first_runner_id = self.counts["supervisors_started"] * (1 << 32) + 1
         supervisor = SupervisorProcess(self.method, self.words_fd, self.config)
         supervisor.ctrl.setblocking(False)
         self.supervisor = supervisor
@@ -263,14 +267,16 @@ class _Pool:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _dispatch(self, slot: _Slot, job: _Job) -> bool:
-        if not job.future.set_running_or_notify_cancel():
+        if not job.future.start_running():
             self.idle.append(slot)
             return False
         job.slot = slot
         job.before = slot.marker
         slot.job = job
         job.future._job_pid = slot.pid
-        head = _wire.HEADER.pack(_SEQ.size + len(job.payload)) + _SEQ.pack(job.seq)
+        head = _wire.HEADER.pack(_JOB_HEAD.size + len(job.payload)) + _JOB_HEAD.pack(
+            job.seq, slot.index
+        )
         if len(job.payload) <= _wire.SMALL:
             self._write(slot, head + job.payload)
         else:
@@ -321,7 +327,7 @@ class _Pool:
     def _fill_idle(self) -> None:
         while self.idle and self.pending:
             job = self.pending.popleft()
-            if not job.future.cancelled():
+            if not job.future.done():
                 self._dispatch(self.idle.pop(), job)
 
     # -- cancelling ---------------------------------------------------------
@@ -356,6 +362,36 @@ class _Pool:
 
     # -- the manager thread -------------------------------------------------
     def _manage(self) -> None:
+        try:
+            self._manage_until_done()
+        except BaseException as why:
+            # A bug here must not leave futures waiting forever (I3).
+            log.exception("cancelk manager thread failed; stopping the pool")
+            self._crash(why)
+
+    def _crash(self, why: BaseException) -> None:
+        error = BrokenProcessPool(f"the cancelk manager thread failed: {why!r}")
+        error.__cause__ = why
+        futures = []
+        with self.lock:
+            self.broken = error
+            self.shutting_down = True
+            futures = [job.future for job in self.pending]
+            futures += [slot.job.future for slot in self.slots if slot.job is not None]
+            self.pending.clear()
+            supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            # Its runners follow it (parent-death signal); their groups are
+            # killed so nothing a job started survives.
+            _core.kill_pid(supervisor.pid, signal.SIGKILL)
+            supervisor.reap()
+            for slot in self.slots:
+                if slot.pid:
+                    _core.kill_group(slot.pid, signal.SIGKILL)
+        for future in futures:
+            _fail(future, error)
+
+    def _manage_until_done(self) -> None:
         assert self.selector is not None
         while True:
             events = self.selector.select()
@@ -363,8 +399,8 @@ class _Pool:
             with self.lock:
                 for key, mask in events:
                     self._on_event(key, mask, completions)
-                self._register_writes()
                 self._fill_idle()
+                self._register_writes()  # last: dispatching may have queued bytes
                 finished = self._finish_if_done(completions)
             for complete in completions:
                 complete()
@@ -382,7 +418,9 @@ class _Pool:
                 self._read_control(out)
         elif isinstance(key.data, _Slot):
             slot = key.data
-            if mask & selectors.EVENT_WRITE and slot.sock is not None:
+            if key.fileobj is not slot.sock:
+                return  # an earlier event in this batch closed or replaced it
+            if mask & selectors.EVENT_WRITE:
                 self._flush(slot)
                 if not slot.outbuf:
                     self.want_write.add(slot.index)
@@ -439,7 +477,7 @@ class _Pool:
         slot.sock, slot.runner_id, slot.pid = sock, runner_id, pid
         slot.reader = _wire.FrameReader()
         slot.outbuf.clear()
-        slot.marker, slot.tasks, slot.retiring = 0, 0, False
+        slot.marker, slot.tasks, slot.retiring = _slots.FRESH | runner_id, 0, False
         self.selector.register(sock, selectors.EVENT_READ, slot)
         self.counts["processes_started"] += 1
         if self.broken is None:
@@ -567,7 +605,6 @@ class _Pool:
             detail = f"the cancelk supervisor (pid {supervisor_pid}) died, status {status}"
             error = ProcessDiedError(slot.pid, signal=signal.SIGKILL, detail=detail)
             out.append(lambda: _fail(job.future, error))
-        self.words.reset(slot.index)
         slot.pid = slot.runner_id = 0
         slot.marker = 0
 
@@ -912,10 +949,13 @@ def _results(
                 following = next(source, _END)
                 if following is not _END:
                     futures.append(submit_one(following))
-            if end_time is None:
-                value = future.result()
-            else:
-                value = future.result(end_time - time.monotonic())
+            try:
+                if end_time is None:
+                    value = future.result()
+                else:
+                    value = future.result(end_time - time.monotonic())
+            finally:
+                future.cancel()  # a no-op once done; stops the job if result() gave up
             if chunked:
                 yield from value
             else:

@@ -10,7 +10,13 @@ result()/exception() on a cancelled future raise ProcessCancelledError.
 from __future__ import annotations
 
 import concurrent.futures
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from typing import Any, Protocol
 
 from cancelk.errors import ProcessCancelledError
@@ -36,11 +42,27 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         return self._job_pid if self.running() else None
 
     def cancel(self) -> bool:
+        if self._owner is None:
+            return bool(super().cancel())
         with self._condition:
             state = self._state
-        if state == RUNNING and self._owner is not None:
+            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            if state == FINISHED:
+                return False
+        if state == RUNNING:
             return self._owner.cancel_running(self)
-        return bool(super().cancel())
+        # Queued: cancelled and notified at once, so wait() and as_completed()
+        # see it now rather than when the pool would have reached it.
+        return self.mark_cancelled("the job was cancelled before it started") or self.cancelled()
+
+    def start_running(self) -> bool:
+        """The pool starts the job: PENDING -> RUNNING, False if it was cancelled."""
+        with self._condition:
+            if self._state != PENDING:
+                return False
+            self._state = RUNNING
+            return True
 
     def result(self, timeout: float | None = None) -> Any:
         try:
@@ -59,9 +81,9 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             raise ProcessCancelledError(self._cancel_reason) from None
 
     def mark_cancelled(self, reason: str) -> bool:
-        """End a running future as cancelled (its job was killed); False if already done."""
+        """End a queued or running future as cancelled; False if it already ended."""
         with self._condition:
-            if self._state in (FINISHED, CANCELLED_AND_NOTIFIED) or self.cancelled():
+            if self._state not in (PENDING, RUNNING):
                 return False
             self._cancel_reason = reason
             self._state = CANCELLED_AND_NOTIFIED

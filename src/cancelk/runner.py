@@ -1,9 +1,10 @@
 """Runner processes: forked by the supervisor, they run jobs one at a time.
 
-    supervisor --fork--> runner(slot): own process group, SIGKILL when the
+    supervisor --fork--> runner: own process group, SIGKILL when the
                          supervisor dies, child subreaper for its jobs' orphans
                          initializer(*initargs) once
-    user process ==channel==> frame(seq, pickled (fn, args, kwargs))
+                         (a warm spare waits here until a slot needs it)
+    user process ==channel==> frame(seq, slot, pickled (fn, args, kwargs))
                               words.begin(slot, seq)   (lost race: wait to be killed)
                               run, encode the outcome
                               words.finish(slot, seq)  (lost race: wait to be killed)
@@ -23,14 +24,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from cancelk import _forked, _wire
-from cancelk._slots import DONE, SlotWords
+from cancelk._slots import DONE, FRESH, SlotWords
 
 SEQ = struct.Struct("<Q")
+JOB_HEAD = struct.Struct("<QQ")  # seq, slot: a spare learns its slot from its first job
 INIT_FAILED_SEQ = 0
 
 
 def run(
-    slot: int,
+    runner_id: int,
     channel_fd: int,
     words: SlotWords,
     initializer: Callable[..., Any] | None,
@@ -44,7 +46,7 @@ def run(
         if initializer is not None and not _initialize(channel_fd, initializer, initargs):
             code = 3
             return
-        _serve(slot, channel_fd, words, max_tasks)
+        _serve(runner_id, channel_fd, words, max_tasks)
     except BaseException:
         code = 70
     finally:
@@ -64,19 +66,19 @@ def _initialize(
 
 
 def _serve(
-    slot: int, channel_fd: int, words: SlotWords, max_tasks: int | None
+    runner_id: int, channel_fd: int, words: SlotWords, max_tasks: int | None
 ) -> None:  # pragma: no cover - runs in the runner process
     done = 0
-    before = 0
+    before = FRESH | runner_id
     frames = _incoming_frames(channel_fd)
     while max_tasks is None or done < max_tasks:
         frame = next(frames, None)
         if frame is None:
             return  # the user process closed the channel: shut down
-        (seq,) = SEQ.unpack_from(frame)
+        seq, slot = JOB_HEAD.unpack_from(frame)
         if not words.begin(slot, before, seq):
             _await_kill()
-        outcome = _run_job(memoryview(frame)[SEQ.size :])
+        outcome = _run_job(memoryview(frame)[JOB_HEAD.size :])
         _forked.flush_std_streams()
         if not words.finish(slot, seq):
             _await_kill()

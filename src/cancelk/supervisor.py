@@ -29,11 +29,11 @@ from multiprocessing import spawn
 from typing import Any
 
 from cancelk import _core, _forked, _wire, runner
-from cancelk._slots import KILL_CANCEL, KILL_TIMEOUT, SEQ_MASK, SlotWords
+from cancelk._slots import KILL_CANCEL, KILL_TIMEOUT, SlotWords, job_of
 
 log = logging.getLogger("cancelk")
 
-_CTRL, _WAKE, _CHILD_BASE = 0, 1, 2
+_CTRL, _WAKE, _SPARE, _CHILD_BASE = 0, 1, 2, 3
 
 
 @dataclass
@@ -42,13 +42,14 @@ class SupervisorConfig:
     initializer: Callable[..., Any] | None = None
     initargs: Sequence[Any] = ()
     max_tasks_per_child: int | None = None
+    first_runner_id: int = 1  # ids stay unique across supervisors of one pool
 
 
 @dataclass
 class _Runner:
-    slot: int
     runner_id: int
     pid: int
+    user_end: socket.socket | None  # held until the runner is handed to the user
 
 
 @dataclass(order=True)
@@ -72,8 +73,13 @@ class Supervisor:
         self.reader = _wire.FrameReader()
         self.runners: dict[int, _Runner] = {}
         self.deadlines: dict[int, list[_Deadline]] = {}
-        self.next_runner_id = 1
+        self.next_runner_id = config.first_runner_id
         self.wake_fd = -1
+        # A warm spare (already initialized) replaces a dead runner at once.
+        # It is kept from the first replacement on, and given up for good if
+        # one dies before use (a failing initializer must not fork-loop).
+        self.spare: _Runner | None = None
+        self.keep_spare = False
 
     # -- life cycle -------------------------------------------------------
     def serve(self) -> None:
@@ -82,7 +88,7 @@ class Supervisor:
         if self.loop.backend == "posix":
             self._wake_on_sigchld()
         for slot in range(self.config.slots):
-            self._fork_runner(slot)
+            self._assign(slot, self._start_runner())
         try:
             while self._step():
                 pass
@@ -107,38 +113,74 @@ class Supervisor:
                 return False
             if token == _WAKE:
                 _drain(self.wake_fd)
+            if token == _SPARE:
+                self._spare_died()
             if token >= _CHILD_BASE:
                 self._runner_exited(token - _CHILD_BASE)
         self._fire_deadlines()
         return True
 
     # -- runners ----------------------------------------------------------
-    def _fork_runner(self, slot: int) -> None:
+    def _start_runner(self) -> _Runner:
         user_end, runner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runner_id = self.next_runner_id
         self.next_runner_id += 1
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the runner
-            os._exit(self._become_runner(slot, user_end, runner_end))
+            os._exit(self._become_runner(runner_id, user_end, runner_end))
         runner_end.close()
         _join_own_group(pid)
-        self.loop.add_child(pid, _CHILD_BASE + slot)
-        self.runners[slot] = _Runner(slot, runner_id, pid)
-        self._send(("runner", slot, runner_id, pid), fds=[user_end.fileno()])
-        user_end.close()
+        return _Runner(runner_id, pid, user_end)
+
+    def _assign(self, slot: int, fresh: _Runner) -> None:
+        """Give a runner a slot and its channel to the user process."""
+        assert fresh.user_end is not None
+        self.words.give(slot, fresh.runner_id)
+        self.loop.add_child(fresh.pid, _CHILD_BASE + slot)
+        self.runners[slot] = fresh
+        self._send(("runner", slot, fresh.runner_id, fresh.pid), fds=[fresh.user_end.fileno()])
+        fresh.user_end.close()
+        fresh.user_end = None
+
+    def _replace(self, slot: int) -> None:
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            self.loop.remove_child(spare.pid)
+            self._assign(slot, spare)
+        else:
+            self._assign(slot, self._start_runner())
+        if self.keep_spare or spare is None:
+            self.keep_spare = True
+            self.spare = self._start_runner()
+            self.loop.add_child(self.spare.pid, _SPARE)
+
+    def _spare_died(self) -> None:
+        dead = self.spare
+        if dead is None or not _core.has_exited(dead.pid):
+            return
+        self.spare = None
+        self.loop.remove_child(dead.pid)
+        _core.kill_group(dead.pid, signal.SIGKILL)
+        _core.reap(dead.pid)
+        if dead.user_end is not None:
+            dead.user_end.close()
+        self.keep_spare = False
 
     def _become_runner(
-        self, slot: int, user_end: socket.socket, runner_end: socket.socket
+        self, runner_id: int, user_end: socket.socket, runner_end: socket.socket
     ) -> int:  # pragma: no cover - runs in the runner
         try:
             user_end.close()
             self.ctrl.close()  # the user must see EOF when the supervisor dies
             self.loop.close()
+            for held in (*self.runners.values(), self.spare):
+                if held is not None and held.user_end is not None:
+                    held.user_end.close()
             if self.wake_fd >= 0:
                 signal.set_wakeup_fd(-1)
                 os.close(self.wake_fd)
             runner.run(
-                slot,
+                runner_id,
                 runner_end.detach(),
                 self.words,
                 self.config.initializer,
@@ -150,19 +192,20 @@ class Supervisor:
         return 0
 
     def _runner_exited(self, slot: int) -> None:
-        dead = self.runners.pop(slot, None)
-        if dead is None:
+        dead = self.runners.get(slot)
+        # Never act on a token alone: killing a live runner would kill its job.
+        if dead is None or not _core.has_exited(dead.pid):
             return
+        del self.runners[slot]
         # The runner is unreaped, so its pid and group id are still ours:
         # killing the group cannot reach anyone else.
         _core.kill_group(dead.pid, signal.SIGKILL)
         status = _core.reap(dead.pid)
         self.loop.remove_child(dead.pid)
         word = self.words.state(slot)
-        self.words.reset(slot)
         self.deadlines.pop(slot, None)
         self._send(("exit", slot, dead.runner_id, dead.pid, status, word))
-        self._fork_runner(slot)
+        self._replace(slot)
         self._sweep_orphans()
 
     def _kill(self, slot: int, runner_id: int, reason: str) -> None:
@@ -171,11 +214,15 @@ class Supervisor:
             _core.kill_group(current.pid, signal.SIGKILL)
 
     def _stop_all(self) -> None:
-        for current in list(self.runners.values()):
+        everyone = list(self.runners.values())
+        if self.spare is not None:
+            everyone.append(self.spare)
+        for current in everyone:
             _core.kill_group(current.pid, signal.SIGKILL)
-        for current in list(self.runners.values()):
+        for current in everyone:
             _core.reap(current.pid)
         self.runners.clear()
+        self.spare = None
         self._sweep_orphans()
 
     def _sweep_orphans(self) -> None:
@@ -185,6 +232,8 @@ class Supervisor:
         including processes that left its process group (setsid, double fork).
         """
         known = {r.pid for r in self.runners.values()}
+        if self.spare is not None:
+            known.add(self.spare.pid)
         while True:
             strays = [pid for pid in _children_of(os.getpid()) if pid not in known]
             if not strays:
@@ -278,7 +327,7 @@ class Supervisor:
         if deadline.timeout_ns is None:
             return False
         state = self.words.state(slot)
-        if state & SEQ_MASK < deadline.seq:
+        if job_of(state) < deadline.seq:
             deadline.at_ns = now + deadline.timeout_ns  # not begun yet
             return True
         if deadline.flag == KILL_TIMEOUT and state == deadline.seq:
