@@ -1,9 +1,129 @@
-"""Entry point of ``python -m cancelk bench`` (run from a source checkout)."""
+"""Entry point of ``python -m cancelk bench`` (run from a source checkout).
+
+    python -m cancelk bench -- [--quick | --full] [--figures P1,P3,...]
+                               [--start-method fork|forkserver|spawn] [--workers N]
+                               [--json FILE] [--plot FILE.png]
+    python -m benchmarks.run [same options]
+
+Figures: P1-P5, P7, P8 (executor_bench.py: cancelk beside the stdlib pool,
+Pebble, loky and Deadpool) and P6 (wrapper_bench.py: killable_wrapper inside a
+stdlib pool, with its own P3 variant).  Default: all, about 5 minutes on a
+2-core machine; --quick under a minute; --full adds 10^6 jobs to P8.
+"""
 
 from __future__ import annotations
 
-from benchmarks import wrapper_bench
+import argparse
+import importlib.util
+import multiprocessing
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+try:
+    from benchmarks import executor_bench, stats, wrapper_bench
+except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
+    import executor_bench  # type: ignore[no-redef]
+    import stats  # type: ignore[no-redef]
+    import wrapper_bench  # type: ignore[no-redef]
+
+ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return wrapper_bench.main(argv)
+def _figures(text: str) -> list[str]:
+    names = [name.strip().upper() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ALL_FIGURES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown figure(s) {', '.join(unknown)}; choose from {','.join(ALL_FIGURES)}"
+        )
+    return [name for name in ALL_FIGURES if name in names]
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m cancelk bench --",
+        description="cancelk benchmarks (design section 5) beside the stdlib pool and peers",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer samples: under a minute")
+    size.add_argument("--full", action="store_true", help="also 10^6 jobs in P8")
+    parser.add_argument(
+        "--figures",
+        type=_figures,
+        default=list(ALL_FIGURES),
+        metavar="P1,P2,...",
+        help=f"which figures (default all: {','.join(ALL_FIGURES)})",
+    )
+    parser.add_argument(
+        "--start-method",
+        default="fork",
+        choices=multiprocessing.get_all_start_methods(),
+        help="start method of every pool (P7 always uses spawn; default fork)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="workers for P1, P2, P8 (default 2)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="also draw the distributions (needs matplotlib)"
+    )
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `python -m cancelk bench -- --quick`
+        argv = argv[1:]
+    args = _parse(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            "(or pip install 'cancelk[bench]')",
+            file=sys.stderr,
+        )
+        return 2
+    result: dict[str, Any] = {}
+    executor_figures = [name for name in args.figures if name != "P6"]
+    if executor_figures:
+        result["executor"] = executor_bench.run(
+            figures=executor_figures,
+            quick=args.quick,
+            full=args.full,
+            start_method=args.start_method,
+            workers=args.workers,
+            progress=_say,
+        )
+        print(executor_bench.format_report(result["executor"]), flush=True)
+    if "P6" in args.figures:
+        _say("P6 killable_wrapper benchmark ...")
+        result["wrapper"] = wrapper_bench.run(
+            quick=args.quick,
+            repeat=5 if args.quick else None,  # keeps --quick under a minute
+            start_method=args.start_method,
+            progress=_say,
+        )
+        if executor_figures:
+            print()
+        print(wrapper_bench.format_report(result["wrapper"]), flush=True)
+    if args.json:
+        stats.dump_json(args.json, result)
+        _say(f"results written to {args.json}")
+    if args.plot:
+        try:
+            from benchmarks import plot
+        except ImportError:
+            import plot  # type: ignore[no-redef]
+
+        plot.draw(result, args.plot)
+        _say(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
