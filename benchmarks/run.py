@@ -42,7 +42,7 @@ def _figures(text: str) -> list[str]:
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m cancelk bench --",
+        prog="python -m cancelk bench",
         description="cancelk benchmarks (design section 5) beside the stdlib pool and peers",
     )
     size = parser.add_mutually_exclusive_group()
