@@ -785,7 +785,24 @@ if hasattr(os, "register_at_fork"):
 atexit.register(_shutdown_at_exit)
 
 
-class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
+class _MapsBySubmit:
+    """``map`` with the stdlib's semantics, built on the class's own ``submit``."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        raise NotImplementedError
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        return _map(self.submit, fn, iterables, timeout, chunksize, buffersize)
+
+
+class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor):
     """A drop-in ``concurrent.futures.ProcessPoolExecutor`` whose jobs can be stopped.
 
     ``timeout``: default time limit per job (seconds, None for none).
@@ -830,16 +847,6 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         return self._pool.submit(fn, args, kwargs, self._defaults)
 
-    def map(
-        self,
-        fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        buffersize: int | None = None,
-    ) -> Iterator[Any]:
-        return _map(self.submit, fn, iterables, timeout, chunksize, buffersize)
-
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
     ) -> None:
@@ -851,9 +858,8 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         self._pool.shutdown(False, True, None)
 
     def kill_workers(self) -> None:
-        """Stop every job now (SIGKILL of each job's tree) and shut the pool down."""
-        self._pool.kill_everything("kill_workers()")
-        self._pool.shutdown(False, True, None)
+        """The same as ``terminate_workers()``: cancelk's only stop is SIGKILL."""
+        self.terminate_workers()
 
     def options(self, *, timeout: Any = ..., cancel_timeout: Any = ...) -> ExecutorOptions:
         """A light view of this pool whose jobs get other default options."""
@@ -873,7 +879,7 @@ def _merge(defaults: JobOptions, timeout: Any, cancel_timeout: Any) -> JobOption
     )
 
 
-class ExecutorOptions(concurrent.futures.Executor):
+class ExecutorOptions(_MapsBySubmit, concurrent.futures.Executor):
     """``executor.options(...)``: the same pool, other per-job defaults."""
 
     def __init__(self, executor: ProcessPoolExecutor, defaults: JobOptions) -> None:
@@ -882,16 +888,6 @@ class ExecutorOptions(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         return self._executor._pool.submit(fn, args, kwargs, self._defaults)
-
-    def map(
-        self,
-        fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        buffersize: int | None = None,
-    ) -> Iterator[Any]:
-        return _map(self.submit, fn, iterables, timeout, chunksize, buffersize)
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
