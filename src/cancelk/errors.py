@@ -62,7 +62,7 @@ class ProcessDiedError(Exception):
                 f"job process {self.pid} was killed by {signal_name(self.signal)} "
                 f"(signal {self.signal})"
             )
-            if self.signal == _signal.SIGKILL:
+            if self.signal == _signal.SIGKILL and not self.detail:
                 what += "; cancelk did not send it, so the kernel's OOM killer is a likely cause"
         elif self.exitcode is not None:
             what = f"job process {self.pid} exited with code {self.exitcode} without a result"

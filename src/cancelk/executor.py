@@ -53,6 +53,8 @@ _JOB_HEAD = struct.Struct("<QQ")  # seq, slot
 _INIT_FAILED_SEQ = 0
 _INIT_FAILURES_TO_BREAK = 3
 _CTRL_WRITE = -1  # in want_write: the control socket has queued bytes
+# Received descriptors must not leak into programs the user process execs.
+_RECV_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 def _default_workers() -> int:
@@ -448,11 +450,15 @@ class _Pool:
         assert self.supervisor is not None
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.supervisor.ctrl, 1 << 16, 16)
+                data, fds, _flags, _addr = socket.recv_fds(
+                    self.supervisor.ctrl, 1 << 16, 16, _RECV_CLOEXEC
+                )
             except BlockingIOError:
                 return
             except OSError:
                 data, fds = b"", []
+            for fd in fds:
+                os.set_inheritable(fd, False)  # where MSG_CMSG_CLOEXEC does not exist
             self.ctrl_fds.extend(fds)
             if not data:
                 self._supervisor_died(out)

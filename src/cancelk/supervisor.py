@@ -300,7 +300,12 @@ class Supervisor:
 
     # -- deadlines ------------------------------------------------------------
     def _add_deadline(self, slot: int, deadline: _Deadline) -> None:
-        self.deadlines.setdefault(slot, []).append(deadline)
+        # A job reaches a slot only after the previous one ended, so the
+        # deadlines of older jobs are moot: dropping them keeps this bounded
+        # however long the time limits are.
+        pending = [d for d in self.deadlines.get(slot, ()) if d.seq >= deadline.seq]
+        pending.append(deadline)
+        self.deadlines[slot] = pending
 
     def _next_deadline(self) -> int | None:
         earliest = [min(pending) for pending in self.deadlines.values() if pending]
