@@ -167,14 +167,21 @@ class _Pool:
     def _ensure_started(self) -> None:
         if self.thread is not None:
             return
-        self.words_fd = _slots.create_fd(len(self.slots))
-        self.words = _slots.SlotWords(self.words_fd, len(self.slots))
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
-        self._start_supervisor()
+        try:
+            self.words_fd = _slots.create_fd(len(self.slots))
+            self.words = _slots.SlotWords(self.words_fd, len(self.slots))
+            self.wake_r, self.wake_w = os.pipe()
+            os.set_blocking(self.wake_r, False)
+            os.set_blocking(self.wake_w, False)
+            self.selector = selectors.DefaultSelector()
+            self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+            self._start_supervisor()
+        except BaseException:
+            # e.g. an initializer spawn cannot pickle: fail this submit, keep nothing
+            self._close_quietly()
+            self.selector = None
+            self.words = None
+            raise
         self.thread = threading.Thread(target=self._manage, name="cancelk-manager", daemon=True)
         self.thread.start()
 

@@ -426,6 +426,9 @@ class SupervisorProcess:
                 self.pid = self._fork(user_end, sup_end, words_fd, config)
             else:
                 self.pid = self._spawn(user_end, sup_end, words_fd, config)
+        except BaseException:
+            user_end.close()
+            raise
         finally:
             sup_end.close()
         self.ctrl = user_end
