@@ -15,9 +15,7 @@ from cancelk import _core
 
 # Plain ints, computed once in the parent: signal.valid_signals() builds enum
 # members, which costs a forked child ~0.1 ms plus its copy-on-write faults.
-_CATCHABLE = tuple(
-    n for n in range(1, signal.NSIG) if n not in (signal.SIGKILL, signal.SIGSTOP)
-)
+_CATCHABLE = tuple(n for n in range(1, signal.NSIG) if n not in (signal.SIGKILL, signal.SIGSTOP))
 
 
 def forget_parent_signals() -> None:

@@ -78,7 +78,7 @@ def _process_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list
 
 
 class _Job:
-    __slots__ = ("before", "cancel_sent", "future", "options", "payload", "seq", "slot")
+    __slots__ = ("before", "cancel_sent", "future", "options", "payload", "seq", "settled", "slot")
 
     def __init__(self, future: Future, seq: int, payload: bytes, options: JobOptions) -> None:
         self.future = future
@@ -88,6 +88,7 @@ class _Job:
         self.slot: _Slot | None = None
         self.before = 0
         self.cancel_sent = False
+        self.settled = False  # its outcome is decided; the runner may still be dying
 
 
 class _Slot:
@@ -442,9 +443,7 @@ class _Pool:
             if index == _CTRL_WRITE:
                 if self.supervisor is not None:
                     flags = selectors.EVENT_WRITE if self.ctrl_out else 0
-                    self.selector.modify(
-                        self.supervisor.ctrl, selectors.EVENT_READ | flags, "ctrl"
-                    )
+                    self.selector.modify(self.supervisor.ctrl, selectors.EVENT_READ | flags, "ctrl")
                 continue
             slot = self.slots[index]
             if slot.sock is None:
@@ -482,6 +481,12 @@ class _Pool:
             slot = self.slots[index]
             if slot.runner_id == runner_id:
                 self._runner_exited(slot, status, word, out)
+        elif message[0] == "killed":
+            _, index, runner_id, seq, flag = message
+            slot = self.slots[index]
+            job = slot.job
+            if slot.runner_id == runner_id and job is not None and job.seq == seq:
+                self._settle_killed(slot, job, seq | flag, out)
 
     def _runner_started(self, slot: _Slot, runner_id: int, pid: int, fd: int) -> None:
         assert self.selector is not None
@@ -560,8 +565,16 @@ class _Pool:
         if slot in self.idle:
             self.idle.remove(slot)
         job, slot.job = slot.job, None
-        if job is None:
+        if job is not None:
+            self._settle_killed(slot, job, word, out, status)
+
+    def _settle_killed(
+        self, slot: _Slot, job: _Job, word: int, out: list[_Completion], status: int = 0
+    ) -> None:
+        """End the future of a job that was killed or died, once."""
+        if job.settled:
             return
+        job.settled = True
         reason = _exit_reason(job, status, word, slot.pid)
         self.counts[reason[0]] += 1
         out.append(lambda: reason[1](job.future))

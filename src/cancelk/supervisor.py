@@ -1,14 +1,15 @@
 """The supervisor: one clean, single-threaded process per executor.
 
     user process                                supervisor process
-    SupervisorLink.start(method) --fork/spawn-->  Supervisor.serve()
+    SupervisorProcess(method) ---fork/spawn--->   Supervisor.serve()
       send: deadline / cancel / kill / shutdown     C loop (_core.Loop) over
         ───────────── control socket ──────────►      control socket
         ◄────────────────────────────────────────      one pidfd per runner
       recv: runner(slot, id, pid) + channel fd        the earliest deadline
-            exit(slot, id, pid, status, word)       forks runners, reaps them,
-                                                    kills process groups,
-                                                    sweeps orphans (subreaper)
+            killed(slot, id, seq, reason)           forks runners, reaps them,
+            exit(slot, id, pid, status, word)       kills process groups,
+                                                    sweeps orphans (subreaper),
+                                                    keeps one warm spare runner
 
 It never runs user code except to unpickle the initializer.  When the user
 process goes away the control socket reads EOF and the supervisor kills every
@@ -321,7 +322,11 @@ class Supervisor:
                 elif self._rearm(slot, deadline, now):
                     keep.append(deadline)
                 elif self.words.decide_kill(slot, deadline.seq, deadline.flag):
-                    self._kill(slot, self.runners[slot].runner_id, "deadline")
+                    runner_id = self.runners[slot].runner_id
+                    self._kill(slot, runner_id, "deadline")
+                    # The outcome is final now: report it before the kernel has
+                    # torn the runner down (its exit follows as usual).
+                    self._send(("killed", slot, runner_id, deadline.seq, deadline.flag))
             if keep:
                 self.deadlines[slot] = keep
             else:
