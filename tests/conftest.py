@@ -32,6 +32,38 @@ _FD_WAIT = 1.0
 
 
 # --------------------------------------------------------------------------
+# stress mode: `pytest -m stress` runs only the tests marked stress, each
+# with its loops scaled up (see the `scale` fixture) and a longer timeout
+
+_STRESS_TIMEOUT = 1800  # seconds per stress test when scaled up
+
+
+def stress_mode(config: pytest.Config) -> bool:
+    return "stress" in (config.getoption("markexpr", "") or "")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not stress_mode(config):
+        return
+    for item in items:
+        if item.get_closest_marker("stress") is not None:
+            # Prepended, so it wins over the test's own CI-sized timeout.
+            item.add_marker(pytest.mark.timeout(_STRESS_TIMEOUT), append=False)
+
+
+@pytest.fixture
+def scale(request):
+    """``scale(ci, stress)``: a loop size, ``ci`` in a normal run and
+    ``stress`` under ``pytest -m stress``."""
+    stressed = stress_mode(request.config)
+
+    def pick(ci: int, stress: int) -> int:
+        return stress if stressed else ci
+
+    return pick
+
+
+# --------------------------------------------------------------------------
 # backend
 
 
