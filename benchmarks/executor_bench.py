@@ -396,10 +396,11 @@ def run_trials(
     failures: list[str] = []
     try:
         while len(good) < n and len(failures) < attempts:
-            if rest_s and (good or failures):
-                time.sleep(rest_s)
             try:
-                outcome = trial(keeper.library, keeper.get())
+                pool = keeper.get()
+                # Every trial, the first included, starts with the pool at rest.
+                time.sleep(rest_s)
+                outcome = trial(keeper.library, pool)
             except Exception as why:
                 outcome = f"{type(why).__name__}: {why}"
             if isinstance(outcome, str):

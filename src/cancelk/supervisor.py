@@ -77,10 +77,13 @@ class Supervisor:
         self.next_runner_id = config.first_runner_id
         self.wake_fd = -1
         # A warm spare (already initialized) replaces a dead runner at once.
-        # It is kept from the first replacement on, and given up for good if
-        # one dies before use (a failing initializer must not fork-loop).
+        # With an initializer it is kept from the start, since the first
+        # replacement would otherwise wait for the initializer (importing
+        # numpy: ~100 ms); without one, from the first replacement on.  It is
+        # given up for good if one dies before use (a failing initializer
+        # must not fork-loop).
         self.spare: _Runner | None = None
-        self.keep_spare = False
+        self.keep_spare = config.initializer is not None
 
     # -- life cycle -------------------------------------------------------
     def serve(self) -> None:
@@ -90,6 +93,8 @@ class Supervisor:
             self._wake_on_sigchld()
         for slot in range(self.config.slots):
             self._assign(slot, self._start_runner())
+        if self.keep_spare:
+            self._start_spare()
         try:
             while self._step():
                 pass
@@ -152,8 +157,11 @@ class Supervisor:
             self._assign(slot, self._start_runner())
         if self.keep_spare or spare is None:
             self.keep_spare = True
-            self.spare = self._start_runner()
-            self.loop.add_child(self.spare.pid, _SPARE)
+            self._start_spare()
+
+    def _start_spare(self) -> None:
+        self.spare = self._start_runner()
+        self.loop.add_child(self.spare.pid, _SPARE)
 
     def _spare_died(self) -> None:
         dead = self.spare
