@@ -482,3 +482,21 @@ class TestSharedWords:
                 proc.join(30)
         assert [proc.exitcode for proc in procs] == [0, 0]
         assert words.load(2) == 3 * count
+
+
+def test_signal_dispositions_report_handlers_and_ignored_signals():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        handled, ignored = _core.signal_dispositions()
+        assert signal.SIGUSR1 in handled and signal.SIGUSR1 not in ignored
+        assert signal.SIGUSR2 in ignored and signal.SIGUSR2 not in handled
+        assert signal.SIGINT in handled  # Python's KeyboardInterrupt handler
+        assert signal.SIGKILL not in handled + ignored
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        handled, ignored = _core.signal_dispositions()
+        assert signal.SIGUSR1 not in handled + ignored
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

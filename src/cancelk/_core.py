@@ -32,6 +32,7 @@ __all__ = [
     "selected_backend",
     "set_child_subreaper",
     "set_parent_death_signal",
+    "signal_dispositions",
 ]
 
 DEADLINE = int(lib.CANCELK_TOKEN_DEADLINE)
@@ -97,6 +98,19 @@ def kill_pid(pid: int, sig: int) -> bool:
 def become_group_leader() -> None:
     if lib.cancelk_become_group_leader() != 0:
         raise _fail("setpgid(0, 0)")
+
+
+def signal_dispositions() -> tuple[list[int], list[int]]:
+    """(signals with a handler installed, signals ignored), from sigaction(2)."""
+    handled = ffi.new("uint64_t *")
+    ignored = ffi.new("uint64_t *")
+    if lib.cancelk_signal_dispositions(handled, ignored) != 0:
+        raise _fail("sigaction(query)")
+    return _signals_in(int(handled[0])), _signals_in(int(ignored[0]))
+
+
+def _signals_in(mask: int) -> list[int]:
+    return [bit + 1 for bit in range(64) if mask >> bit & 1]
 
 
 def set_parent_death_signal(sig: int) -> bool:

@@ -13,23 +13,22 @@ from multiprocessing import spawn
 
 from cancelk import _core
 
-# Plain ints, computed once in the parent: signal.valid_signals() builds enum
-# members, which costs a forked child ~0.1 ms plus its copy-on-write faults.
-_CATCHABLE = tuple(n for n in range(1, signal.NSIG) if n not in (signal.SIGKILL, signal.SIGSTOP))
-
 
 def forget_parent_signals() -> None:
     """Drop the parent's Python signal handlers and wakeup fd.
 
     A forked child shares the parent's asyncio self-pipe; if its wakeup fd
     stayed set, a signal in the child would wake the parent's event loop and
-    run the parent's handlers there (I9).
+    run the parent's handlers there (I9).  Only signals that have a handler
+    at the OS level can have a Python one: asking the kernel first spares the
+    child a Python query per signal (with its copy-on-write faults).
     """
     try:
         signal.set_wakeup_fd(-1)
     except (ValueError, OSError):
         pass
-    for signum in _CATCHABLE:
+    handled, ignored = _core.signal_dispositions()
+    for signum in handled:
         try:
             handler = signal.getsignal(signum)
         except (ValueError, OSError):
@@ -41,7 +40,10 @@ def forget_parent_signals() -> None:
                 continue
     # Ignored dispositions survive exec(); a job's subprocesses must not
     # inherit a supervisor's "ignore SIGINT".
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.SIGINT in ignored or signal.getsignal(signal.SIGINT) is not (
+        signal.default_int_handler
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def become_job_process() -> None:
