@@ -275,7 +275,7 @@ class Supervisor:
         if kind == "deadline":
             _, slot, runner_id, seq, timeout_ns = message
             if self._is_current(slot, runner_id):
-                at = _core.monotonic_ns() + timeout_ns
+                at = self._time_limit_end(slot, seq, timeout_ns)
                 self._add_deadline(slot, _Deadline(at, seq, KILL_TIMEOUT, timeout_ns))
         elif kind == "cancel":
             _, slot, runner_id, seq, grace_ns = message
@@ -288,6 +288,18 @@ class Supervisor:
         elif kind == "shutdown":
             return False
         return True
+
+    def _time_limit_end(self, slot: int, seq: int, timeout_ns: int) -> int:
+        """When job ``seq``'s time limit runs out.
+
+        The limit message is sent once the job is on its way to the runner,
+        so the job has often begun by now: count from its start, not from
+        this message, or every kill would be late by the message's trip.
+        """
+        now = _core.monotonic_ns()
+        if self.words.state(slot) == seq:
+            return min(now, self.words.started_ns(slot)) + timeout_ns
+        return now + timeout_ns  # moved to its start when it fires (_rearm)
 
     def _is_current(self, slot: int, runner_id: int) -> bool:
         current = self.runners.get(slot)
