@@ -27,6 +27,7 @@ __all__ = [
     "kill_pid",
     "list_children",
     "monotonic_ns",
+    "pidfd_kill",
     "pidfd_open",
     "reap",
     "selected_backend",
@@ -75,6 +76,15 @@ def pidfd_open(pid: int) -> int:
     if fd < 0:
         raise _fail(f"pidfd_open({pid})")
     return fd
+
+
+def pidfd_kill(pidfd: int, sig: int) -> bool:
+    """Signal the process a pidfd names; False if it has exited already."""
+    if lib.cancelk_pidfd_send_signal(pidfd, sig) == 0:
+        return True
+    if ffi.errno == _errno.ESRCH:
+        return False
+    raise _fail(f"pidfd_send_signal({pidfd}, {sig})")
 
 
 def kill_group(pgid: int, sig: int) -> bool:

@@ -100,6 +100,7 @@ class _Slot:
         "marker",
         "outbuf",
         "pid",
+        "pidfd",
         "reader",
         "retiring",
         "runner_id",
@@ -111,6 +112,7 @@ class _Slot:
         self.index = index
         self.runner_id = 0
         self.pid = 0
+        self.pidfd = -1  # names the runner process, where the OS has pidfds
         self.sock: socket.socket | None = None
         self.reader = _wire.FrameReader()
         self.outbuf: deque[memoryview] = deque()
@@ -118,6 +120,17 @@ class _Slot:
         self.marker = 0  # the shared STATE word before the current job began
         self.tasks = 0
         self.retiring = False
+
+
+def _kill_runner_now(slot: _Slot) -> None:
+    """SIGKILL the job's process from here, a hop before the supervisor can;
+    the supervisor, told next, kills the rest of its group and tree."""
+    if slot.pidfd < 0:
+        return
+    try:
+        _core.pidfd_kill(slot.pidfd, signal.SIGKILL)
+    except OSError as why:  # the supervisor's kill still follows
+        log.debug("pidfd kill of runner %d failed: %s", slot.pid, why)
 
 
 _Completion = Callable[[], object]
@@ -366,6 +379,7 @@ class _Pool:
         assert slot is not None and self.words is not None
         if not self.words.decide_kill(slot.index, job.seq, flag, job.before):
             return False
+        _kill_runner_now(slot)
         self._send_control(("kill", slot.index, slot.runner_id))
         log.info("killing job %d (pid %d): %s", job.seq, slot.pid, reason)
         return True
@@ -474,8 +488,10 @@ class _Pool:
 
     def _on_supervisor_message(self, message: tuple[Any, ...], out: list[_Completion]) -> None:
         if message[0] == "runner":
-            _, index, runner_id, pid = message
-            self._runner_started(self.slots[index], runner_id, pid, self.ctrl_fds.popleft())
+            _, index, runner_id, pid, with_pidfd = message
+            channel = self.ctrl_fds.popleft()
+            pidfd = self.ctrl_fds.popleft() if with_pidfd else -1
+            self._runner_started(self.slots[index], runner_id, pid, channel, pidfd)
         elif message[0] == "exit":
             _, index, runner_id, pid, status, word = message
             slot = self.slots[index]
@@ -488,11 +504,11 @@ class _Pool:
             if slot.runner_id == runner_id and job is not None and job.seq == seq:
                 self._settle_killed(slot, job, seq | flag, out)
 
-    def _runner_started(self, slot: _Slot, runner_id: int, pid: int, fd: int) -> None:
+    def _runner_started(self, slot: _Slot, runner_id: int, pid: int, fd: int, pidfd: int) -> None:
         assert self.selector is not None
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        slot.sock, slot.runner_id, slot.pid = sock, runner_id, pid
+        slot.sock, slot.runner_id, slot.pid, slot.pidfd = sock, runner_id, pid, pidfd
         slot.reader = _wire.FrameReader()
         slot.outbuf.clear()
         slot.marker, slot.tasks, slot.retiring = _slots.FRESH | runner_id, 0, False
@@ -586,6 +602,9 @@ class _Pool:
         self.selector.unregister(slot.sock)
         slot.sock.close()
         slot.sock = None
+        if slot.pidfd >= 0:
+            os.close(slot.pidfd)
+            slot.pidfd = -1
         slot.outbuf.clear()
         if slot in self.idle:
             self.idle.remove(slot)

@@ -144,7 +144,15 @@ class Supervisor:
         self.words.give(slot, fresh.runner_id)
         self.loop.add_child(fresh.pid, _CHILD_BASE + slot)
         self.runners[slot] = fresh
-        self._send(("runner", slot, fresh.runner_id, fresh.pid), fds=[fresh.user_end.fileno()])
+        # With a pidfd the user process can kill a cancelled job itself, a
+        # hop sooner; the pidfd names this runner even after it is reaped.
+        pidfd = _core.pidfd_open(fresh.pid) if self.loop.backend == "pidfd" else -1
+        try:
+            fds = [fresh.user_end.fileno()] + ([pidfd] if pidfd >= 0 else [])
+            self._send(("runner", slot, fresh.runner_id, fresh.pid, pidfd >= 0), fds=fds)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
         fresh.user_end.close()
         fresh.user_end = None
 
