@@ -21,6 +21,7 @@ import pytest
 
 from cancelk import _core
 
+import executor_jobs
 import helpers
 from helpers import BACKENDS, HOST_WORKERS, START_METHODS
 
@@ -275,6 +276,21 @@ def extra_thread():
         release.set()
         thread.join(timeout=10)
         assert not thread.is_alive()
+
+
+# --------------------------------------------------------------------------
+# cancelk pools
+
+
+@pytest.fixture
+def make_pool():
+    """``make_pool(*args, **kwargs)``: a cancelk.ProcessPoolExecutor that is
+    shut down (and, if that hangs, killed) after the test."""
+    factory = executor_jobs.PoolFactory()
+    try:
+        yield factory
+    finally:
+        factory.close_all()
 
 
 # --------------------------------------------------------------------------

@@ -14,8 +14,6 @@ every one of them is gone once the job was stopped.
 
 from __future__ import annotations
 
-import ctypes
-import json
 import multiprocessing
 import os
 import signal
@@ -24,6 +22,18 @@ import threading
 import time
 
 import psutil
+
+# Shared with the killable_wrapper tests: how a job records its processes,
+# and the jobs that must be stopped (each records itself, then never ends).
+from helpers import (  # noqa: F401 - re-exported for the executor tests
+    _same_process,
+    gil_c_job,
+    mp_child_job,
+    read_record,
+    record,
+    sleep_job,
+    spin_job,
+)
 
 LONG = 60.0  # how long "endless" jobs would run if nobody stopped them
 RESULT_WAIT = 30.0  # how long a test waits for a future before calling it a hang
@@ -178,37 +188,6 @@ def kill_self(signum):
 # recording processes
 
 
-def record(path, expect_descendants=0, wait=10.0):
-    """Write this process and its descendants to ``path`` (atomically),
-    once at least ``expect_descendants`` descendants exist."""
-    me = psutil.Process()
-    deadline = time.monotonic() + wait
-    while len(me.children(recursive=True)) < expect_descendants:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"expected {expect_descendants} descendants, never saw them")
-        time.sleep(0.005)
-    found = []
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            found.append([proc.pid, proc.create_time()])
-        except psutil.NoSuchProcess:
-            continue
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(found, handle)
-    os.replace(tmp, path)
-
-
-def read_record(path, wait=15.0):
-    deadline = time.monotonic() + wait
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the job never recorded its processes in {path}")
-        time.sleep(0.005)
-    with open(path) as handle:
-        return [(int(pid), float(created)) for pid, created in json.load(handle)]
-
-
 def snapshot(pids):
     """(pid, create_time) of each pid that exists now."""
     found = []
@@ -220,23 +199,13 @@ def snapshot(pids):
     return found
 
 
-def _same(pid, created):
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - created) > 0.05:
-            return None  # the pid now names another process
-        return proc
-    except psutil.NoSuchProcess:
-        return None
-
-
 def still_there(records, zombies_ok=False):
     """Recorded processes that still exist (described); with ``zombies_ok``,
     dead but unreaped ones count as gone (orphans that went to an init which
     never reaps)."""
     left = []
     for pid, created in records:
-        proc = _same(pid, created)
+        proc = _same_process(pid, created)
         if proc is None:
             continue
         try:
@@ -266,7 +235,7 @@ def wait_gone(records, timeout=2.0, zombies_ok=False):
 def kill_records(records):
     """Clean-up after a failed test: SIGKILL whatever recorded process is left."""
     for pid, created in records:
-        proc = _same(pid, created)
+        proc = _same_process(pid, created)
         if proc is not None and proc.pid != os.getpid():
             try:
                 proc.kill()
@@ -300,33 +269,6 @@ def supervisor_of(job_pid):
 
 # -------------------------------------------------------------------------
 # jobs that must be stopped: each records itself first, then never finishes
-
-
-def sleep_job(path):
-    record(path)
-    time.sleep(LONG)
-
-
-def spin_job(path):
-    record(path)
-    deadline = time.monotonic() + LONG
-    n = 0
-    while time.monotonic() < deadline:
-        n += 1
-    return n
-
-
-def gil_c_job(path):
-    """Sleep inside a C call that holds the GIL."""
-    record(path)
-    ctypes.PyDLL(None).sleep(int(LONG))
-
-
-def mp_child_job(path):
-    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(LONG,))
-    child.start()
-    record(path, expect_descendants=1)
-    child.join()
 
 
 def popen_job(path, count=1):

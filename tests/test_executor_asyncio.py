@@ -24,15 +24,6 @@ GONE = 2.0
 
 
 @pytest.fixture
-def make_pool():
-    factory = jobs.PoolFactory()
-    try:
-        yield factory
-    finally:
-        factory.close_all()
-
-
-@pytest.fixture
 def path(tmp_path):
     return str(tmp_path / "record.json")
 

@@ -37,15 +37,6 @@ def module_level_cube(x):
     return x * x * x
 
 
-@pytest.fixture
-def make_pool():
-    factory = jobs.PoolFactory()
-    try:
-        yield factory
-    finally:
-        factory.close_all()
-
-
 @pytest.fixture(params=START_METHODS)
 def start_method(request):
     return request.param

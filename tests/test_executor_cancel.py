@@ -34,15 +34,6 @@ SLACK = 1.3  # how late a stop may be on a loaded 2-core machine
 
 
 @pytest.fixture
-def make_pool():
-    factory = jobs.PoolFactory()
-    try:
-        yield factory
-    finally:
-        factory.close_all()
-
-
-@pytest.fixture
 def path(tmp_path):
     return str(tmp_path / "record.json")
 

@@ -30,15 +30,6 @@ NEEDS_PROC = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def make_pool():
-    factory = jobs.PoolFactory()
-    try:
-        yield factory
-    finally:
-        factory.close_all()
-
-
 def assert_pool_works(exe):
     futures = [exe.submit(jobs.add, i, 1) for i in range(3)]
     assert [f.result(timeout=WAIT) for f in futures] == [1, 2, 3]

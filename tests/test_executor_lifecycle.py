@@ -33,15 +33,6 @@ NEEDS_PROC = pytest.mark.skipif(
 START_METHODS = ("fork", "forkserver", "spawn")
 
 
-@pytest.fixture
-def make_pool():
-    factory = jobs.PoolFactory()
-    try:
-        yield factory
-    finally:
-        factory.close_all()
-
-
 def pool_processes(future, expect=1):
     """(pid, create_time) of the supervisor and all its descendants, found
     from a running job of the pool (waiting a little for ``expect`` of them)."""
