@@ -83,9 +83,14 @@ class SlotWords:
     def decide_kill(self, slot: int, seq: int, flag: int, before: int | None = None) -> bool:
         """Kill job ``seq`` if it runs, or (given what preceded it) has not begun."""
         words, index = self._w(), slot * _WORDS_PER_SLOT + _STATE
-        if words.cas(index, seq, seq | flag):
-            return True
-        return before is not None and words.cas(index, before, seq | flag)
+        while True:
+            # Retry while the word names this job: the runner's begin() may
+            # move it from ``before`` to ``seq`` between a load and a CAS.
+            current = words.load(index)
+            if current != seq and (before is None or current != before):
+                return False
+            if words.cas(index, current, seq | flag):
+                return True
 
     def give(self, slot: int, runner_id: int) -> None:
         """Supervisor: runner ``runner_id`` (unique, never reused) takes the slot."""

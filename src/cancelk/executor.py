@@ -78,7 +78,17 @@ def _process_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list
 
 
 class _Job:
-    __slots__ = ("before", "cancel_sent", "future", "options", "payload", "seq", "settled", "slot")
+    __slots__ = (
+        "before",
+        "cancel_sent",
+        "cancelled_by_kill",
+        "future",
+        "options",
+        "payload",
+        "seq",
+        "settled",
+        "slot",
+    )
 
     def __init__(self, future: Future, seq: int, payload: bytes, options: JobOptions) -> None:
         self.future = future
@@ -88,6 +98,7 @@ class _Job:
         self.slot: _Slot | None = None
         self.before = 0
         self.cancel_sent = False
+        self.cancelled_by_kill = False  # a cancel won its word: it ends cancelled
         self.settled = False  # its outcome is decided; the runner may still be dying
 
 
@@ -120,6 +131,14 @@ class _Slot:
         self.marker = 0  # the shared STATE word before the current job began
         self.tasks = 0
         self.retiring = False
+
+
+def _complete_all(completions: list[_Completion]) -> None:
+    """Run them, then let go: the manager must not hold the last result (a
+    100 MB one, say) while it waits for the next event."""
+    for complete in completions:
+        complete()
+    completions.clear()
 
 
 def _kill_runner_now(slot: _Slot) -> None:
@@ -281,9 +300,14 @@ class _Pool:
                 self.pending.append(job)
         return future
 
-    def _check_usable(self) -> None:
+    def _check_not_forked(self) -> None:
+        # A forked child holds a copy of the pool: its jobs, words and
+        # processes are the parent's, and only the parent may stop them.
         if self.forked_away:
             raise RuntimeError("this cancelk executor belongs to the parent process")
+
+    def _check_usable(self) -> None:
+        self._check_not_forked()
         if self.broken is not None:
             raise BrokenProcessPool(f"the pool is broken: {self.broken}") from self.broken
         if self.shutting_down:
@@ -357,28 +381,40 @@ class _Pool:
     def cancel_running(self, future: Future) -> bool:
         job: _Job | None = getattr(future, "_cancelk_job", None)
         with self.lock:
-            if job is None or job.slot is None or job.slot.job is not job or future.done():
+            self._check_not_forked()
+            if job is None or not self._decide_cancel(job):
                 return future.cancelled()
-            slot = job.slot
-            grace = job.options.cancel_timeout
-            if grace is None:
-                return False  # unlimited grace: the job is left to finish
-            if grace > 0:
-                if not job.cancel_sent:
-                    job.cancel_sent = True
-                    self._send_control(
-                        ("cancel", slot.index, slot.runner_id, job.seq, int(grace * 1e9))
-                    )
-                return False
-            if not self._kill_job(job, _slots.KILL_CANCEL, "cancel"):
-                return False  # it finished first; its result is on the way
-        return future.mark_cancelled("the job was cancelled; its processes were killed")
+        # Another cancel, or the job's exit seen by the manager thread, may
+        # have marked it already: every caller gets the same True.
+        reason = "the job was cancelled; its processes were killed"
+        return future.mark_cancelled(reason) or future.cancelled()
+
+    def _decide_cancel(self, job: _Job) -> bool:
+        """True once the job's kill by a cancel is decided (now or earlier)."""
+        if job.cancelled_by_kill:
+            return True
+        slot = job.slot
+        if slot is None or slot.job is not job or job.future.done():
+            return False
+        grace = job.options.cancel_timeout
+        if grace is None:
+            return False  # unlimited grace: the job is left to finish
+        if grace > 0:
+            if not job.cancel_sent:
+                job.cancel_sent = True
+                self._send_control(
+                    ("cancel", slot.index, slot.runner_id, job.seq, int(grace * 1e9))
+                )
+            return False  # undecided: it may still finish within its grace
+        # False: it finished first, its result is on the way.
+        return self._kill_job(job, _slots.KILL_CANCEL, "cancel")
 
     def _kill_job(self, job: _Job, flag: int, reason: str) -> bool:
         slot = job.slot
         assert slot is not None and self.words is not None
         if not self.words.decide_kill(slot.index, job.seq, flag, job.before):
             return False
+        job.cancelled_by_kill = flag == _slots.KILL_CANCEL
         _kill_runner_now(slot)
         self._send_control(("kill", slot.index, slot.runner_id))
         log.info("killing job %d (pid %d): %s", job.seq, slot.pid, reason)
@@ -426,8 +462,7 @@ class _Pool:
                 self._fill_idle()
                 self._register_writes()  # last: dispatching may have queued bytes
                 finished = self._finish_if_done(completions)
-            for complete in completions:
-                complete()
+            _complete_all(completions)
             if finished:
                 return
 
@@ -726,6 +761,7 @@ class _Pool:
         """Cancel what is queued and kill what runs; the pool then stops."""
         completions: list[_Completion] = []
         with self.lock:
+            self._check_not_forked()
             self.shutting_down = True
             self._cancel_pending(completions)
             for slot in self.slots:
@@ -746,6 +782,9 @@ class _Pool:
         for slot in self.slots:
             if slot.sock is not None:
                 slot.sock.close()
+            if slot.pidfd >= 0:
+                os.close(slot.pidfd)
+                slot.pidfd = -1
         for fd in (self.wake_r, self.wake_w, self.words_fd):
             if fd >= 0:
                 try:
@@ -753,6 +792,9 @@ class _Pool:
                 except OSError:
                     pass
         self.wake_r = self.wake_w = self.words_fd = -1
+        if self.words is not None:
+            self.words.close()  # unmaps the child's view only
+            self.words = None
         self.lock = threading.Lock()  # the parent's may have been held at fork
 
     def stats(self) -> dict[str, int]:

@@ -84,6 +84,7 @@ def _serve(
             _await_kill()
         before = seq | DONE
         _send(channel_fd, seq, outcome)
+        del frame, outcome  # a 100 MB job must not stay in memory while idle
         done += 1
         _reap_orphans()
 
