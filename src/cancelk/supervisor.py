@@ -235,7 +235,7 @@ class Supervisor:
         if self.spare is not None:
             everyone.append(self.spare)
         for current in everyone:
-            _core.kill_group(current.pid, signal.SIGKILL)
+            _kill_tree_of_live_runner(current.pid)
         for current in everyone:
             _core.reap(current.pid)
         self.runners.clear()
@@ -399,6 +399,17 @@ def _join_own_group(pid: int) -> None:
 
 def _children_of(parent: int) -> list[int]:
     return _core.list_children(parent) or []
+
+
+def _kill_tree_of_live_runner(pid: int) -> None:
+    # While the runner lives (a subreaper) whatever its job started is in its
+    # tree, even what left its group: killed in one pass now, rather than
+    # found among the orphans once the runner is gone.
+    try:
+        _core.kill_descendants(pid)
+    except OSError as why:
+        log.debug("scanning the tree of runner %d failed: %s", pid, why)
+    _core.kill_group(pid, signal.SIGKILL)
 
 
 def _kill_tree_root(pid: int) -> None:
