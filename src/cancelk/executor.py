@@ -592,6 +592,10 @@ class _Pool:
         self, slot: _Slot, error: BaseException | None, out: list[_Completion]
     ) -> None:
         slot.retiring = True
+        if slot in self.idle:
+            # A spare's failure can be read before any job reached it: the
+            # runner is exiting, so no job may be sent to it now.
+            self.idle.remove(slot)
         self.init_failures += 1
         broken = BrokenProcessPool(f"the pool's initializer failed: {error!r}")
         broken.__cause__ = error
