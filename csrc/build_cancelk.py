@@ -35,6 +35,7 @@ ffibuilder.cdef(
 
     int cancelk_list_children(int parent, int *out, int max);
     int cancelk_kill_descendants(int root, int max_rounds);
+    int cancelk_die_with_parent(int parent);
 
     struct cancelk_loop;
     struct cancelk_loop *cancelk_loop_new(int backend);

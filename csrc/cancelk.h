@@ -38,6 +38,7 @@ int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);
 /* tree.c: process trees (Linux; ENOSYS elsewhere) */
 int cancelk_list_children(int parent, int *out, int max);
 int cancelk_kill_descendants(int root, int max_rounds);
+int cancelk_die_with_parent(int parent);
 
 /* loop.c: wait for the first of several events */
 struct cancelk_loop;

@@ -15,8 +15,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cancelk.h"
@@ -173,7 +179,148 @@ int cancelk_kill_descendants(int root, int max_rounds)
 	free(table.entries);
 	return nkilled;
 }
+
+/*
+ * Dying with the parent, tree and all.
+ *
+ * A job process asks for a signal when its parent (the supervisor, or the
+ * host worker of killable_wrapper) dies.  Were that SIGKILL, what the job
+ * started would pass to init.  So it is a real-time signal whose handler,
+ * which runs in C whatever the job's Python is doing, first kills the job's
+ * descendants: the job is a child subreaper, so every orphan of its tree
+ * becomes its child; it kills its children, reaps them, and repeats until it
+ * has none, then kills itself.
+ *
+ * The handler never returns and uses only async-signal-safe calls: open,
+ * read, close, getdents64, kill, waitpid, nanosleep.
+ */
+struct raw_dirent64 {
+	uint64_t d_ino;
+	int64_t d_off;
+	unsigned short d_reclen;
+	unsigned char d_type;
+	char d_name[];
+};
+
+static int parse_pid(const char *s)
+{
+	int n = 0;
+
+	if (*s < '0' || *s > '9')
+		return -1;
+	while (*s >= '0' && *s <= '9')
+		n = n * 10 + (*s++ - '0');
+	return *s ? -1 : n;
+}
+
+/* The parent of /proc/<name>, read without malloc or stdio; -1 if gone. */
+static int raw_ppid(const char *name)
+{
+	char path[64] = "/proc/", buf[512];
+	size_t len = 6, i;
+	ssize_t n;
+	int fd, ppid = 0;
+	char *p = NULL;
+
+	for (i = 0; name[i] && len < sizeof(path) - 6; i++)
+		path[len++] = name[i];
+	memcpy(path + len, "/stat", 6);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return -1;
+	buf[n] = '\0';
+	for (i = 0; i < (size_t)n; i++)
+		if (buf[i] == ')')
+			p = buf + i;
+	if (!p || p + 4 >= buf + n)
+		return -1;
+	for (p += 4; *p >= '0' && *p <= '9'; p++)
+		ppid = ppid * 10 + (*p - '0');
+	return ppid;
+}
+
+/* SIGKILL every child of me, zombies included; how many, or -1. */
+static int kill_children_raw(int me)
+{
+	char buf[4096];
+	long n, off;
+	int dir, found = 0;
+
+	dir = open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		return -1;
+	while ((n = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
+		for (off = 0; off < n;) {
+			struct raw_dirent64 *d = (struct raw_dirent64 *)(buf + off);
+			int pid = parse_pid(d->d_name);
+
+			off += d->d_reclen;
+			if (pid > 1 && pid != me && raw_ppid(d->d_name) == me) {
+				kill(pid, SIGKILL);
+				found++;
+			}
+		}
+	}
+	close(dir);
+	return found;
+}
+
+static void kill_tree_then_die(int sig)
+{
+	const struct timespec pause = { 0, 200000 };
+	int me = getpid(), round;
+
+	(void)sig;
+	/* Bounded (about a second) in case a child cannot die, e.g. stuck in
+	 * uninterruptible I/O: the job must die even then. */
+	for (round = 0; round < 5000; round++) {
+		int found = kill_children_raw(me);
+
+		while (waitpid(-1, NULL, __WALL | WNOHANG) > 0)
+			; /* reaped: its own children are ours now */
+		if (found <= 0)
+			break;
+		nanosleep(&pause, NULL);
+	}
+	kill(me, SIGKILL);
+	_exit(128 + SIGKILL);
+}
+
+int cancelk_die_with_parent(int parent)
+{
+	struct sigaction action;
+	sigset_t guard;
+	int sig = SIGRTMAX - 2; /* spare: glibc and Python use none of the top ones */
+
+	memset(&action, 0, sizeof(action));
+	action.sa_handler = kill_tree_then_die;
+	sigfillset(&action.sa_mask);
+	if (sigaction(sig, &action, NULL) != 0)
+		return -1;
+	sigemptyset(&guard);
+	sigaddset(&guard, sig);
+	if (sigprocmask(SIG_UNBLOCK, &guard, NULL) != 0)
+		return -1;
+	if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0) != 0)
+		return -1;
+	/* The parent may have died before the prctl: then nobody will signal
+	 * us, but we were reparented, which getppid() shows. */
+	if (getppid() != parent)
+		return raise(sig);
+	return 0;
+}
 #else
+int cancelk_die_with_parent(int parent)
+{
+	(void)parent;
+	errno = ENOSYS;
+	return -1;
+}
+
 int cancelk_list_children(int parent, int *out, int max)
 {
 	(void)parent;

@@ -390,17 +390,11 @@ def test_supervisor_and_runners_killed_together(make_pool, method):
 
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="child subreaper is Linux-only")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (README): a grandchild that left the job's session "
-    "outlives a SIGKILLed supervisor, because both subreapers above it are gone",
-)
-def test_supervisor_killed_takes_detached_grandchildren_too(make_pool, tmp_path):
+def test_supervisor_killed_takes_detached_grandchildren_too(make_pool, backend, tmp_path):
     """I4 with I8: when the supervisor dies, its jobs die (ProcessDiedError),
     and so must what they started, including a grandchild that left the
-    job's session. The runner's group is killed by the user process, but a
-    detached grandchild is not in it and, with its subreapers gone, now
-    belongs to init."""
+    job's session: not in the runner's group, and with the supervisor gone
+    it would belong to init if the runner died first."""
     path = str(tmp_path / "record.json")
     exe = make_pool(1)
     running = exe.submit(jobs.detached_grandchild_job, path)

@@ -21,6 +21,7 @@ __all__ = [
     "Loop",
     "SharedWords",
     "become_group_leader",
+    "die_with_parent",
     "has_exited",
     "kill_descendants",
     "kill_group",
@@ -130,6 +131,20 @@ def set_parent_death_signal(sig: int) -> bool:
     if ffi.errno == _errno.ENOSYS:
         return False
     raise _fail(f"prctl(PR_SET_PDEATHSIG, {sig})")
+
+
+def die_with_parent(parent: int) -> bool:
+    """When ``parent`` (the pid that forked us) dies, kill every descendant,
+    then die (Linux); at once if it is gone already.
+
+    False where the OS has no parent-death signal.  Call it in a child
+    subreaper, so that orphans of the tree are its children to kill.
+    """
+    if lib.cancelk_die_with_parent(parent) == 0:
+        return True
+    if ffi.errno == _errno.ENOSYS:
+        return False
+    raise _fail("installing the parent-death handler")
 
 
 def set_child_subreaper() -> bool:

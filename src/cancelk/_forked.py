@@ -46,16 +46,17 @@ def forget_parent_signals() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def become_job_process() -> None:
-    """Run in a freshly forked job process: own group, die with the parent.
+def become_job_process(parent: int) -> None:
+    """Run in a job process freshly forked by ``parent``: own group, and
+    when the parent dies, the job dies with everything it started.
 
     It also becomes a child subreaper (Linux), so whatever the job starts
     stays in its tree even if it daemonizes, and a kill can find it.
     """
     forget_parent_signals()
     _core.become_group_leader()
-    _core.set_parent_death_signal(signal.SIGKILL)
     _core.set_child_subreaper()
+    _core.die_with_parent(parent)  # after the line above: orphans must come to us
 
 
 def flush_std_streams() -> None:

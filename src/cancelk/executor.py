@@ -26,6 +26,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import select
 import selectors
 import signal
 import socket
@@ -131,6 +132,28 @@ class _Slot:
         self.marker = 0  # the shared STATE word before the current job began
         self.tasks = 0
         self.retiring = False
+
+
+def _kill_orphaned_runner(slot: _Slot) -> None:
+    """The supervisor died: kill the runner's tree from here too.
+
+    The runner kills its own tree when its parent dies (Linux), but this is
+    where that is not possible and where the runner cannot run its handler.
+    While it lives it is a subreaper and its tree holds all its job started,
+    even what left its group; once it is gone (its pidfd says so) a scan from
+    its pid would find nothing of it, and the pid may be another's.
+    """
+    if slot.pidfd < 0 or not _exited(slot.pidfd):
+        try:
+            _core.kill_descendants(slot.pid)
+        except OSError as why:
+            log.debug("scanning the tree of runner %d failed: %s", slot.pid, why)
+    _core.kill_group(slot.pid, signal.SIGKILL)
+
+
+def _exited(pidfd: int) -> bool:
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return bool(readable)
 
 
 def _complete_all(completions: list[_Completion]) -> None:
@@ -676,13 +699,11 @@ class _Pool:
         self, slot: _Slot, supervisor_pid: int, status: int, out: list[_Completion]
     ) -> None:
         assert self.words is not None
+        if slot.pid and self.shutting_down is False:
+            _kill_orphaned_runner(slot)
         if slot.sock is not None:
             self._read_channel(slot, out)
             self._close_channel(slot)
-        if slot.pid and self.shutting_down is False:
-            # The runner died with the supervisor (parent-death signal); what
-            # its job started may still run in its process group.
-            _core.kill_group(slot.pid, signal.SIGKILL)
         job, slot.job = slot.job, None
         if job is not None:
             self.counts["died"] += 1

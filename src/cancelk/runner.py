@@ -32,6 +32,7 @@ INIT_FAILED_SEQ = 0
 
 
 def run(
+    supervisor: int,
     runner_id: int,
     channel_fd: int,
     words: SlotWords,
@@ -42,7 +43,7 @@ def run(
     """The runner's whole life; never returns."""
     code = 0
     try:
-        _forked.become_job_process()
+        _forked.become_job_process(supervisor)
         if initializer is not None and not _initialize(channel_fd, initializer, initargs):
             code = 3
             return

@@ -131,9 +131,10 @@ class Supervisor:
         user_end, runner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runner_id = self.next_runner_id
         self.next_runner_id += 1
+        me = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the runner
-            os._exit(self._become_runner(runner_id, user_end, runner_end))
+            os._exit(self._become_runner(me, runner_id, user_end, runner_end))
         runner_end.close()
         _join_own_group(pid)
         return _Runner(runner_id, pid, user_end)
@@ -184,7 +185,11 @@ class Supervisor:
         self.keep_spare = False
 
     def _become_runner(
-        self, runner_id: int, user_end: socket.socket, runner_end: socket.socket
+        self,
+        supervisor: int,
+        runner_id: int,
+        user_end: socket.socket,
+        runner_end: socket.socket,
     ) -> int:  # pragma: no cover - runs in the runner
         try:
             user_end.close()
@@ -197,6 +202,7 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 os.close(self.wake_fd)
             runner.run(
+                supervisor,
                 runner_id,
                 runner_end.detach(),
                 self.words,

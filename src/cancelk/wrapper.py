@@ -107,9 +107,10 @@ class _ForkedJob:
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
         read_fd, write_fd = os.pipe()
+        host = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
-            _job_child(read_fd, write_fd, fn, args, kwargs)
+            _job_child(host, read_fd, write_fd, fn, args, kwargs)
         os.close(write_fd)
         _join_own_group(pid)
         os.set_blocking(read_fd, False)
@@ -121,6 +122,7 @@ class _ForkedJob:
 
 
 def _job_child(
+    host: int,
     read_fd: int,
     write_fd: int,
     fn: Callable[..., Any],
@@ -130,7 +132,7 @@ def _job_child(
     code = 0
     try:
         os.close(read_fd)
-        _forked.become_job_process()
+        _forked.become_job_process(host)
         payload = _wire.run_and_encode(fn, args, kwargs)
         _forked.flush_std_streams()
         _wire.write_frame(write_fd, payload)
@@ -155,7 +157,9 @@ def _reap_and_close(pid: int, fd: int, *, whole_tree: bool) -> int:
         if whole_tree:
             # While the job lives (a subreaper) every process it started is in
             # its tree, even one that left its group; killed first, they
-            # cannot be orphaned to init by the job's death.
+            # cannot be orphaned to init by the job's death.  Stopped, the job
+            # cannot start another one (which could setsid) behind the scan.
+            _core.kill_pid(pid, signal.SIGSTOP)
             _core.kill_descendants(pid)
         _core.kill_group(pid, signal.SIGKILL)
         status = _core.reap(pid)
@@ -180,7 +184,14 @@ class _CleanJob:
         result_read, result_write = os.pipe()
         try:
             self._popen = subprocess.Popen(
-                [spawn.get_executable(), "-c", _CLEAN_MAIN, str(job_read), str(result_write)],
+                [
+                    spawn.get_executable(),
+                    "-c",
+                    _CLEAN_MAIN,
+                    str(job_read),
+                    str(result_write),
+                    str(os.getpid()),
+                ],
                 pass_fds=(job_read, result_write),
                 start_new_session=True,
             )
@@ -204,8 +215,9 @@ class _CleanJob:
 
 
 def _clean_job_main() -> None:  # pragma: no cover - runs in the clean interpreter
-    job_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
-    _core.set_parent_death_signal(signal.SIGKILL)
+    job_fd, result_fd, host = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    _core.set_child_subreaper()
+    _core.die_with_parent(host)
     frame = _wire.read_frame(job_fd)
     os.close(job_fd)
     if frame is None:
