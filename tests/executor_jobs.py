@@ -35,6 +35,7 @@ from helpers import (  # noqa: F401 - re-exported for the executor tests
     spin_job,
 )
 
+IMPORTED_AT = time.monotonic()  # when this process imported the jobs
 LONG = 60.0  # how long "endless" jobs would run if nobody stopped them
 RESULT_WAIT = 30.0  # how long a test waits for a future before calling it a hang
 
@@ -85,6 +86,11 @@ def echo(*args, **kwargs):
 
 def getpid():
     return os.getpid()
+
+
+def import_age():
+    """Seconds since this process imported this module."""
+    return time.monotonic() - IMPORTED_AT
 
 
 def sleep_return(seconds, value=None):

@@ -691,3 +691,18 @@ def test_kills_are_logged_at_info_and_plain_jobs_are_quiet(make_pool, caplog):
     texts = [r.getMessage() for r in infos]
     assert any(str(pid) in t and "cancel" in t for t in texts), texts
     assert any("timeout" in t or "time limit" in t for t in texts), texts
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_spare_runner_imports_the_jobs_module_before_its_first_job(make_pool, method):
+    """A spawned supervisor never imports the jobs' modules; its spare runner
+    does, ahead of time, so the job after a kill does not wait for the import."""
+    exe = make_pool(1, mp_context=method)
+    for _ in range(2):  # the first kill makes a spare; the second puts it to work
+        running = exe.submit(jobs.sleep_return, 20)
+        jobs.wait_running(running)
+        time.sleep(0.3)  # the spare starts and preloads meanwhile
+        assert running.cancel()
+    time.sleep(0.3)
+    assert exe.submit(jobs.import_age).result(timeout=WAIT) > 0.2

@@ -43,7 +43,7 @@ from cancelk import _core, _slots, _wire
 from cancelk.errors import ProcessDiedError, ProcessTimeoutError
 from cancelk.futures import Future
 from cancelk.options import JobOptions, check_seconds, split_markers
-from cancelk.supervisor import SupervisorConfig, SupervisorProcess
+from cancelk.supervisor import PRELOAD_LIMIT, SupervisorConfig, SupervisorProcess
 
 __all__ = ["ProcessPoolExecutor"]
 
@@ -132,6 +132,14 @@ class _Slot:
         self.marker = 0  # the shared STATE word before the current job began
         self.tasks = 0
         self.retiring = False
+
+
+def _module_of(fn: Callable[..., Any]) -> str | None:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    name = getattr(target, "__module__", None)
+    if not isinstance(name, str) or name in ("__main__", "builtins"):
+        return None  # __main__ is prepared by the supervisor itself
+    return None if name.split(".")[0] == "cancelk" else name
 
 
 def _kill_orphaned_runner(slot: _Slot) -> None:
@@ -315,6 +323,7 @@ class _Pool:
                 future.set_exception(pickling_error)
                 return future
             self._ensure_started()
+            self._note_module(fn)
             job = _Job(future, next(self.seqs), payload, options)
             future._cancelk_job = job  # type: ignore[attr-defined]
             if self.idle:
@@ -322,6 +331,15 @@ class _Pool:
             else:
                 self.pending.append(job)
         return future
+
+    def _note_module(self, fn: Callable[..., Any]) -> None:
+        """Tell the supervisor a job's module once, for its spares to import."""
+        name = _module_of(fn)
+        preload = self.config.preload
+        if name is None or name in preload or len(preload) >= PRELOAD_LIMIT:
+            return
+        preload.append(name)  # a later supervisor gets it with the config
+        self._send_control(("preload", name))
 
     def _check_not_forked(self) -> None:
         # A forked child holds a copy of the pool: its jobs, words and

@@ -16,6 +16,7 @@ decided it neither starts nor reports the job the kill names.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
@@ -39,6 +40,7 @@ def run(
     initializer: Callable[..., Any] | None,
     initargs: Sequence[Any],
     max_tasks: int | None,
+    preload: Sequence[str] = (),
 ) -> None:  # pragma: no cover - runs in the runner process
     """The runner's whole life; never returns."""
     code = 0
@@ -47,12 +49,22 @@ def run(
         if initializer is not None and not _initialize(channel_fd, initializer, initargs):
             code = 3
             return
+        _preload(preload)
         _serve(runner_id, channel_fd, words, max_tasks)
     except BaseException:
         code = 70
     finally:
         _forked.flush_std_streams()
         os._exit(code)
+
+
+def _preload(names: Sequence[str]) -> None:  # pragma: no cover - runs in the runner
+    """Import the modules jobs came from, so a spare's first job need not."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # the job's own unpickling reports any real problem
+            continue
 
 
 def _initialize(

@@ -44,6 +44,13 @@ class SupervisorConfig:
     initargs: Sequence[Any] = ()
     max_tasks_per_child: int | None = None
     first_runner_id: int = 1  # ids stay unique across supervisors of one pool
+    # Modules of the submitted functions, imported by spares ahead of their
+    # first job (a spawned supervisor has not imported them; a job's module
+    # may take tens of milliseconds to import).
+    preload: list[str] = field(default_factory=list)
+
+
+PRELOAD_LIMIT = 64
 
 
 @dataclass
@@ -127,14 +134,14 @@ class Supervisor:
         return True
 
     # -- runners ----------------------------------------------------------
-    def _start_runner(self) -> _Runner:
+    def _start_runner(self, preload: Sequence[str] = ()) -> _Runner:
         user_end, runner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runner_id = self.next_runner_id
         self.next_runner_id += 1
         me = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the runner
-            os._exit(self._become_runner(me, runner_id, user_end, runner_end))
+            os._exit(self._become_runner(me, runner_id, user_end, runner_end, preload))
         runner_end.close()
         _join_own_group(pid)
         return _Runner(runner_id, pid, user_end)
@@ -169,7 +176,9 @@ class Supervisor:
             self._start_spare()
 
     def _start_spare(self) -> None:
-        self.spare = self._start_runner()
+        # Only spares preload: a spare that dies of it is given up, while a
+        # slot's runner dying of it would be replaced again and again.
+        self.spare = self._start_runner(tuple(self.config.preload))
         self.loop.add_child(self.spare.pid, _SPARE)
 
     def _spare_died(self) -> None:
@@ -190,6 +199,7 @@ class Supervisor:
         runner_id: int,
         user_end: socket.socket,
         runner_end: socket.socket,
+        preload: Sequence[str],
     ) -> int:  # pragma: no cover - runs in the runner
         try:
             user_end.close()
@@ -209,6 +219,7 @@ class Supervisor:
                 self.config.initializer,
                 self.config.initargs,
                 self.config.max_tasks_per_child,
+                preload,
             )
         except BaseException:
             return 70
@@ -296,6 +307,10 @@ class Supervisor:
             if self._is_current(slot, runner_id):
                 at = _core.monotonic_ns() + grace_ns
                 self._add_deadline(slot, _Deadline(at, seq, KILL_CANCEL, grace_ns))
+        elif kind == "preload":
+            name = message[1]
+            if name not in self.config.preload and len(self.config.preload) < PRELOAD_LIMIT:
+                self.config.preload.append(name)
         elif kind == "kill":
             _, slot, runner_id = message
             self._kill(slot, runner_id, "cancel")
