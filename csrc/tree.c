@@ -16,7 +16,6 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -39,16 +38,31 @@ struct proc_table {
 	int count, cap;
 };
 
-/* Parse "pid (comm) S ppid ..."; comm may hold spaces and parentheses, so
- * the fields after it start at the last ')'. */
-static int read_stat(int dir_fd, const char *name, struct proc_entry *entry)
+static int parse_pid(const char *s)
 {
-	char path[64], buf[512], *close_paren;
-	ssize_t n;
+	int n = 0;
+
+	if (*s < '0' || *s > '9')
+		return -1;
+	while (*s >= '0' && *s <= '9')
+		n = n * 10 + (*s++ - '0');
+	return *s ? -1 : n;
+}
+
+/* Read /proc/<name>/stat, "pid (comm) S ppid ...": comm may hold spaces and
+ * parentheses, so the fields after it start at the last ')'.  No malloc or
+ * stdio: the parent-death handler below uses it too. */
+static int read_stat(int proc_fd, const char *name, struct proc_entry *entry)
+{
+	char path[64], buf[512], *close_paren = NULL, *p;
+	size_t len = 0;
+	ssize_t n, i;
 	int fd;
 
-	snprintf(path, sizeof(path), "%s/stat", name);
-	fd = openat(dir_fd, path, O_RDONLY | O_CLOEXEC);
+	while (name[len] && len < sizeof(path) - sizeof("/stat"))
+		path[len] = name[len], len++;
+	memcpy(path + len, "/stat", sizeof("/stat"));
+	fd = openat(proc_fd, path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -1;
 	n = read(fd, buf, sizeof(buf) - 1);
@@ -56,13 +70,17 @@ static int read_stat(int dir_fd, const char *name, struct proc_entry *entry)
 	if (n <= 0)
 		return -1;
 	buf[n] = '\0';
-	close_paren = strrchr(buf, ')');
-	if (!close_paren || close_paren[1] != ' ' || !close_paren[2])
+	for (i = 0; i < n; i++)
+		if (buf[i] == ')')
+			close_paren = buf + i;
+	if (!close_paren || close_paren[1] != ' ' || !close_paren[2] || close_paren[3] != ' ')
 		return -1;
-	entry->pid = atoi(buf);
+	entry->pid = parse_pid(name);
 	entry->state = close_paren[2];
-	entry->ppid = atoi(close_paren + 4);
-	return 0;
+	entry->ppid = 0;
+	for (p = close_paren + 4; *p >= '0' && *p <= '9'; p++)
+		entry->ppid = entry->ppid * 10 + (*p - '0');
+	return entry->pid > 0 ? 0 : -1;
 }
 
 static int scan_proc(struct proc_table *table)
@@ -192,7 +210,7 @@ int cancelk_kill_descendants(int root, int max_rounds)
  * has none, then kills itself.
  *
  * The handler never returns and uses only async-signal-safe calls: open,
- * read, close, getdents64, kill, waitpid, nanosleep.
+ * openat, read, close, getdents64, kill, waitpid, nanosleep.
  */
 struct raw_dirent64 {
 	uint64_t d_ino;
@@ -201,47 +219,6 @@ struct raw_dirent64 {
 	unsigned char d_type;
 	char d_name[];
 };
-
-static int parse_pid(const char *s)
-{
-	int n = 0;
-
-	if (*s < '0' || *s > '9')
-		return -1;
-	while (*s >= '0' && *s <= '9')
-		n = n * 10 + (*s++ - '0');
-	return *s ? -1 : n;
-}
-
-/* The parent of /proc/<name>, read without malloc or stdio; -1 if gone. */
-static int raw_ppid(const char *name)
-{
-	char path[64] = "/proc/", buf[512];
-	size_t len = 6, i;
-	ssize_t n;
-	int fd, ppid = 0;
-	char *p = NULL;
-
-	for (i = 0; name[i] && len < sizeof(path) - 6; i++)
-		path[len++] = name[i];
-	memcpy(path + len, "/stat", 6);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return -1;
-	buf[n] = '\0';
-	for (i = 0; i < (size_t)n; i++)
-		if (buf[i] == ')')
-			p = buf + i;
-	if (!p || p + 4 >= buf + n)
-		return -1;
-	for (p += 4; *p >= '0' && *p <= '9'; p++)
-		ppid = ppid * 10 + (*p - '0');
-	return ppid;
-}
 
 /* SIGKILL every child of me, zombies included; how many, or -1. */
 static int kill_children_raw(int me)
@@ -256,11 +233,12 @@ static int kill_children_raw(int me)
 	while ((n = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
 		for (off = 0; off < n;) {
 			struct raw_dirent64 *d = (struct raw_dirent64 *)(buf + off);
-			int pid = parse_pid(d->d_name);
+			struct proc_entry entry;
 
 			off += d->d_reclen;
-			if (pid > 1 && pid != me && raw_ppid(d->d_name) == me) {
-				kill(pid, SIGKILL);
+			if (read_stat(dir, d->d_name, &entry) == 0 && entry.ppid == me &&
+			    entry.pid > 1 && entry.pid != me) {
+				kill(entry.pid, SIGKILL);
 				found++;
 			}
 		}
