@@ -439,7 +439,8 @@ def test_time_limit_stops_job(make_pool, backend, kind, path):
     with pytest.raises(ProcessTimeoutError, match="time limit") as info:
         future.result(timeout=WAIT)
     elapsed = time.monotonic() - start
-    assert isinstance(info.value, TimeoutError)
+    if sys.version_info >= (3, 11):  # where concurrent.futures.TimeoutError is the builtin
+        assert isinstance(info.value, TimeoutError)
     assert isinstance(info.value, concurrent.futures.TimeoutError)
     assert limit * 0.9 <= elapsed < limit + SLACK, elapsed
     assert_gone(jobs.read_record(path, wait=0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -163,8 +164,10 @@ def decode_outcome(payload: bytes) -> Outcome:
     try:
         kind, *rest = pickle.loads(payload)
     except Exception as why:
+        classes = ", ".join(_classes_named(payload)) or "no class"
         error = ResultPicklingError(
-            f"the job's result or exception could not be unpickled: {type(why).__name__}: {why}"
+            f"the job's result or exception could not be unpickled: {type(why).__name__}: "
+            f"{why} (it holds {classes})"
         )
         error.__cause__ = why
         return Outcome(exception=error)
@@ -173,3 +176,21 @@ def decode_outcome(payload: bytes) -> Outcome:
     exc, tb = rest
     exc.__cause__ = RemoteTraceback(tb)
     return Outcome(exception=exc)
+
+
+def _classes_named(payload: bytes) -> list[str]:
+    """The classes and functions a pickle refers to, so that an error can
+    name the one that failed to load (Python's own message may not)."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(payload):
+            if isinstance(arg, str) and "UNICODE" in opcode.name:
+                strings.append(arg)
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif opcode.name == "GLOBAL" and isinstance(arg, str):
+                names.append(arg.replace(" ", "."))
+    except Exception:
+        pass  # a damaged pickle: name what was found before the damage
+    return [name for name in dict.fromkeys(names) if not name.startswith("builtins.")]

@@ -160,6 +160,7 @@ def _reap_and_close(pid: int, fd: int, *, whole_tree: bool) -> int:
             # cannot be orphaned to init by the job's death.  Stopped, the job
             # cannot start another one (which could setsid) behind the scan.
             _core.kill_pid(pid, signal.SIGSTOP)
+            _wait_stopped(pid)
             _core.kill_descendants(pid)
         _core.kill_group(pid, signal.SIGKILL)
         status = _core.reap(pid)
@@ -167,6 +168,15 @@ def _reap_and_close(pid: int, fd: int, *, whole_tree: bool) -> int:
         return status
     finally:
         os.close(fd)
+
+
+def _wait_stopped(pid: int) -> None:
+    # kill() returns before the signal takes effect: until the job has
+    # stopped it may still fork.  WNOWAIT: it stays ours to reap.
+    try:
+        os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        pass
 
 
 _CLEAN_MAIN = "from cancelk.wrapper import _clean_job_main; _clean_job_main()"
