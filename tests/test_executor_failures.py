@@ -345,6 +345,12 @@ def test_supervisor_killed_while_idle(make_pool):
     old = jobs.snapshot([supervisor.pid])
     supervisor.kill()  # the pool reaps it: do not wait() for it here
     assert not jobs.wait_gone(old, timeout=5)
+    # A job dispatched in the moment between the death and the pool seeing it
+    # goes to a dead runner and fails with ProcessDiedError, as a running job
+    # would; what is submitted once the pool replaced the supervisor runs.
+    deadline = time.monotonic() + WAIT
+    while exe.stats()["supervisors_started"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert_pool_works(exe)
     assert exe.stats()["supervisors_started"] == 2
 

@@ -92,11 +92,6 @@ class SlotWords:
             if words.cas(index, current, seq | flag):
                 return True
 
-    def claim_unbegun(self, slot: int, seq: int, before: int) -> bool:
-        """User: job ``seq`` will never begin on this runner (it had not yet)."""
-        index = slot * _WORDS_PER_SLOT + _STATE
-        return self._w().cas(index, before, seq | KILL_CANCEL)
-
     def give(self, slot: int, runner_id: int) -> None:
         """Supervisor: runner ``runner_id`` (unique, never reused) takes the slot."""
         words, base = self._w(), slot * _WORDS_PER_SLOT

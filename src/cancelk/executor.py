@@ -369,8 +369,7 @@ class _Pool:
             self._write(slot, head + job.payload)
         else:
             self._write(slot, head, job.payload)
-        if len(job.payload) > _wire.SMALL:
-            job.payload = b""  # small ones are kept to resend if the runner never begins
+        job.payload = b""
         if job.options.timeout is not None:
             self._send_control(
                 ("deadline", slot.index, slot.runner_id, job.seq, int(job.options.timeout * 1e9))
@@ -620,7 +619,6 @@ class _Pool:
         if job is None or job.seq != seq:
             return
         slot.job = None
-        job.payload = b""
         slot.marker = seq | _slots.DONE
         slot.tasks += 1
         self.init_failures = 0
@@ -673,7 +671,6 @@ class _Pool:
         if job.settled:
             return
         job.settled = True
-        job.payload = b""
         reason = _exit_reason(job, status, word, slot.pid)
         self.counts[reason[0]] += 1
         out.append(lambda: reason[1](job.future))
@@ -726,35 +723,13 @@ class _Pool:
             self._read_channel(slot, out)
             self._close_channel(slot)
         job, slot.job = slot.job, None
-        if job is not None and self._take_back_unbegun(slot, job):
-            job = None
         if job is not None:
-            job.payload = b""
             self.counts["died"] += 1
             detail = f"the cancelk supervisor (pid {supervisor_pid}) died, status {status}"
             error = ProcessDiedError(slot.pid, signal=signal.SIGKILL, detail=detail)
             out.append(lambda: _fail(job.future, error))
         slot.pid = slot.runner_id = 0
         slot.marker = 0
-
-    def _take_back_unbegun(self, slot: _Slot, job: _Job) -> bool:
-        """Queue again a job sent to a runner that died before beginning it.
-
-        It happens to jobs submitted just as the supervisor died, before the
-        pool saw it.  The word's CAS from its value before the job makes sure
-        the runner can never begin it now.
-        """
-        assert self.words is not None
-        if not job.payload or self.shutting_down:
-            return False  # a large payload is not kept to be sent again
-        if not self.words.claim_unbegun(slot.index, job.seq, job.before):
-            return False
-        if not job.future.back_to_pending():
-            return False  # cancelled meanwhile: it stays so
-        job.slot, job.before, job.cancel_sent = None, 0, False
-        job.future._job_pid = None
-        self.pending.appendleft(job)
-        return True
 
     def _finish_if_done(self, out: list[_Completion]) -> bool:
         if not self.shutting_down or self.pending:

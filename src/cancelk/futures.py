@@ -64,14 +64,6 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             self._state = RUNNING
             return True
 
-    def back_to_pending(self) -> bool:
-        """The pool queues a job again that never began: RUNNING -> PENDING."""
-        with self._condition:
-            if self._state != RUNNING:
-                return False
-            self._state = PENDING
-            return True
-
     def result(self, timeout: float | None = None) -> Any:
         try:
             return super().result(timeout)
