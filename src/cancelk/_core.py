@@ -81,29 +81,27 @@ def pidfd_open(pid: int) -> int:
 
 def pidfd_kill(pidfd: int, sig: int) -> bool:
     """Signal the process a pidfd names; False if it has exited already."""
-    if lib.cancelk_pidfd_send_signal(pidfd, sig) == 0:
-        return True
-    if ffi.errno == _errno.ESRCH:
-        return False
-    raise _fail(f"pidfd_send_signal({pidfd}, {sig})")
+    return _signalled(
+        lib.cancelk_pidfd_send_signal(pidfd, sig), f"pidfd_send_signal({pidfd}, {sig})"
+    )
 
 
 def kill_group(pgid: int, sig: int) -> bool:
     """Signal a whole process group; False if the group no longer exists."""
-    if lib.cancelk_kill_group(pgid, sig) == 0:
-        return True
-    if ffi.errno == _errno.ESRCH:
-        return False
-    raise _fail(f"kill(-{pgid}, {sig})")
+    return _signalled(lib.cancelk_kill_group(pgid, sig), f"kill(-{pgid}, {sig})")
 
 
 def kill_pid(pid: int, sig: int) -> bool:
     """Signal one process; False if it no longer exists."""
-    if lib.cancelk_kill_pid(pid, sig) == 0:
+    return _signalled(lib.cancelk_kill_pid(pid, sig), f"kill({pid}, {sig})")
+
+
+def _signalled(rc: int, attempted: str) -> bool:
+    if rc == 0:
         return True
     if ffi.errno == _errno.ESRCH:
-        return False
-    raise _fail(f"kill({pid}, {sig})")
+        return False  # nobody left to signal: not an error for a kill
+    raise _fail(attempted)
 
 
 def become_group_leader() -> None:
