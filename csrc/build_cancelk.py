@@ -15,6 +15,10 @@ ffibuilder.cdef(
     #define CANCELK_BACKEND_PIDFD 1
     #define CANCELK_BACKEND_POSIX 2
     #define CANCELK_TOKEN_DEADLINE -1
+    #define CANCELK_STEP_QUERY_SIGNALS 1
+    #define CANCELK_STEP_OWN_GROUP 2
+    #define CANCELK_STEP_SUBREAPER 3
+    #define CANCELK_STEP_DIE_WITH_PARENT 4
 
     int cancelk_pidfd_supported(void);
 
@@ -27,6 +31,7 @@ ffibuilder.cdef(
     int cancelk_signal_dispositions(uint64_t *handled, uint64_t *ignored);
     int cancelk_set_parent_death_signal(int sig);
     int cancelk_set_child_subreaper(void);
+    int cancelk_become_job_process(int parent, uint64_t *dispositions);
     int cancelk_reap(int pid, int nohang, int *status);
     int cancelk_has_exited(int pid);
     int64_t cancelk_word_load(int64_t *word);

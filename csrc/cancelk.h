@@ -13,6 +13,12 @@
 #define CANCELK_BACKEND_PIDFD 1
 #define CANCELK_BACKEND_POSIX 2
 
+/* Steps of cancelk_become_job_process, returned when one fails. */
+#define CANCELK_STEP_QUERY_SIGNALS 1
+#define CANCELK_STEP_OWN_GROUP 2
+#define CANCELK_STEP_SUBREAPER 3
+#define CANCELK_STEP_DIE_WITH_PARENT 4
+
 /* Token reported by cancelk_loop_wait when the deadline has passed. */
 #define CANCELK_TOKEN_DEADLINE (-1)
 
@@ -29,6 +35,7 @@ int cancelk_become_group_leader(void);
 int cancelk_signal_dispositions(uint64_t *handled, uint64_t *ignored);
 int cancelk_set_parent_death_signal(int sig);
 int cancelk_set_child_subreaper(void);
+int cancelk_become_job_process(int parent, uint64_t *dispositions);
 int cancelk_reap(int pid, int nohang, int *status);
 int cancelk_has_exited(int pid);
 int64_t cancelk_word_load(int64_t *word);

@@ -107,6 +107,28 @@ int cancelk_signal_dispositions(uint64_t *handled, uint64_t *ignored)
 	return 0;
 }
 
+/* Everything a freshly forked job process (runner or wrapped job) does
+ * before its parent's Python code may run in it, in one call: each Python
+ * call in a fork of a large process costs copy-on-write faults, and those
+ * dominate killable_wrapper's overhead.  In order: the inherited signal
+ * dispositions are read (dispositions[0] handled, [1] ignored, as in
+ * cancelk_signal_dispositions) before our own handler is installed; the
+ * process leads its own group; it becomes a child subreaper and dies with
+ * its parent (Linux; skipped elsewhere).  Returns 0, or the failed step
+ * (CANCELK_STEP_*) with errno set. */
+int cancelk_become_job_process(int parent, uint64_t *dispositions)
+{
+	if (cancelk_signal_dispositions(&dispositions[0], &dispositions[1]) != 0)
+		return CANCELK_STEP_QUERY_SIGNALS;
+	if (setpgid(0, 0) != 0)
+		return CANCELK_STEP_OWN_GROUP;
+	if (cancelk_set_child_subreaper() != 0 && errno != ENOSYS)
+		return CANCELK_STEP_SUBREAPER;
+	if (cancelk_die_with_parent(parent) != 0 && errno != ENOSYS)
+		return CANCELK_STEP_DIE_WITH_PARENT;
+	return 0;
+}
+
 int cancelk_set_parent_death_signal(int sig)
 {
 #ifdef __linux__

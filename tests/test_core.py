@@ -416,6 +416,52 @@ class TestProcessOperations:
         )
         assert out == "True"
 
+    def test_become_job_process_sets_up_a_forked_child(self):
+        """One C call: group leader, subreaper and parent-death signal (Linux);
+        the Python side forgets the parent's handlers and wakeup fd."""
+        out = run_python(
+            """
+            import ctypes, os, signal, sys
+            from cancelk import _core, _forked
+            signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            signal.set_wakeup_fd(w)
+            parent = os.getpid()
+            report_r, report_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                handled, ignored = _core.become_job_process(parent)
+                _forked.become_job_process(parent)  # twice: it is idempotent
+                facts = [
+                    handled >> (signal.SIGUSR1 - 1) & 1,
+                    ignored >> (signal.SIGUSR2 - 1) & 1,
+                    ignored >> (signal.SIGINT - 1) & 1,
+                    os.getpgid(0) == os.getpid(),
+                    signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL,
+                    signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN,
+                    signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+                    signal.set_wakeup_fd(-1) == -1,
+                ]
+                if sys.platform.startswith("linux"):
+                    libc = ctypes.CDLL(None, use_errno=True)
+                    value = ctypes.c_int()
+                    libc.prctl(2, ctypes.byref(value))  # PR_GET_PDEATHSIG
+                    facts.append(value.value == signal.SIGRTMAX - 2)
+                    libc.prctl(37, ctypes.byref(value))  # PR_GET_CHILD_SUBREAPER
+                    facts.append(value.value == 1)
+                os.write(report_w, repr([int(fact) for fact in facts]).encode())
+                os._exit(0)
+            os.close(report_w)
+            print(os.read(report_r, 1000).decode())
+            os.waitpid(pid, 0)
+            """
+        )
+        facts = eval(out)
+        assert len(facts) >= 8 and all(facts), facts
+
 
 # --------------------------------------------------------------------------
 # shared words

@@ -7,9 +7,12 @@ parent --os.fork()--> child: forget_parent_signals()  (I9)
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
+from collections.abc import Callable
 from multiprocessing import spawn
+from typing import Any
 
 from cancelk import _core
 
@@ -19,18 +22,55 @@ def forget_parent_signals() -> None:
 
     A forked child shares the parent's asyncio self-pipe; if its wakeup fd
     stayed set, a signal in the child would wake the parent's event loop and
-    run the parent's handlers there (I9).  Only signals that have a handler
-    at the OS level can have a Python one: asking the kernel first spares the
-    child a Python query per signal (with its copy-on-write faults).
+    run the parent's handlers there (I9).
     """
+    _forget_wakeup_fd()
+    handled, ignored = _core.signal_dispositions()
+    _forget_handlers(handled, sigint_ignored=signal.SIGINT in ignored)
+
+
+def become_job_process(parent: int) -> None:
+    """Run in a job process freshly forked by ``parent``: the parent's
+    signal handlers forgotten, own group, and when the parent dies, the job
+    dies with everything it started.
+
+    It also becomes a child subreaper (Linux), so whatever the job starts
+    stays in its tree even if it daemonizes, and a kill can find it.  The
+    process work is one C call: every Python call here costs a fork of a
+    large process copy-on-write faults (killable_wrapper's overhead, P6).
+    """
+    _forget_wakeup_fd()
+    handled, ignored = _core.become_job_process(parent)
+    others = handled & ~_SIGINT_BIT  # usually none: Python's SIGINT handler only
+    _forget_handlers(
+        _core.signals_in(others) if others else [], sigint_ignored=bool(ignored & _SIGINT_BIT)
+    )
+
+
+_SIGINT_BIT = 1 << (signal.SIGINT - 1)
+# signal.getsignal() maps values to enums through an exception per handler:
+# in a forked child, each of its steps faults in pages.
+_raw_getsignal: Callable[[int], Any] = getattr(
+    importlib.import_module("_signal"), "getsignal", signal.getsignal
+)
+
+
+def _forget_wakeup_fd() -> None:
     try:
         signal.set_wakeup_fd(-1)
     except (ValueError, OSError):
         pass
-    handled, ignored = _core.signal_dispositions()
+
+
+def _forget_handlers(handled: list[int], *, sigint_ignored: bool) -> None:
+    """Reset the Python handlers among ``handled`` (signals with an OS-level
+    handler: only those can have a Python one); SIGINT gets Python's
+    default, KeyboardInterrupt, as in any fresh interpreter."""
     for signum in handled:
+        if signum == signal.SIGINT:
+            continue
         try:
-            handler = signal.getsignal(signum)
+            handler = _raw_getsignal(signum)
         except (ValueError, OSError):
             continue
         if callable(handler) and handler is not signal.default_int_handler:
@@ -40,23 +80,8 @@ def forget_parent_signals() -> None:
                 continue
     # Ignored dispositions survive exec(); a job's subprocesses must not
     # inherit a supervisor's "ignore SIGINT".
-    if signal.SIGINT in ignored or signal.getsignal(signal.SIGINT) is not (
-        signal.default_int_handler
-    ):
+    if sigint_ignored or _raw_getsignal(signal.SIGINT) is not signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def become_job_process(parent: int) -> None:
-    """Run in a job process freshly forked by ``parent``: own group, and
-    when the parent dies, the job dies with everything it started.
-
-    It also becomes a child subreaper (Linux), so whatever the job starts
-    stays in its tree even if it daemonizes, and a kill can find it.
-    """
-    forget_parent_signals()
-    _core.become_group_leader()
-    _core.set_child_subreaper()
-    _core.die_with_parent(parent)  # after the line above: orphans must come to us
 
 
 def flush_std_streams() -> None:
