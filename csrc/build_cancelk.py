@@ -29,7 +29,6 @@ ffibuilder.cdef(
     int cancelk_kill_pid(int pid, int sig);
     int cancelk_become_group_leader(void);
     int cancelk_signal_dispositions(uint64_t *handled, uint64_t *ignored);
-    int cancelk_set_parent_death_signal(int sig);
     int cancelk_set_child_subreaper(void);
     int cancelk_become_job_process(int parent, uint64_t *dispositions);
     int cancelk_reap(int pid, int nohang, int *status);

@@ -129,23 +129,6 @@ int cancelk_become_job_process(int parent, uint64_t *dispositions)
 	return 0;
 }
 
-int cancelk_set_parent_death_signal(int sig)
-{
-#ifdef __linux__
-	if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0) != 0)
-		return -1;
-	/* The parent may have died before the prctl: then nobody will
-	 * signal us, so do it ourselves.  Reparenting changes getppid(). */
-	if (sig != 0 && getppid() == 1)
-		return raise(sig);
-	return 0;
-#else
-	(void)sig;
-	errno = ENOSYS;
-	return -1;
-#endif
-}
-
 int cancelk_set_child_subreaper(void)
 {
 #ifdef __linux__

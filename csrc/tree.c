@@ -10,8 +10,6 @@
  * Elsewhere these report ENOSYS and callers fall back to process groups.
  */
 #define _GNU_SOURCE
-#include <ctype.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -83,36 +81,73 @@ static int read_stat(int proc_fd, const char *name, struct proc_entry *entry)
 	return entry->pid > 0 ? 0 : -1;
 }
 
+/* getdents64(2) record: readdir() may allocate, which the parent-death
+ * handler below must not. */
+struct raw_dirent64 {
+	uint64_t d_ino;
+	int64_t d_off;
+	unsigned short d_reclen;
+	unsigned char d_type;
+	char d_name[];
+};
+
+/* Call visit() with every process in /proc, until it returns non-zero.
+ * Async-signal-safe (open, getdents64, read, close; no malloc or stdio), so
+ * the tree scans and the parent-death handler share it.  Returns visit()'s
+ * non-zero result, 0 when all were visited, or -1 with errno set. */
+static int walk_proc(int (*visit)(const struct proc_entry *, void *), void *ctx)
+{
+	char buf[4096];
+	long n, off;
+	int dir, rc = 0, saved;
+
+	dir = open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		return -1;
+	while (rc == 0 && (n = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
+		for (off = 0; off < n && rc == 0;) {
+			struct raw_dirent64 *d = (struct raw_dirent64 *)(buf + off);
+			struct proc_entry entry;
+
+			off += d->d_reclen;
+			if (d->d_name[0] < '0' || d->d_name[0] > '9')
+				continue;
+			/* A process may exit between the listing and the read: skip it. */
+			if (read_stat(dir, d->d_name, &entry) == 0)
+				rc = visit(&entry, ctx);
+		}
+	}
+	if (rc == 0 && n < 0)
+		rc = -1;
+	saved = errno;
+	close(dir);
+	errno = saved;
+	return rc;
+}
+
+static int add_to_table(const struct proc_entry *entry, void *ctx)
+{
+	struct proc_table *table = ctx;
+
+	if (table->count == table->cap) {
+		int cap = table->cap ? table->cap * 2 : 512;
+		void *p = realloc(table->entries, (size_t)cap * sizeof(*table->entries));
+
+		if (!p) {
+			errno = ENOMEM;
+			return -1;
+		}
+		table->entries = p;
+		table->cap = cap;
+	}
+	table->entries[table->count++] = *entry;
+	return 0;
+}
+
 static int scan_proc(struct proc_table *table)
 {
-	struct dirent *d;
-	DIR *dir;
-
 	table->count = 0;
-	dir = opendir("/proc");
-	if (!dir)
-		return -1;
-	while ((d = readdir(dir)) != NULL) {
-		if (!isdigit((unsigned char)d->d_name[0]))
-			continue;
-		if (table->count == table->cap) {
-			int cap = table->cap ? table->cap * 2 : 512;
-			void *p = realloc(table->entries, (size_t)cap * sizeof(*table->entries));
-
-			if (!p) {
-				closedir(dir);
-				errno = ENOMEM;
-				return -1;
-			}
-			table->entries = p;
-			table->cap = cap;
-		}
-		/* A process may exit between readdir and open: skip it. */
-		if (read_stat(dirfd(dir), d->d_name, &table->entries[table->count]) == 0)
-			table->count++;
-	}
-	closedir(dir);
-	return 0;
+	return walk_proc(add_to_table, table);
 }
 
 static int contains(const int *pids, int n, int pid)
@@ -212,39 +247,31 @@ int cancelk_kill_descendants(int root, int max_rounds)
  * The handler never returns and uses only async-signal-safe calls: open,
  * openat, read, close, getdents64, kill, waitpid, nanosleep.
  */
-struct raw_dirent64 {
-	uint64_t d_ino;
-	int64_t d_off;
-	unsigned short d_reclen;
-	unsigned char d_type;
-	char d_name[];
+struct my_children {
+	int me;
+	int found;
 };
+
+static int kill_if_my_child(const struct proc_entry *entry, void *ctx)
+{
+	struct my_children *children = ctx;
+
+	if (entry->ppid == children->me && entry->pid > 1 && entry->pid != children->me) {
+		kill(entry->pid, SIGKILL);
+		children->found++;
+	}
+	return 0;
+}
 
 /* SIGKILL every child of me, zombies included; how many, or -1. */
 static int kill_children_raw(int me)
 {
-	char buf[4096];
-	long n, off;
-	int dir, found = 0;
+	struct my_children children = { me, 0 };
 
-	dir = open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dir < 0)
-		return -1;
-	while ((n = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
-		for (off = 0; off < n;) {
-			struct raw_dirent64 *d = (struct raw_dirent64 *)(buf + off);
-			struct proc_entry entry;
+	int rc = walk_proc(kill_if_my_child, &children);
 
-			off += d->d_reclen;
-			if (read_stat(dir, d->d_name, &entry) == 0 && entry.ppid == me &&
-			    entry.pid > 1 && entry.pid != me) {
-				kill(entry.pid, SIGKILL);
-				found++;
-			}
-		}
-	}
-	close(dir);
-	return found;
+	/* A scan cut short still killed what it found: another round follows. */
+	return children.found > 0 ? children.found : rc;
 }
 
 static void kill_tree_then_die(int sig)

@@ -370,11 +370,11 @@ class TestProcessOperations:
             """
             import os, signal, sys, time
             from cancelk import _core
-            assert _core.set_parent_death_signal(0) is True
             r, w = os.pipe()
+            middle = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _core.set_parent_death_signal(signal.SIGKILL)
+                assert _core.die_with_parent(middle) is True
                 os.write(w, b"x")
                 time.sleep(30)
                 os._exit(0)
@@ -535,13 +535,13 @@ def test_signal_dispositions_report_handlers_and_ignored_signals():
     try:
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-        handled, ignored = _core.signal_dispositions()
+        handled, ignored = map(_core.signals_in, _core.signal_dispositions())
         assert signal.SIGUSR1 in handled and signal.SIGUSR1 not in ignored
         assert signal.SIGUSR2 in ignored and signal.SIGUSR2 not in handled
         assert signal.SIGINT in handled  # Python's KeyboardInterrupt handler
         assert signal.SIGKILL not in handled + ignored
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        handled, ignored = _core.signal_dispositions()
+        handled, ignored = map(_core.signals_in, _core.signal_dispositions())
         assert signal.SIGUSR1 not in handled + ignored
     finally:
         for sig, handler in saved.items():

@@ -34,7 +34,6 @@ __all__ = [
     "reap",
     "selected_backend",
     "set_child_subreaper",
-    "set_parent_death_signal",
     "signal_dispositions",
     "signals_in",
 ]
@@ -138,27 +137,20 @@ def become_job_process(parent: int) -> tuple[int, int]:
 _CHILD_DISPOSITIONS = ffi.new("uint64_t[2]")
 
 
-def signal_dispositions() -> tuple[list[int], list[int]]:
-    """(signals with a handler installed, signals ignored), from sigaction(2)."""
-    handled = ffi.new("uint64_t *")
-    ignored = ffi.new("uint64_t *")
-    if lib.cancelk_signal_dispositions(handled, ignored) != 0:
+def signal_dispositions() -> tuple[int, int]:
+    """(signals with a handler installed, signals ignored) from sigaction(2),
+    as masks: bit ``n - 1`` for signal ``n`` (see ``signals_in``)."""
+    masks = ffi.new("uint64_t[2]")
+    if lib.cancelk_signal_dispositions(masks, masks + 1) != 0:
         raise _fail("sigaction(query)")
-    return signals_in(int(handled[0])), signals_in(int(ignored[0]))
+    return int(masks[0]), int(masks[1])
 
 
 def signals_in(mask: int) -> list[int]:
     """The signal numbers in a disposition mask."""
+    if not mask:
+        return []  # the usual case, and in a forked child every step costs
     return [bit + 1 for bit in range(64) if mask >> bit & 1]
-
-
-def set_parent_death_signal(sig: int) -> bool:
-    """Ask for ``sig`` when the parent dies; False where the OS has no such thing."""
-    if lib.cancelk_set_parent_death_signal(sig) == 0:
-        return True
-    if ffi.errno == _errno.ENOSYS:
-        return False
-    raise _fail(f"prctl(PR_SET_PDEATHSIG, {sig})")
 
 
 def die_with_parent(parent: int) -> bool:

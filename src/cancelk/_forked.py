@@ -25,8 +25,7 @@ def forget_parent_signals() -> None:
     run the parent's handlers there (I9).
     """
     _forget_wakeup_fd()
-    handled, ignored = _core.signal_dispositions()
-    _forget_handlers(handled, sigint_ignored=signal.SIGINT in ignored)
+    _forget_handlers(*_core.signal_dispositions())
 
 
 def become_job_process(parent: int) -> None:
@@ -40,11 +39,7 @@ def become_job_process(parent: int) -> None:
     large process copy-on-write faults (killable_wrapper's overhead, P6).
     """
     _forget_wakeup_fd()
-    handled, ignored = _core.become_job_process(parent)
-    others = handled & ~_SIGINT_BIT  # usually none: Python's SIGINT handler only
-    _forget_handlers(
-        _core.signals_in(others) if others else [], sigint_ignored=bool(ignored & _SIGINT_BIT)
-    )
+    _forget_handlers(*_core.become_job_process(parent))
 
 
 _SIGINT_BIT = 1 << (signal.SIGINT - 1)
@@ -62,13 +57,11 @@ def _forget_wakeup_fd() -> None:
         pass
 
 
-def _forget_handlers(handled: list[int], *, sigint_ignored: bool) -> None:
-    """Reset the Python handlers among ``handled`` (signals with an OS-level
-    handler: only those can have a Python one); SIGINT gets Python's
-    default, KeyboardInterrupt, as in any fresh interpreter."""
-    for signum in handled:
-        if signum == signal.SIGINT:
-            continue
+def _forget_handlers(handled: int, ignored: int) -> None:
+    """Reset the Python handlers among ``handled`` (a mask of the signals
+    with an OS-level handler: only those can have a Python one); SIGINT gets
+    Python's default, KeyboardInterrupt, as in any fresh interpreter."""
+    for signum in _core.signals_in(handled & ~_SIGINT_BIT):
         try:
             handler = _raw_getsignal(signum)
         except (ValueError, OSError):
@@ -80,7 +73,7 @@ def _forget_handlers(handled: list[int], *, sigint_ignored: bool) -> None:
                 continue
     # Ignored dispositions survive exec(); a job's subprocesses must not
     # inherit a supervisor's "ignore SIGINT".
-    if sigint_ignored or _raw_getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if ignored & _SIGINT_BIT or _raw_getsignal(signal.SIGINT) is not signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -43,7 +43,12 @@ from cancelk import _core, _slots, _wire
 from cancelk.errors import ProcessDiedError, ProcessTimeoutError
 from cancelk.futures import Future
 from cancelk.options import JobOptions, check_seconds, split_markers
-from cancelk.supervisor import PRELOAD_LIMIT, SupervisorConfig, SupervisorProcess
+from cancelk.supervisor import (
+    PRELOAD_LIMIT,
+    SupervisorConfig,
+    SupervisorProcess,
+    kill_runner_tree,
+)
 
 __all__ = ["ProcessPoolExecutor"]
 
@@ -133,6 +138,11 @@ class _Slot:
         self.tasks = 0
         self.retiring = False
 
+    def close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
 
 def _module_of(fn: Callable[..., Any]) -> str | None:
     target = fn.func if isinstance(fn, functools.partial) else fn
@@ -143,20 +153,16 @@ def _module_of(fn: Callable[..., Any]) -> str | None:
 
 
 def _kill_orphaned_runner(slot: _Slot) -> None:
-    """The supervisor died: kill the runner's tree from here too.
-
-    The runner kills its own tree when its parent dies (Linux), but this is
-    where that is not possible and where the runner cannot run its handler.
-    While it lives it is a subreaper and its tree holds all its job started,
-    even what left its group; once it is gone (its pidfd says so) a scan from
-    its pid would find nothing of it, and the pid may be another's.
+    """The supervisor died: kill the runner's tree from here too, for where
+    the runner cannot do it itself (no parent-death signal, or a runner that
+    cannot run its handler).  Once the runner is gone (its pidfd says so) a
+    scan from its pid would find nothing of it and the pid may be another's:
+    then only its group is killed.
     """
     if slot.pidfd < 0 or not _exited(slot.pidfd):
-        try:
-            _core.kill_descendants(slot.pid)
-        except OSError as why:
-            log.debug("scanning the tree of runner %d failed: %s", slot.pid, why)
-    _core.kill_group(slot.pid, signal.SIGKILL)
+        kill_runner_tree(slot.pid)
+    else:
+        _core.kill_group(slot.pid, signal.SIGKILL)
 
 
 def _exited(pidfd: int) -> bool:
@@ -682,9 +688,7 @@ class _Pool:
         self.selector.unregister(slot.sock)
         slot.sock.close()
         slot.sock = None
-        if slot.pidfd >= 0:
-            os.close(slot.pidfd)
-            slot.pidfd = -1
+        slot.close_pidfd()
         slot.outbuf.clear()
         if slot in self.idle:
             self.idle.remove(slot)
@@ -825,9 +829,7 @@ class _Pool:
         for slot in self.slots:
             if slot.sock is not None:
                 slot.sock.close()
-            if slot.pidfd >= 0:
-                os.close(slot.pidfd)
-                slot.pidfd = -1
+            slot.close_pidfd()
         for fd in (self.wake_r, self.wake_w, self.words_fd):
             if fd >= 0:
                 try:

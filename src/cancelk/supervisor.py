@@ -252,7 +252,7 @@ class Supervisor:
         if self.spare is not None:
             everyone.append(self.spare)
         for current in everyone:
-            _kill_tree_of_live_runner(current.pid)
+            kill_runner_tree(current.pid)
         for current in everyone:
             _core.reap(current.pid)
         self.runners.clear()
@@ -422,10 +422,13 @@ def _children_of(parent: int) -> list[int]:
     return _core.list_children(parent) or []
 
 
-def _kill_tree_of_live_runner(pid: int) -> None:
-    # While the runner lives (a subreaper) whatever its job started is in its
-    # tree, even what left its group: killed in one pass now, rather than
-    # found among the orphans once the runner is gone.
+def kill_runner_tree(pid: int) -> None:
+    """SIGKILL a live runner's group and its whole tree.
+
+    While the runner lives (a subreaper) whatever its job started is in its
+    tree, even what left its group: killed in one pass now, rather than
+    found among the orphans once the runner is gone.
+    """
     try:
         _core.kill_descendants(pid)
     except OSError as why:
