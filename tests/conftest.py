@@ -151,10 +151,10 @@ def _open_fds() -> dict[int, str]:
 def _kill_leftovers(infos: list[ProcInfo]) -> None:
     me = os.getpid()
     for info in infos:
+        proc = helpers.same_process(info.pid, info.created)
+        if proc is None:
+            continue
         try:
-            proc = psutil.Process(info.pid)
-            if abs(proc.create_time() - info.created) > 0.05:
-                continue
             proc.kill()
         except psutil.NoSuchProcess:
             pass

@@ -18,22 +18,36 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import psutil
 
 # Shared with the killable_wrapper tests: how a job records its processes,
-# and the jobs that must be stopped (each records itself, then never ends).
+# the jobs that must be stopped (each records itself, then never ends), and
+# plain jobs that return, raise or die.
 from helpers import (  # noqa: F401 - re-exported for the executor tests
-    _same_process,
+    JobError,
+    UnloadableError,
+    UnpicklableError,
+    add,
+    echo,
+    exit_with,
     gil_c_job,
+    kill_self,
     mp_child_job,
+    raise_unloadable,
+    raise_unpicklable,
     read_record,
     record,
+    return_lock,
+    same_process,
     sleep_job,
     spin_job,
+    wait_for_path,
 )
+from helpers import big_bytes as big_result  # noqa: F401 - the executor tests' name
 
 IMPORTED_AT = time.monotonic()  # when this process imported the jobs
 LONG = 60.0  # how long "endless" jobs would run if nobody stopped them
@@ -72,16 +86,8 @@ def init_fail(message):
 # jobs that return or raise
 
 
-def add(a, b):
-    return a + b
-
-
 def square(x):
     return x * x
-
-
-def echo(*args, **kwargs):
-    return args, kwargs
 
 
 def getpid():
@@ -115,15 +121,6 @@ def length(data):
     return len(data)
 
 
-def big_result(size):
-    block = bytes(range(256))
-    return (block * (size // 256 + 1))[:size]
-
-
-class JobError(Exception):
-    """A job's own exception type."""
-
-
 def _deep_frame_of_the_job(message):
     raise JobError(message)
 
@@ -146,48 +143,8 @@ class Unloadable:
         return (Unloadable, (self.a,))  # one argument short
 
 
-class UnloadableError(Exception):
-    """Pickles fine, but unpickling calls __init__ with one argument and fails."""
-
-    def __init__(self, a, b):
-        super().__init__(f"{a}/{b}")
-
-
-class UnpicklableError(Exception):
-    """Cannot be pickled: it holds a lock."""
-
-    def __init__(self, message):
-        super().__init__(message)
-        self.lock = threading.Lock()
-
-
-def return_lock():
-    return threading.Lock()
-
-
 def return_unloadable():
     return Unloadable(1, 2)
-
-
-def raise_unpicklable(message):
-    raise UnpicklableError(message)
-
-
-def raise_unloadable():
-    raise UnloadableError("a", "b")
-
-
-def exit_with(code):
-    os._exit(code)
-
-
-def kill_self(signum):
-    if signum == signal.SIGSEGV:
-        import faulthandler
-
-        faulthandler.disable()  # no "Fatal Python error" dump on the test's stderr
-    os.kill(os.getpid(), signum)
-    time.sleep(LONG)
 
 
 # -------------------------------------------------------------------------
@@ -211,7 +168,7 @@ def still_there(records, zombies_ok=False):
     never reaps)."""
     left = []
     for pid, created in records:
-        proc = _same_process(pid, created)
+        proc = same_process(pid, created)
         if proc is None:
             continue
         try:
@@ -241,7 +198,7 @@ def wait_gone(records, timeout=2.0, zombies_ok=False):
 def kill_records(records):
     """Clean-up after a failed test: SIGKILL whatever recorded process is left."""
     for pid, created in records:
-        proc = _same_process(pid, created)
+        proc = same_process(pid, created)
         if proc is not None and proc.pid != os.getpid():
             try:
                 proc.kill()
@@ -306,12 +263,6 @@ def leave_detached_child(path):
     record(path, expect_descendants=1)
     proc.returncode = 0  # do not let Popen.__del__ warn; the pool must clean it up
     return proc.pid
-
-
-def record_then_return(path, seconds, value):
-    record(path)
-    time.sleep(seconds)
-    return value
 
 
 def sigterm_self():
@@ -410,6 +361,48 @@ def wait_running(future, timeout=RESULT_WAIT):
             raise AssertionError(f"the job ended before it was seen running: {future!r}")
         time.sleep(0.002)
     raise AssertionError("the job never started running")
+
+
+# -------------------------------------------------------------------------
+# a script run as the user program
+
+
+def run_script(directory, name, text, *args, timeout=40):
+    """Write ``text`` to ``directory/name`` and run it to its end with this
+    interpreter and ``args``, in ``directory``; return the CompletedProcess
+    (stdout and stderr captured as text)."""
+    script = directory / name
+    script.write_text(text)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(directory),
+    )
+
+
+def start_script(directory, name, text, *args):
+    """Like run_script, but return the running Popen at once (stdout a text
+    pipe, stderr not captured); end it with stop_process."""
+    script = directory / name
+    script.write_text(text)
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(directory),
+    )
+
+
+def stop_process(proc):
+    """Clean-up of a Popen: SIGKILL and reap it if it still runs, close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 # -------------------------------------------------------------------------

@@ -98,18 +98,28 @@ def record(path: str, expect_descendants: int = 0, wait: float = 10.0) -> None:
     os.replace(tmp, path)
 
 
-def read_record(path: str, wait: float = 10.0) -> list[tuple[int, float]]:
-    """Read a record, waiting up to ``wait`` seconds for it to appear."""
+def wait_for_path(
+    path: str, wait: float = 10.0, message: str | None = None, poll: float = 0.005
+) -> None:
+    """Wait up to ``wait`` seconds for ``path`` to exist; AssertionError
+    (``message``, or "<path> never appeared") if it does not."""
     deadline = time.monotonic() + wait
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            raise AssertionError(f"the job never recorded its processes in {path}")
-        time.sleep(0.005)
+            raise AssertionError(message or f"{path} never appeared")
+        time.sleep(poll)
+
+
+def read_record(path: str, wait: float = 10.0) -> list[tuple[int, float]]:
+    """Read a record, waiting up to ``wait`` seconds for it to appear."""
+    wait_for_path(path, wait, f"the job never recorded its processes in {path}")
     with open(path) as f:
         return [(int(pid), float(created)) for pid, created in json.load(f)]
 
 
-def _same_process(pid: int, created: float) -> psutil.Process | None:
+def same_process(pid: int, created: float) -> psutil.Process | None:
+    """The process ``pid`` if it is still the one created at ``created``;
+    None if it is gone or the pid now names another process."""
     try:
         proc = psutil.Process(pid)
         if abs(proc.create_time() - created) > 0.05:
@@ -130,7 +140,7 @@ def leftovers(records: list[tuple[int, float]], reaped: tuple[int, ...] = ()) ->
     """
     alive = []
     for pid, created in records:
-        proc = _same_process(pid, created)
+        proc = same_process(pid, created)
         if proc is None:
             continue
         try:
@@ -160,7 +170,7 @@ def wait_gone(
 def kill_records(records: list[tuple[int, float]]) -> None:
     """Clean-up after a failed test: SIGKILL whatever recorded process is left."""
     for pid, created in records:
-        proc = _same_process(pid, created)
+        proc = same_process(pid, created)
         if proc is None:
             continue
         try:

@@ -14,7 +14,6 @@ import itertools
 import logging
 import math
 import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -104,15 +103,7 @@ MAIN_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", START_METHODS)
 def test_functions_and_initializer_defined_in_a_scripts_main(tmp_path, method):
-    script = tmp_path / "main_script.py"
-    script.write_text(MAIN_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), method],
-        capture_output=True,
-        text=True,
-        timeout=40,
-        cwd=str(tmp_path),
-    )
+    proc = jobs.run_script(tmp_path, "main_script.py", MAIN_SCRIPT, method)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(25, 'from-main')", (proc.stdout, proc.stderr)
 

@@ -12,8 +12,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -242,16 +240,8 @@ EXIT_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", START_METHODS)
 def test_interpreter_exit_with_a_running_job(tmp_path, method):
-    script = tmp_path / "exit_script.py"
-    script.write_text(EXIT_SCRIPT)
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(script), method],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=str(tmp_path),
-    )
+    proc = jobs.run_script(tmp_path, "exit_script.py", EXIT_SCRIPT, method, timeout=30)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert elapsed < 10, elapsed
@@ -294,14 +284,7 @@ KILLED_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_user_process_sigkilled_takes_every_pool_process_with_it(tmp_path, backend, method):
-    script = tmp_path / "killed_script.py"
-    script.write_text(KILLED_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), method],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=str(tmp_path),
-    )
+    proc = jobs.start_script(tmp_path, "killed_script.py", KILLED_SCRIPT, method)
     records = []
     try:
         line = proc.stdout.readline()
@@ -320,10 +303,7 @@ def test_user_process_sigkilled_takes_every_pool_process_with_it(tmp_path, backe
         assert not left, left
         assert elapsed < 1.0, f"pool processes outlived the user process by {elapsed:.2f} s"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        jobs.stop_process(proc)
         jobs.kill_records(records)
 
 
@@ -418,15 +398,7 @@ FORK_CHILD_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_forked_child_exiting_normally_leaves_the_parents_pool_alone(tmp_path, method):
-    script = tmp_path / "fork_child_script.py"
-    script.write_text(FORK_CHILD_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), method],
-        capture_output=True,
-        text=True,
-        timeout=40,
-        cwd=str(tmp_path),
-    )
+    proc = jobs.run_script(tmp_path, "fork_child_script.py", FORK_CHILD_SCRIPT, method)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["child: RuntimeError", "child exit 0", "parent 5"], (
         proc.stdout,

@@ -107,10 +107,10 @@ def present(known: dict[int, float], but: int) -> list[str]:
     for pid, created in known.items():
         if pid == but:
             continue
+        proc = jobs.same_process(pid, created)
+        if proc is None:
+            continue
         try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) > 0.05:
-                continue
             found.append(f"{pid}:{proc.status()}")
         except psutil.NoSuchProcess:
             continue

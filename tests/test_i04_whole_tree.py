@@ -31,10 +31,10 @@ WAIT = jobs.RESULT_WAIT
 
 
 def _dead(pid, created):
+    proc = jobs.same_process(pid, created)
+    if proc is None:
+        return True
     try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - created) > 0.05:
-            return True
         return proc.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True

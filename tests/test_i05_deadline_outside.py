@@ -49,28 +49,17 @@ def start_watcher(record_path, out_path):
     return watcher
 
 
-def stop_watcher(watcher):
-    if watcher.poll() is None:
-        watcher.kill()
-    watcher.wait()
-    watcher.stdout.close()
-
-
 def read_json(path, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} never appeared")
-        time.sleep(0.002)
+    jobs.wait_for_path(path, timeout, poll=0.002)
     with open(path) as handle:
         return json.load(handle)
 
 
 def _alive(stamp):
+    proc = jobs.same_process(stamp["pid"], stamp["created"])
+    if proc is None:
+        return None
     try:
-        proc = psutil.Process(stamp["pid"])
-        if abs(proc.create_time() - stamp["created"]) > 0.05:
-            return None
         return proc if proc.status() != psutil.STATUS_ZOMBIE else None
     except psutil.NoSuchProcess:
         return None
@@ -129,7 +118,7 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
             )
             assert late < LATE, f"[{backend}/{kind}] killed {late:.3f} s after its deadline"
         finally:
-            stop_watcher(watcher)
+            jobs.stop_process(watcher)
             if stamp is None and os.path.exists(record_path):
                 stamp = read_json(record_path)
             if stamp is not None:

@@ -139,11 +139,7 @@ def watch_deaths(workdir, user, starts, mode):
         watcher.stdin.flush()
         assert watcher.wait(timeout=30) == 0
     finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
-        watcher.stdin.close()
-        watcher.stdout.close()
+        jobs.stop_process(watcher)
     with open(out) as handle:
         data = json.load(handle)
     PRIORITY[0] = data["priority"]
@@ -159,15 +155,9 @@ def run_user_program(tmp_path, run, mode):
     of pool processes recorded)."""
     workdir = tmp_path / f"run{run}"
     workdir.mkdir()
-    script = workdir / "user_program.py"
-    script.write_text(USER_PROGRAM.format(tests_dir=TESTS_DIR, kinds=KINDS))
     out = str(workdir / "pids.json")
-    proc = subprocess.Popen(
-        [sys.executable, str(script), mode, out, str(workdir)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=str(workdir),
-    )
+    program = USER_PROGRAM.format(tests_dir=TESTS_DIR, kinds=KINDS)
+    proc = jobs.start_script(workdir, "user_program.py", program, mode, out, str(workdir))
     recorded = []
     try:
         line = proc.stdout.readline()
@@ -205,10 +195,7 @@ def run_user_program(tmp_path, run, mode):
         )
         return max(died.values()), len(pool), data["shm"], breakdown
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        jobs.stop_process(proc)
         jobs.kill_records(recorded)
 
 

@@ -59,10 +59,7 @@ def pool_processes(supervisor):
 
 
 def read_pids(path, wait=WAIT):
-    deadline = time.monotonic() + wait
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"the job never wrote {path}"
-        time.sleep(0.005)
+    jobs.wait_for_path(path, wait, f"the job never wrote {path}")
     with open(path) as handle:
         return [int(x) for x in handle.read().split()]
 

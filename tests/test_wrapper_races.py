@@ -273,10 +273,10 @@ def not_doomed(records):
     and processes about to die of a SIGKILL count as stopped)."""
     alive = []
     for pid, created in records:
+        proc = helpers.same_process(pid, created)
+        if proc is None:
+            continue  # gone, or the pid names another process now
         try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) > 0.05:
-                continue  # the pid names another process now
             if proc.status() == psutil.STATUS_ZOMBIE or sigkill_pending(pid):
                 continue
             alive.append(f"pid {pid} ({proc.status()}, ppid {proc.ppid()}): {proc.cmdline()}")
