@@ -28,7 +28,6 @@ FRESH = 1 << 58
 DONE = 1 << 59
 KILL_TIMEOUT = 1 << 60
 KILL_CANCEL = 1 << 61
-KILL_FLAGS = KILL_TIMEOUT | KILL_CANCEL
 SEQ_MASK = (1 << 48) - 1
 
 _STATE, _STARTED_NS = 0, 1
@@ -58,7 +57,6 @@ class SlotWords:
         self._words: _core.SharedWords | None = _core.SharedWords(
             self._map, slots * _WORDS_PER_SLOT
         )
-        self.slots = slots
 
     def _w(self) -> _core.SharedWords:
         assert self._words is not None, "slot words used after close()"

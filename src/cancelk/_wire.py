@@ -1,10 +1,12 @@
-"""Framing and outcome encoding shared by every pipe cancelk writes.
+"""Framing and outcome encoding shared by every stream cancelk writes.
 
-    job side:    fn(*args) -> encode_outcome -> frame -> write_frame(fd)
-    parent side: read(fd) -> FrameReader.feed -> payload -> decode_outcome -> value | raise
+    job side:    run_and_encode(fn, args, kwargs) -> (kind, outcome) -> write_frame(fd)
+    parent side: read(fd) -> FrameReader.feed -> body -> decode_outcome -> Outcome
 
-A frame is an 8-byte little-endian length followed by a pickle.  Readers are
-incremental so a parent never blocks on a half-written frame.
+A frame is an 8-byte little-endian length followed by its body.  Readers are
+incremental so a parent never blocks on a half-written frame.  What the
+bodies hold between the user process, the supervisor and the runners is
+declared in ``_protocol``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ from typing import Any
 from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote
 
 HEADER = struct.Struct("<Q")
+OUTCOME_VALUE, OUTCOME_ERROR = 0, 1  # what an encoded outcome holds
 SMALL = 1 << 16  # below this, copying to join a header and a payload beats a second syscall
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def dumps(obj: object) -> bytes:
     return pickle.dumps(obj, protocol=PROTOCOL)
+
+
+def loads(data: bytes | memoryview) -> Any:
+    return pickle.loads(data)
 
 
 def frame(payload: bytes) -> bytes:
@@ -83,10 +90,6 @@ class FrameReader:
         self._buffer = bytearray()
         self._need = -1  # body size once the header is in, else -1
 
-    @property
-    def partial(self) -> bool:
-        return bool(self._buffer) or self._need >= 0
-
     def feed(self, data: bytes) -> list[bytes]:
         self._buffer += data
         frames: list[bytes] = []
@@ -120,28 +123,27 @@ def encode_exception(exc: BaseException) -> bytes:
         return dumps(("err", substitute, tb))
 
 
-def encode_result(value: object) -> bytes:
+def encode_result(value: object) -> tuple[int, bytes]:
+    """(OUTCOME_VALUE, pickle), or an error outcome when the value does not pickle."""
     try:
-        return dumps(("ok", value))
+        return OUTCOME_VALUE, dumps(("ok", value))
     except Exception as why:
-        return dumps(
-            (
-                "err",
-                ResultPicklingError(
-                    f"the job's result of type {_type_name(value)} could not be pickled: "
-                    f"{type(why).__name__}: {why}"
-                ),
-                format_remote(why),
-            )
+        error = ResultPicklingError(
+            f"the job's result of type {_type_name(value)} could not be pickled: "
+            f"{type(why).__name__}: {why}"
         )
+        return OUTCOME_ERROR, dumps(("err", error, format_remote(why)))
 
 
-def run_and_encode(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Call the job and encode what happened; never raises (but BaseExit from pickling)."""
+def run_and_encode(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int, bytes]:
+    """Call the job and encode what happened as (kind, outcome); never raises
+    (but a BaseException raised while pickling)."""
     try:
         value = fn(*args, **kwargs)
     except BaseException as exc:
-        return encode_exception(exc)
+        return OUTCOME_ERROR, encode_exception(exc)
     return encode_result(value)
 
 

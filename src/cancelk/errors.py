@@ -9,6 +9,7 @@ Every exception here pickles, so a runner can send it to the user process.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal as _signal
 import traceback
 from typing import Any
@@ -74,6 +75,14 @@ class ProcessDiedError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.pid, self.exitcode, self.signal, self.detail))
+
+
+def died_error(pid: int, status: int, detail: str | None = None) -> ProcessDiedError:
+    """The error of a job whose process ended with wait status ``status``
+    without delivering a result."""
+    if os.WIFSIGNALED(status):
+        return ProcessDiedError(pid, signal=os.WTERMSIG(status), detail=detail)
+    return ProcessDiedError(pid, exitcode=os.WEXITSTATUS(status), detail=detail)
 
 
 class ResultPicklingError(Exception):

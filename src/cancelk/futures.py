@@ -56,11 +56,13 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         # see it now rather than when the pool would have reached it.
         return self.mark_cancelled("the job was cancelled before it started") or self.cancelled()
 
-    def start_running(self) -> bool:
-        """The pool starts the job: PENDING -> RUNNING, False if it was cancelled."""
+    def start_running(self, pid: int) -> bool:
+        """The pool starts the job in process ``pid``: PENDING -> RUNNING,
+        False if it was cancelled."""
         with self._condition:
             if self._state != PENDING:
                 return False
+            self._job_pid = pid
             self._state = RUNNING
             return True
 

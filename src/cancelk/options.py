@@ -13,7 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["JobOptions", "ProcessCancelTimeout", "ProcessTimeout", "check_seconds"]
+__all__ = [
+    "JobOptions",
+    "ProcessCancelTimeout",
+    "ProcessTimeout",
+    "check_seconds",
+    "seconds_to_ns",
+]
 
 
 def check_seconds(value: object, what: str) -> float | None:
@@ -33,6 +39,12 @@ def check_seconds(value: object, what: str) -> float | None:
     if math.isinf(seconds):
         return None
     return seconds
+
+
+def seconds_to_ns(seconds: float) -> int:
+    """A checked duration in the nanoseconds of CLOCK_MONOTONIC, the clock
+    every cancelk deadline is kept in."""
+    return int(seconds * 1_000_000_000)
 
 
 class _Marker:

@@ -1,64 +1,61 @@
 """Runner processes: forked by the supervisor, they run jobs one at a time.
 
-    supervisor --fork--> runner: own process group, SIGKILL when the
-                         supervisor dies, child subreaper for its jobs' orphans
+    supervisor --fork--> runner: own process group, dies with the supervisor
+                         together with its tree, child subreaper for its jobs
                          initializer(*initargs) once
                          (a warm spare waits here until a slot needs it)
-    user process ==channel==> frame(seq, slot, pickled (fn, args, kwargs))
+    user process ══channel══► job frame (seq, slot, pickled fn/args/kwargs)
                               words.begin(slot, seq)   (lost race: wait to be killed)
                               run, encode the outcome
                               words.finish(slot, seq)  (lost race: wait to be killed)
-    user process <==channel== frame(seq, outcome)
+    user process ◄══channel══ result frame (seq, kind, outcome)
 
 A runner never decides to be killed; it only makes sure that once a kill is
-decided it neither starts nor reports the job the kill names.
+decided it neither starts nor reports the job the kill names.  The frames
+are declared in ``_protocol``.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import pickle
 import signal
-import struct
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
-from cancelk import _forked, _wire
+from cancelk import _child, _protocol, _wire
 from cancelk._slots import DONE, FRESH, SlotWords
 
-SEQ = struct.Struct("<Q")
-JOB_HEAD = struct.Struct("<QQ")  # seq, slot: a spare learns its slot from its first job
-INIT_FAILED_SEQ = 0
+
+class RunnerSetup(NamedTuple):
+    supervisor: int  # the pid that forked the runner: it dies with it
+    runner_id: int
+    channel_fd: int
+    words: SlotWords
+    initializer: Callable[..., Any] | None
+    initargs: tuple[Any, ...]
+    max_tasks: int | None
+    preload: tuple[str, ...]
 
 
-def run(
-    supervisor: int,
-    runner_id: int,
-    channel_fd: int,
-    words: SlotWords,
-    initializer: Callable[..., Any] | None,
-    initargs: Sequence[Any],
-    max_tasks: int | None,
-    preload: Sequence[str] = (),
-) -> None:  # pragma: no cover - runs in the runner process
+def run(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner process
     """The runner's whole life; never returns."""
     code = 0
     try:
-        _forked.become_job_process(supervisor)
-        if initializer is not None and not _initialize(channel_fd, initializer, initargs):
+        _child.become_job_process(setup.supervisor)
+        if setup.initializer is not None and not _initialize(setup):
             code = 3
             return
-        _preload(preload)
-        _serve(runner_id, channel_fd, words, max_tasks)
+        _preload(setup.preload)
+        _serve(setup)
     except BaseException:
         code = 70
     finally:
-        _forked.flush_std_streams()
+        _child.flush_std_streams()
         os._exit(code)
 
 
-def _preload(names: Sequence[str]) -> None:  # pragma: no cover - runs in the runner
+def _preload(names: tuple[str, ...]) -> None:  # pragma: no cover - runs in the runner
     """Import the modules jobs came from, so a spare's first job need not."""
     for name in names:
         try:
@@ -67,37 +64,35 @@ def _preload(names: Sequence[str]) -> None:  # pragma: no cover - runs in the ru
             continue
 
 
-def _initialize(
-    channel_fd: int, initializer: Callable[..., Any], initargs: Sequence[Any]
-) -> bool:  # pragma: no cover - runs in the runner process
+def _initialize(setup: RunnerSetup) -> bool:  # pragma: no cover - runs in the runner
+    assert setup.initializer is not None
     try:
-        initializer(*initargs)
+        setup.initializer(*setup.initargs)
     except BaseException as exc:
-        _send(channel_fd, INIT_FAILED_SEQ, _wire.encode_exception(exc))
+        outcome = _wire.encode_exception(exc)
+        _send(setup.channel_fd, _protocol.INIT_FAILED_SEQ, _wire.OUTCOME_ERROR, outcome)
         return False
     return True
 
 
-def _serve(
-    runner_id: int, channel_fd: int, words: SlotWords, max_tasks: int | None
-) -> None:  # pragma: no cover - runs in the runner process
-    done = 0
-    before = FRESH | runner_id
-    frames = _incoming_frames(channel_fd)
-    while max_tasks is None or done < max_tasks:
+def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner process
+    words, done = setup.words, 0
+    before = FRESH | setup.runner_id
+    frames = _incoming_frames(setup.channel_fd)
+    while setup.max_tasks is None or done < setup.max_tasks:
         frame = next(frames, None)
         if frame is None:
             return  # the user process closed the channel: shut down
-        seq, slot = JOB_HEAD.unpack_from(frame)
+        seq, slot, job = _protocol.parse_job(frame)
         if not words.begin(slot, before, seq):
             _await_kill()
-        outcome = _run_job(memoryview(frame)[JOB_HEAD.size :])
-        _forked.flush_std_streams()
+        kind, outcome = _run_job(job)
+        _child.flush_std_streams()
         if not words.finish(slot, seq):
             _await_kill()
         before = seq | DONE
-        _send(channel_fd, seq, outcome)
-        del frame, outcome  # a 100 MB job must not stay in memory while idle
+        _send(setup.channel_fd, seq, kind, outcome)
+        del frame, job, outcome  # a 100 MB job must not stay in memory while idle
         done += 1
         _reap_orphans()
 
@@ -112,16 +107,16 @@ def _incoming_frames(channel_fd: int) -> Iterator[bytes]:  # pragma: no cover
         yield from reader.feed(chunk)
 
 
-def _run_job(job: memoryview) -> bytes:  # pragma: no cover - runs in the runner process
+def _run_job(job: memoryview) -> tuple[int, bytes]:  # pragma: no cover - runs in the runner
     try:
-        fn, args, kwargs = pickle.loads(job)
+        fn, args, kwargs = _wire.loads(job)
     except BaseException as exc:
-        return _wire.encode_exception(exc)
+        return _wire.OUTCOME_ERROR, _wire.encode_exception(exc)
     return _wire.run_and_encode(fn, args, kwargs)
 
 
-def _send(channel_fd: int, seq: int, outcome: bytes) -> None:  # pragma: no cover
-    head = _wire.HEADER.pack(SEQ.size + len(outcome)) + SEQ.pack(seq)
+def _send(channel_fd: int, seq: int, kind: int, outcome: bytes) -> None:  # pragma: no cover
+    head = _protocol.result_frame_head(seq, kind, len(outcome))
     if len(outcome) <= _wire.SMALL:
         _wire.write_all(channel_fd, head + outcome)  # one write: the user wakes once
     else:

@@ -20,20 +20,15 @@ spawn does, but not the host's in-memory state (its initializer's effects).
 
 from __future__ import annotations
 
-import errno
 import os
-import pickle
-import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from multiprocessing import spawn
 from typing import Any, Protocol
 
-from cancelk import _core, _forked, _wire
-from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError
-from cancelk.options import check_seconds
+from cancelk import _child, _core, _kill, _wire
+from cancelk.errors import ProcessCancelledError, ProcessTimeoutError, died_error
+from cancelk.options import check_seconds, seconds_to_ns
 
 __all__ = ["killable_wrapper"]
 
@@ -78,7 +73,7 @@ def killable_wrapper(
     except BaseException:
         loop.close()
         raise
-    deadline = None if timeout is None else started + int(timeout * 1e9)
+    deadline = None if timeout is None else started + seconds_to_ns(timeout)
     watcher = _Watcher(job, deadline, cancel_pipe, cancel_fd, loop)
     try:
         return watcher.run().unwrap()
@@ -112,7 +107,7 @@ class _ForkedJob:
         if pid == 0:  # pragma: no cover - runs in the child
             _job_child(host, read_fd, write_fd, fn, args, kwargs)
         os.close(write_fd)
-        _join_own_group(pid)
+        _kill.join_own_group(pid)
         os.set_blocking(read_fd, False)
         self.pid = pid
         self.result_fd = read_fd
@@ -132,9 +127,9 @@ def _job_child(
     code = 0
     try:
         os.close(read_fd)
-        _forked.become_job_process(host)
-        payload = _wire.run_and_encode(fn, args, kwargs)
-        _forked.flush_std_streams()
+        _child.become_job_process(host)
+        _kind, payload = _wire.run_and_encode(fn, args, kwargs)
+        _child.flush_std_streams()
         _wire.write_frame(write_fd, payload)
     except BaseException:
         code = 70
@@ -142,27 +137,12 @@ def _job_child(
         os._exit(code)
 
 
-def _join_own_group(pid: int) -> None:
-    # Both sides call setpgid so the group exists before either goes on:
-    # a kill right after fork() must already reach the whole job.
-    try:
-        os.setpgid(pid, pid)
-    except OSError as why:
-        if why.errno not in (errno.EACCES, errno.ESRCH, errno.EPERM):
-            raise
-
-
 def _reap_and_close(pid: int, fd: int, *, whole_tree: bool) -> int:
     try:
         if whole_tree:
-            # While the job lives (a subreaper) every process it started is in
-            # its tree, even one that left its group; killed first, they
-            # cannot be orphaned to init by the job's death.  Stopped, the job
-            # cannot start another one (which could setsid) behind the scan.
-            _core.kill_pid(pid, signal.SIGSTOP)
-            _wait_stopped(pid)
-            _core.kill_descendants(pid)
-        _core.kill_group(pid, signal.SIGKILL)
+            _kill.freeze_and_kill_tree(pid)
+        else:
+            _kill.kill_group(pid)
         status = _core.reap(pid)
         assert status is not None
         return status
@@ -170,40 +150,19 @@ def _reap_and_close(pid: int, fd: int, *, whole_tree: bool) -> int:
         os.close(fd)
 
 
-def _wait_stopped(pid: int) -> None:
-    # kill() returns before the signal takes effect: until the job has
-    # stopped it may still fork.  WNOWAIT: it stays ours to reap.
-    try:
-        os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
-    except ChildProcessError:
-        pass
-
-
-_CLEAN_MAIN = "from cancelk.wrapper import _clean_job_main; _clean_job_main()"
-
-
 class _CleanJob:
     """The job in a fresh interpreter, for hosts where fork() is unsafe."""
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
-        # Two layers: the job may name functions of __main__, which can only
-        # be unpickled after spawn.prepare() has imported the main module.
         job = _wire.dumps((fn, args, kwargs))
-        payload = _wire.dumps((_forked.main_preparation("cancelk-job"), job))
         job_read, job_write = os.pipe()
         result_read, result_write = os.pipe()
         try:
-            self._popen = subprocess.Popen(
-                [
-                    spawn.get_executable(),
-                    "-c",
-                    _CLEAN_MAIN,
-                    str(job_read),
-                    str(result_write),
-                    str(os.getpid()),
-                ],
-                pass_fds=(job_read, result_write),
-                start_new_session=True,
+            self._popen = _child.start_interpreter(
+                "cancelk.wrapper:_clean_job_main",
+                (job_read, result_write),
+                (str(job_read), str(result_write), str(os.getpid())),
+                new_session=True,
             )
         finally:
             os.close(job_read)
@@ -212,7 +171,7 @@ class _CleanJob:
         self.result_fd = result_read
         os.set_blocking(result_read, False)
         try:
-            _wire.write_frame(job_write, payload)
+            _child.send_main_and_payload(job_write, "cancelk-job", job)
         except BrokenPipeError:
             pass  # the job died before reading; its exit is reported as a death
         finally:
@@ -228,19 +187,17 @@ def _clean_job_main() -> None:  # pragma: no cover - runs in the clean interpret
     job_fd, result_fd, host = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     _core.set_child_subreaper()
     _core.die_with_parent(host)
-    frame = _wire.read_frame(job_fd)
+    job = _child.receive_main_and_payload(job_fd)
     os.close(job_fd)
-    if frame is None:
+    if job is None:
         os._exit(70)
-    prep, job = pickle.loads(frame)
-    spawn.prepare(prep)
     try:
-        fn, args, kwargs = pickle.loads(job)
+        fn, args, kwargs = _wire.loads(job)
     except BaseException as why:
         payload = _wire.encode_exception(why)
     else:
-        payload = _wire.run_and_encode(fn, args, kwargs)
-    _forked.flush_std_streams()
+        _kind, payload = _wire.run_and_encode(fn, args, kwargs)
+    _child.flush_std_streams()
     _wire.write_frame(result_fd, payload)
     os._exit(0)
 
@@ -311,11 +268,7 @@ class _Watcher:
 
     def _died(self) -> _wire.Outcome:
         status = self.status = self.job.finish(whole_tree=False)
-        if os.WIFSIGNALED(status):
-            error = ProcessDiedError(self.job.pid, signal=os.WTERMSIG(status))
-        else:
-            error = ProcessDiedError(self.job.pid, exitcode=os.WEXITSTATUS(status))
-        return _wire.Outcome(exception=error)
+        return _wire.Outcome(exception=died_error(self.job.pid, status))
 
     def _stop(self, error: type[Exception]) -> _wire.Outcome:
         self.status = self.job.finish(whole_tree=True)
@@ -339,7 +292,7 @@ class _Watcher:
             return  # unlimited grace: the job is left to finish
         self.deadline_error = ProcessCancelledError
         now = _core.monotonic_ns()
-        cancel_at = now + int(grace * 1e9)
+        cancel_at = now + seconds_to_ns(grace)
         if self.deadline is None or cancel_at < self.deadline:
             self.deadline = cancel_at
         else:

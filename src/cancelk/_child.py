@@ -1,20 +1,30 @@
-"""What every process cancelk forks does first, before any user code runs.
+"""How cancelk's own processes begin: forked children, and fresh interpreters.
 
-parent --os.fork()--> child: forget_parent_signals()  (I9)
-                             own process group         (so one kill reaches the tree)
-                             parent-death signal       (no orphans, Linux)
+    parent --os.fork()--> child: forget_parent_signals()  (I9)
+                                 own process group         (one kill reaches the tree)
+                                 parent-death signal       (no orphans, Linux)
+
+    parent: start_interpreter("cancelk.X:main", fds)  ──►  python -c "...; main()"
+            send_main_and_payload(fd, name, payload)  ──►  receive_main_and_payload(fd)
+                                                           (imports __main__ as spawn
+                                                            does, returns the payload)
+
+Fresh interpreters serve the spawn and forkserver supervisors and the jobs of
+``killable_wrapper`` in threaded hosts.
 """
 
 from __future__ import annotations
 
 import importlib
+import pickle
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing import spawn
 from typing import Any
 
-from cancelk import _core
+from cancelk import _core, _wire
 
 
 def forget_parent_signals() -> None:
@@ -84,6 +94,40 @@ def flush_std_streams() -> None:
                 stream.flush()
         except Exception:
             pass
+
+
+def start_interpreter(
+    entry: str, pass_fds: Sequence[int], args: Sequence[str] = (), *, new_session: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start ``python -c`` running ``entry`` ("cancelk.module:function") with
+    ``pass_fds`` inherited and ``args`` in its ``sys.argv[1:]``."""
+    module, function = entry.split(":")
+    code = f"from {module} import {function}; {function}()"
+    return subprocess.Popen(
+        [spawn.get_executable(), "-c", code, *args],
+        pass_fds=tuple(pass_fds),
+        start_new_session=new_session,
+    )
+
+
+def send_main_and_payload(fd: int, process_name: str, payload: bytes) -> None:
+    """Send a fresh interpreter what it needs to import ``__main__``, then ``payload``.
+
+    Two layers: the payload may name functions of ``__main__``, which can be
+    unpickled only after the main module was imported there.
+    """
+    _wire.write_frame(fd, _wire.dumps((main_preparation(process_name), payload)))
+
+
+def receive_main_and_payload(fd: int) -> bytes | None:
+    """In a fresh interpreter: import ``__main__`` as spawn does and return
+    the payload; None if the parent went away first."""
+    frame = _wire.read_frame(fd)
+    if frame is None:
+        return None
+    preparation, payload = pickle.loads(frame)
+    spawn.prepare(preparation)
+    return bytes(payload)
 
 
 def main_preparation(name: str) -> dict[str, object]:

@@ -1,0 +1,115 @@
+"""The supervisor's book of deadlines: when each job must be killed.
+
+    SetTimeLimit(slot, seq, t) ─► add_time_limit: ends t after the job's start
+    GraceCancel(slot, seq, g)  ─► add_grace: ends g from now
+    the C loop sleeps until next_ns()
+    decided_kills(now) ─► for each deadline passed: the job has not begun yet?
+                           move it (a limit counts from the start);
+                           else decide the kill through the job's shared word
+                           ─► (slot, seq, flag) for the supervisor to kill and report
+
+Time is CLOCK_MONOTONIC in nanoseconds, the clock every process of the pool
+shares (``_core.monotonic_ns``), so a runner's recorded start and the user
+process's requests compare directly.  Only the shared words are read; the
+book itself is plain data, tested without processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from cancelk._slots import KILL_CANCEL, KILL_TIMEOUT, job_of
+
+
+class Words(Protocol):
+    """The part of ``_slots.SlotWords`` the book reads and decides through."""
+
+    def state(self, slot: int) -> int: ...
+
+    def started_ns(self, slot: int) -> int: ...
+
+    def decide_kill(self, slot: int, seq: int, flag: int, before: int | None = None) -> bool: ...
+
+
+@dataclass(order=True)
+class Deadline:
+    at_ns: int
+    seq: int = field(compare=False)
+    flag: int = field(compare=False)  # KILL_TIMEOUT or KILL_CANCEL
+    span_ns: int = field(compare=False)  # the limit or grace it was set with
+
+
+class DecidedKill(NamedTuple):
+    slot: int
+    seq: int
+    flag: int
+
+
+class DeadlineBook:
+    def __init__(self, words: Words) -> None:
+        self.words = words
+        self.by_slot: dict[int, list[Deadline]] = {}
+
+    def add_time_limit(self, slot: int, seq: int, limit_ns: int, now: int) -> None:
+        """Job ``seq`` may run ``limit_ns`` from its start.
+
+        The limit is sent once the job is on its way to the runner, so the job
+        has often begun by now: count from its start, not from this message,
+        or every kill would be late by the message's trip.
+        """
+        if self.words.state(slot) == seq:
+            at = min(now, self.words.started_ns(slot)) + limit_ns
+        else:
+            at = now + limit_ns  # moved to its start when it comes due (_moved)
+        self._add(slot, Deadline(at, seq, KILL_TIMEOUT, limit_ns))
+
+    def add_grace(self, slot: int, seq: int, grace_ns: int, now: int) -> None:
+        """Job ``seq`` was cancelled: kill it ``grace_ns`` from now if it still runs."""
+        self._add(slot, Deadline(now + grace_ns, seq, KILL_CANCEL, grace_ns))
+
+    def _add(self, slot: int, deadline: Deadline) -> None:
+        # A job reaches a slot only after the previous one ended, so the
+        # deadlines of older jobs are moot: dropping them keeps the book
+        # bounded however long the limits are.
+        kept = [d for d in self.by_slot.get(slot, ()) if d.seq >= deadline.seq]
+        kept.append(deadline)
+        self.by_slot[slot] = kept
+
+    def drop_slot(self, slot: int) -> None:
+        """The slot's runner is gone: its deadlines with it."""
+        self.by_slot.pop(slot, None)
+
+    def next_ns(self) -> int | None:
+        earliest = [min(book) for book in self.by_slot.values() if book]
+        return min(earliest).at_ns if earliest else None
+
+    def decided_kills(self, now: int) -> list[DecidedKill]:
+        """Deadlines passed by ``now`` whose kill this call decided."""
+        decided = []
+        for slot, book in list(self.by_slot.items()):
+            kept = []
+            for deadline in book:
+                if deadline.at_ns > now or self._moved(slot, deadline, now):
+                    kept.append(deadline)
+                elif self.words.decide_kill(slot, deadline.seq, deadline.flag):
+                    decided.append(DecidedKill(slot, deadline.seq, deadline.flag))
+                # else: the job finished first; the deadline is moot
+            if kept:
+                self.by_slot[slot] = kept
+            else:
+                del self.by_slot[slot]
+        return decided
+
+    def _moved(self, slot: int, deadline: Deadline, now: int) -> bool:
+        """Move a deadline whose job has not begun, or (time limits) began later."""
+        state = self.words.state(slot)
+        if job_of(state) < deadline.seq:
+            deadline.at_ns = now + deadline.span_ns  # not begun yet
+            return True
+        if deadline.flag == KILL_TIMEOUT and state == deadline.seq:
+            ends = self.words.started_ns(slot) + deadline.span_ns
+            if ends > now:
+                deadline.at_ns = ends
+                return True
+        return False

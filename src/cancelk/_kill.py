@@ -1,0 +1,151 @@
+"""Every way cancelk stops processes, in one place.
+
+    who stops what                         recipe here
+    user process: cancelled job            kill_by_pidfd(runner pidfd)  (a hop early)
+    supervisor:   decided kill             kill_group(runner)
+    supervisor:   at exit, each runner     kill_runner_tree(runner)
+    supervisor:   after a runner's death   sweep_orphans(runners kept)
+    user process: supervisor died          kill_orphaned_runner(runner, pidfd)
+    user process: supervisor untrusted     kill_child(supervisor)
+    killable_wrapper: stop the job         freeze_and_kill_tree(job)
+    parent right after fork()              join_own_group(child)
+
+A job process (runner or wrapped job) leads its own process group and is a
+child subreaper (Linux), so everything it starts is in its group or, having
+left the group, still in its tree.  A kill therefore takes the tree first
+(``_core.kill_descendants`` scans /proc) and the group second.  Every recipe
+acts on a pid only while that pid is provably still the same process: an
+unreaped child of the caller, or one whose pidfd has not reported its exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+from collections.abc import Collection
+
+from cancelk import _core
+
+log = logging.getLogger("cancelk")
+
+_KILL = signal.SIGKILL
+
+
+def join_own_group(pid: int) -> None:
+    """Put a just-forked child in a group of its own, from the parent side.
+
+    The child does the same: whichever runs first, the group exists before
+    either goes on, so a kill right after fork() already reaches the whole
+    job.  EACCES (the child exec'd), EPERM (it changed session) and ESRCH (it
+    is gone) mean the child settled the matter itself.
+    """
+    try:
+        os.setpgid(pid, pid)
+    except OSError as why:
+        if why.errno not in (errno.EACCES, errno.EPERM, errno.ESRCH):
+            raise
+
+
+def kill_child(pid: int) -> None:
+    """SIGKILL one unreaped child of the caller (a supervisor)."""
+    _core.kill_pid(pid, _KILL)
+
+
+def kill_group(pid: int) -> bool:
+    """SIGKILL the group a job process leads; False if nothing was left in it."""
+    return _core.kill_group(pid, _KILL)
+
+
+def kill_by_pidfd(pidfd: int, pid: int) -> None:
+    """SIGKILL the process a pidfd names: it can never reach a recycled pid."""
+    try:
+        _core.pidfd_kill(pidfd, _KILL)
+    except OSError as why:  # the supervisor's group kill still follows
+        log.debug("pidfd kill of runner %d failed: %s", pid, why)
+
+
+def kill_runner_tree(pid: int) -> None:
+    """SIGKILL a live runner's whole tree, then its group.
+
+    While the runner lives (a subreaper) whatever its job started is in its
+    tree, even what left its group: killed in one pass now rather than found
+    among the orphans once the runner is gone.
+    """
+    try:
+        _core.kill_descendants(pid)
+    except OSError as why:
+        log.debug("scanning the tree of runner %d failed: %s", pid, why)
+    kill_group(pid)
+
+
+def kill_orphaned_runner(pid: int, pidfd: int) -> None:
+    """From the user process, after the supervisor died: kill the runner's
+    tree too, for where the runner cannot do it itself (no parent-death
+    signal, or a runner that cannot run its handler).
+
+    Once its pidfd says the runner is gone, a scan from its pid would find
+    nothing of it and the pid may be another's: only its group is killed.
+    """
+    if pidfd < 0 or not _pidfd_exited(pidfd):
+        kill_runner_tree(pid)
+    else:
+        kill_group(pid)
+
+
+def _pidfd_exited(pidfd: int) -> bool:
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return bool(readable)
+
+
+def sweep_orphans(keep: Collection[int]) -> None:
+    """Kill and reap the caller's children that are not in ``keep``.
+
+    A child subreaper inherits every orphan of a dead runner's tree,
+    including processes that left its group (setsid, double fork).
+    """
+    while True:
+        strays = [pid for pid in _core.list_children(os.getpid()) or () if pid not in keep]
+        if not strays:
+            return
+        for pid in strays:
+            _kill_orphan(pid)
+        for pid in strays:
+            try:
+                _core.reap(pid)
+            except ChildProcessError:
+                pass  # reaped by somebody else meanwhile
+
+
+def _kill_orphan(pid: int) -> None:
+    # An unreaped child of ours: its pid (and group id, if it leads one) is safe.
+    try:
+        leads_group = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return
+    if leads_group:
+        kill_group(pid)
+    _core.kill_pid(pid, _KILL)
+
+
+def freeze_and_kill_tree(pid: int) -> None:
+    """Stop an unreaped child job and everything it started, leaving none behind.
+
+    SIGSTOP first: a stopped job cannot start another process (which might
+    setsid) behind the tree scan; then the tree, then the group.
+    """
+    _core.kill_pid(pid, signal.SIGSTOP)
+    _wait_stopped(pid)
+    _core.kill_descendants(pid)
+    kill_group(pid)
+
+
+def _wait_stopped(pid: int) -> None:
+    # kill() returns before the signal takes effect: until the job has
+    # stopped it may still fork.  WNOWAIT: it stays ours to reap.
+    try:
+        os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        pass

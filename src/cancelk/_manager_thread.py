@@ -1,0 +1,403 @@
+"""The manager thread: every descriptor of a pool, and the loop that reads them.
+
+    selector.select() over:
+      Waker          ─► run the commands callers left in the intake
+      control socket ─► RunnerStarted ─► a RunnerLink, Pool.runner_started
+                        RunnerExited  ─► its last frames read, link closed,
+                                         Pool.runner_exited
+                        JobKilled     ─► Pool.job_killed
+                        EOF           ─► runners' trees killed, Pool.supervisor_lost,
+                                         another supervisor started
+      runner channel ─► result frames ─► Pool.result_arrived
+      writable       ─► the bytes that did not fit when they were queued
+    then, still under the lock: queued jobs to idle runners, the intake;
+    once the pool is shut down and idle, the supervisor is stopped and every
+    descriptor closed.  Futures are settled after the lock is released.
+
+It is also the pool logic's ``PoolIO``: ``send_job``, ``send_control`` and
+``kill_now`` queue bytes or signal without blocking, from any thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import selectors
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+
+from cancelk import _kill, _protocol, _slots
+from cancelk._channels import RunnerLink, SupervisorLink, Waker, close_quietly
+from cancelk._pool import Completion, Placement, Pool, fail
+from cancelk._wire import SMALL
+from cancelk.supervisor import PRELOAD_LIMIT, SupervisorConfig, SupervisorProcess, SupervisorStart
+
+log = logging.getLogger("cancelk")
+
+Command = Callable[[list[Completion]], None]
+# Received descriptors must not leak into programs the user process execs.
+_RECV_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_WAKER = "waker"
+
+
+class PoolLock:
+    """The lock over a pool's logic, and how deep its holder is in it.
+
+    Reentrant, with a depth count: a signal handler or finalizer that enters
+    while its own thread holds the lock sees ``depth`` > 0 and leaves its
+    command in the intake instead of waiting for itself.
+    """
+
+    def __init__(self) -> None:
+        self.rlock = threading.RLock()
+        self.depth = 0
+
+
+class ManagerThread(threading.Thread):
+    """Runs a pool's I/O; see the module docstring."""
+
+    def __init__(
+        self, lock: PoolLock, intake: deque[Command], method: str, config: SupervisorConfig
+    ) -> None:
+        super().__init__(name="cancelk-manager", daemon=True)
+        self.pool = Pool(config.slots, config.max_tasks_per_child, self)
+        self.lock = lock
+        self.intake = intake
+        self.method = method
+        self.config = config
+        self.selector: selectors.BaseSelector | None = None
+        self.waker: Waker | None = None
+        self.words_fd = -1
+        self.supervisor: SupervisorLink | None = None
+        self.runners: list[RunnerLink | None] = [None] * config.slots
+        self.want_write: set[int] = set()
+        self.preload: list[str] = []
+        self.stopped = False  # every process and descriptor is gone
+
+    # -- PoolIO: never blocks, any thread -----------------------------------------
+    def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
+        link = self.runners[slot]
+        if link is None:
+            return  # the runner died; its exit settles the job
+        if len(payload) <= SMALL:
+            sent = link.outbox.push(head + payload)  # one send: the runner wakes once
+        else:
+            sent = link.outbox.push(head, payload)
+        if not sent:
+            self.want_write.add(slot)
+            self.wake()
+
+    def send_control(self, message: _protocol.ControlMessage) -> None:
+        link = self.supervisor
+        if link is not None and not link.outbox.push(_protocol.encode(message)):
+            self.wake()  # this thread sends the rest
+
+    def kill_now(self, placement: Placement) -> None:
+        link = self.runners[placement.slot]
+        if link is not None and link.runner_id == placement.runner_id:
+            link.kill_now()
+
+    def wake(self) -> None:
+        waker = self.waker
+        if waker is not None:
+            waker.wake()
+
+    def note_module(self, name: str) -> None:
+        """Tell the supervisor a job's module once, for its spares to import."""
+        if name in self.preload or len(self.preload) >= PRELOAD_LIMIT:
+            return
+        self.preload.append(name)  # a later supervisor gets it at its start
+        self.send_control(_protocol.Preload(name))
+
+    # -- starting -------------------------------------------------------------------
+    def open(self) -> None:
+        """Everything but the thread itself; nothing is left open if it fails."""
+        try:
+            self.words_fd = _slots.create_fd(self.config.slots)
+            self.pool.words = _slots.SlotWords(self.words_fd, self.config.slots)
+            self.waker = Waker()
+            self.selector = selectors.DefaultSelector()
+            self.selector.register(self.waker.read_fd, selectors.EVENT_READ, _WAKER)
+            self._start_supervisor()
+        except BaseException:
+            # e.g. an initializer spawn cannot pickle: fail this submit, keep nothing
+            self._close_descriptors()
+            raise
+
+    def _start_supervisor(self) -> None:
+        started = self.pool.counts["supervisors_started"]
+        start = SupervisorStart(self.config, started * (1 << 32) + 1, tuple(self.preload))
+        link = SupervisorLink(SupervisorProcess(self.method, self.words_fd, start))
+        assert self.selector is not None
+        self.selector.register(link.sock, selectors.EVENT_READ, link)
+        self.supervisor = link
+        self.pool.counts["supervisors_started"] += 1
+
+    # -- the loop -------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as why:
+            # A bug here must not leave futures waiting forever (I3).
+            log.exception("cancelk manager thread failed; stopping the pool")
+            self._crash(why)
+
+    def _loop(self) -> None:
+        assert self.selector is not None
+        while not self.stopped:
+            events = self.selector.select()
+            self._locked(functools.partial(self._handle, events))
+        self._locked(self._run_intake)  # submits that raced the end: refused
+
+    def _locked(self, work: Command) -> None:
+        out: list[Completion] = []
+        with self.lock.rlock:
+            self.lock.depth += 1
+            try:
+                work(out)
+            finally:
+                self.lock.depth -= 1
+        run_completions(out)
+
+    def _run_intake(self, out: list[Completion]) -> None:
+        while self.intake:
+            self.intake.popleft()(out)
+
+    def _handle(
+        self, events: list[tuple[selectors.SelectorKey, int]], out: list[Completion]
+    ) -> None:
+        for key, mask in events:
+            self._on_event(key, mask, out)
+        self.pool.fill_idle()  # first: queued jobs go before those in the intake
+        self._run_intake(out)
+        self._register_writes()  # last: dispatching may have queued bytes
+        if self.pool.finished():
+            self._stop_processes()
+            self.stopped = True
+
+    def _on_event(self, key: selectors.SelectorKey, mask: int, out: list[Completion]) -> None:
+        link = key.data
+        if link == _WAKER:
+            assert self.waker is not None
+            self.waker.drain()
+        elif isinstance(link, SupervisorLink):
+            if link is not self.supervisor:
+                return  # replaced earlier in this batch
+            if mask & selectors.EVENT_WRITE:
+                link.outbox.flush()
+            if mask & selectors.EVENT_READ:
+                self._read_control(link, out)
+        elif isinstance(link, RunnerLink):
+            if self.runners[link.slot] is not link:
+                return  # closed or replaced earlier in this batch
+            if mask & selectors.EVENT_WRITE:
+                link.outbox.flush()
+                self.want_write.add(link.slot)
+            if mask & selectors.EVENT_READ:
+                self._read_channel(link, out)
+
+    def _register_writes(self) -> None:
+        for slot in self.want_write:
+            runner = self.runners[slot]
+            if runner is not None:
+                self._want_write(runner, runner.outbox.pending())
+        self.want_write.clear()
+        # Cancels push to the control queue without the lock: look each time.
+        if self.supervisor is not None:
+            self._want_write(self.supervisor, self.supervisor.outbox.pending())
+
+    def _want_write(self, link: RunnerLink | SupervisorLink, wanted: bool) -> None:
+        if link.write_wanted == wanted:
+            return
+        assert self.selector is not None
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
+        self.selector.modify(link.sock, events, link)
+        link.write_wanted = wanted
+
+    # -- the supervisor ---------------------------------------------------------------
+    def _read_control(self, link: SupervisorLink, out: list[Completion]) -> None:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(link.sock, 1 << 16, 16, _RECV_CLOEXEC)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                os.set_inheritable(fd, False)  # where MSG_CMSG_CLOEXEC does not exist
+            link.received_fds.extend(fds)
+            if not data:
+                self._supervisor_died(link, out)
+                return
+            for body in link.reader.feed(data):
+                try:
+                    self._on_supervisor_event(link, _protocol.decode(body), out)
+                except _protocol.ProtocolError as why:
+                    # Killed, it takes every runner with it; its EOF then
+                    # settles each job and starts another.  Safer than guessing.
+                    pid = link.process.pid
+                    log.error("cancelk supervisor %d sent a bad message, killing it: %s", pid, why)
+                    _kill.kill_child(pid)
+                    return
+
+    def _on_supervisor_event(
+        self, link: SupervisorLink, message: _protocol.ControlMessage, out: list[Completion]
+    ) -> None:
+        if isinstance(message, _protocol.RunnerStarted):
+            channel = link.received_fds.popleft()
+            pidfd = link.received_fds.popleft() if message.with_pidfd else -1
+            self._runner_started(message, channel, pidfd)
+        elif isinstance(message, _protocol.RunnerExited):
+            runner = self.runners[message.slot]
+            if runner is not None and runner.runner_id == message.runner_id:
+                self._read_channel(runner, out)  # a result written just before death counts
+                self._close_runner(runner)
+            self.pool.runner_exited(
+                message.slot, message.runner_id, message.status, message.state, out
+            )
+        elif isinstance(message, _protocol.JobKilled):
+            self.pool.job_killed(message.slot, message.runner_id, message.seq, message.flag, out)
+        else:
+            raise _protocol.ProtocolError(f"unexpected message from the supervisor: {message!r}")
+
+    def _supervisor_died(self, link: SupervisorLink, out: list[Completion]) -> None:
+        assert self.selector is not None
+        self.supervisor = None
+        self.selector.unregister(link.sock)
+        link.close()
+        status = link.process.reap()
+        for runner in self.runners:
+            if runner is None:
+                continue
+            if not self.pool.shutting_down:
+                runner.kill_orphaned()
+            self._read_channel(runner, out)
+            self._close_runner(runner)
+        self.pool.supervisor_lost(link.process.pid, status, out)
+        if self.pool.shutting_down and not self.pool.pending:
+            return
+        if status and not self.pool.shutting_down:
+            pid = link.process.pid
+            log.warning("cancelk supervisor %d died (status %d); starting a new one", pid, status)
+        try:
+            self._start_supervisor()
+        except OSError as why:
+            self.pool.break_pool(why, out)
+
+    # -- runners ----------------------------------------------------------------------
+    def _runner_started(self, message: _protocol.RunnerStarted, channel: int, pidfd: int) -> None:
+        assert self.selector is not None
+        link = RunnerLink(message.slot, message.runner_id, message.pid, channel, pidfd)
+        self.selector.register(link.sock, selectors.EVENT_READ, link)
+        self.runners[message.slot] = link
+        self.pool.runner_started(message.slot, message.runner_id, message.pid)
+
+    def _read_channel(self, link: RunnerLink, out: list[Completion]) -> None:
+        while self.runners[link.slot] is link:
+            try:
+                data = link.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_runner(link)
+                return
+            for body in link.reader.feed(data):
+                try:
+                    seq, _kind, outcome = _protocol.parse_result(body)
+                except _protocol.ProtocolError as why:
+                    log.error("cancelk runner %d sent a bad frame, killing it: %s", link.pid, why)
+                    self._close_runner(link)
+                    self.send_control(_protocol.KillRunner(link.slot, link.runner_id))
+                    return
+                self.pool.result_arrived(link.slot, seq, outcome, out)
+
+    def _close_runner(self, link: RunnerLink) -> None:
+        if self.runners[link.slot] is not link:
+            return
+        self.runners[link.slot] = None
+        self.want_write.discard(link.slot)
+        assert self.selector is not None
+        self.selector.unregister(link.sock)
+        link.close()
+        self.pool.channel_closed(link.slot)
+
+    # -- the end --------------------------------------------------------------------------
+    def _stop_processes(self) -> None:
+        link, self.supervisor = self.supervisor, None
+        if link is not None:
+            assert self.selector is not None
+            self.selector.unregister(link.sock)
+            link.stop()  # it kills and reaps its runners before it exits
+        for runner in self.runners:
+            if runner is not None:
+                self._close_runner(runner)
+        self._close_descriptors()
+
+    def _close_descriptors(self) -> None:
+        if self.selector is not None:
+            self.selector.close()
+        if self.waker is not None:
+            self.waker.close()
+        if self.words_fd >= 0:
+            os.close(self.words_fd)
+            self.words_fd = -1
+        if self.pool.words is not None:
+            self.pool.words.close()
+            self.pool.words = None
+
+    def _crash(self, why: BaseException) -> None:
+        error = BrokenProcessPool(f"the cancelk manager thread failed: {why!r}")
+        error.__cause__ = why
+        out: list[Completion] = []
+        with self.lock.rlock:
+            self.pool.break_pool(error, out)
+            for slot in self.pool.slots:
+                if slot.job is not None:
+                    out.append(functools.partial(fail, slot.job.future, error))
+            link, self.supervisor = self.supervisor, None
+            if link is not None:
+                # Its runners follow it (parent-death signal); their trees
+                # are killed too so nothing a job started survives.
+                _kill.kill_child(link.process.pid)
+                link.process.reap()
+            for runner in self.runners:
+                if runner is not None:
+                    runner.kill_orphaned()
+        run_completions(out)
+
+    def abandon(self) -> None:
+        """In a forked child: drop the parent's descriptors without touching
+        its processes, and without a lock (its holder may be a lost thread)."""
+        for link in (self.supervisor, *self.runners):
+            if link is not None:
+                link.abandon()
+        if self.waker is not None:
+            self.waker.abandon()
+            self.waker = None
+        close_quietly(self.words_fd)
+        self.words_fd = -1
+        if self.pool.words is not None:
+            self.pool.words.close()  # unmaps the child's view only
+            self.pool.words = None
+
+
+def run_completions(out: list[Completion]) -> None:
+    """Run them, then let go: the manager must not hold the last result (a
+    100 MB one, say) while it waits for the next event."""
+    try:
+        for index, complete in enumerate(out):
+            try:
+                complete()
+            except Exception:
+                log.exception("cancelk: settling a future failed")
+            except BaseException:
+                run_completions(out[index + 1 :])  # every future still ends
+                raise
+    finally:
+        out.clear()

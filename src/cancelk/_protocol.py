@@ -1,0 +1,206 @@
+"""Every message that crosses a process boundary inside cancelk, in both directions.
+
+    user process ──control socket──► supervisor     SetTimeLimit, GraceCancel,
+                                                     KillRunner, Preload, Shutdown
+    user process ◄──control socket── supervisor     RunnerStarted (+ channel fd,
+                                                     pidfd), RunnerExited, JobKilled
+    user process ──runner channel──► runner         job frame: JOB_HEAD + pickle
+    user process ◄──runner channel── runner         result frame: RESULT_HEAD + outcome
+
+Every frame on a stream is an 8-byte little-endian length and a body
+(``_wire.FrameReader`` cuts them).  A control body is one kind byte and the
+fixed fields of that kind (``Preload`` adds a UTF-8 module name); a job or
+result body is a fixed head and a pickle.  Decoding checks the kind and the
+size, so an unknown or truncated message raises ``ProtocolError`` with what
+was received rather than being misread or dropped.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple, Union
+
+from cancelk._wire import HEADER, OUTCOME_ERROR, OUTCOME_VALUE
+
+__all__ = [
+    "INIT_FAILED_SEQ",
+    "OUTCOME_ERROR",
+    "OUTCOME_VALUE",
+    "ControlMessage",
+    "GraceCancel",
+    "JobKilled",
+    "KillRunner",
+    "Preload",
+    "ProtocolError",
+    "RunnerExited",
+    "RunnerStarted",
+    "SetTimeLimit",
+    "Shutdown",
+    "decode",
+    "encode",
+    "job_frame_head",
+    "parse_job",
+    "parse_result",
+    "result_frame_head",
+]
+
+
+class ProtocolError(Exception):
+    """A message that does not follow this module's layouts."""
+
+
+# -- user process -> supervisor -------------------------------------------------
+class SetTimeLimit(NamedTuple):
+    """Kill job ``seq`` once it has run ``timeout_ns`` (counted from its start)."""
+
+    slot: int
+    runner_id: int
+    seq: int
+    timeout_ns: int
+
+
+class GraceCancel(NamedTuple):
+    """Job ``seq`` was cancelled with a grace: kill it if it still runs then."""
+
+    slot: int
+    runner_id: int
+    seq: int
+    grace_ns: int
+
+
+class KillRunner(NamedTuple):
+    """A kill of the runner's job was decided: kill the runner's group now."""
+
+    slot: int
+    runner_id: int
+
+
+class Preload(NamedTuple):
+    """A module jobs come from: spares import it before their first job."""
+
+    module: str
+
+
+class Shutdown(NamedTuple):
+    """Stop every runner and exit."""
+
+
+# -- supervisor -> user process -------------------------------------------------
+class RunnerStarted(NamedTuple):
+    """A runner took ``slot``; the channel fd (and a pidfd) travel with it."""
+
+    slot: int
+    runner_id: int
+    pid: int
+    with_pidfd: bool
+
+
+class RunnerExited(NamedTuple):
+    """A runner was reaped; ``state`` is its slot's shared word at that moment."""
+
+    slot: int
+    runner_id: int
+    pid: int
+    status: int
+    state: int
+
+
+class JobKilled(NamedTuple):
+    """A deadline killed job ``seq`` (``flag``: its KILL_* bit), before the reap."""
+
+    slot: int
+    runner_id: int
+    seq: int
+    flag: int
+
+
+ControlMessage = Union[
+    SetTimeLimit,
+    GraceCancel,
+    KillRunner,
+    Preload,
+    Shutdown,
+    RunnerStarted,
+    RunnerExited,
+    JobKilled,
+]
+
+# kind byte -> (class, layout of its fixed fields); a text field follows the
+# fixed ones where the class has one.
+_LAYOUTS: dict[int, tuple[type, struct.Struct]] = {
+    1: (SetTimeLimit, struct.Struct("<QQQq")),
+    2: (GraceCancel, struct.Struct("<QQQq")),
+    3: (KillRunner, struct.Struct("<QQ")),
+    4: (Preload, struct.Struct("")),
+    5: (Shutdown, struct.Struct("")),
+    6: (RunnerStarted, struct.Struct("<QQq?")),
+    7: (RunnerExited, struct.Struct("<QQqiQ")),
+    8: (JobKilled, struct.Struct("<QQQQ")),
+}
+_KINDS = {cls: kind for kind, (cls, _) in _LAYOUTS.items()}
+_TEXT = {Preload}
+
+
+def encode(message: ControlMessage) -> bytes:
+    """The framed bytes of a control message."""
+    kind = _KINDS[type(message)]
+    layout = _LAYOUTS[kind][1]
+    if isinstance(message, Preload):
+        body = bytes((kind,)) + message.module.encode()
+    else:
+        body = bytes((kind,)) + layout.pack(*message)
+    return HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes) -> ControlMessage:
+    """The message in one frame's body; ProtocolError if it is not one."""
+    if not body:
+        raise ProtocolError("empty control message")
+    entry = _LAYOUTS.get(body[0])
+    if entry is None:
+        raise ProtocolError(f"unknown control message kind {body[0]} ({len(body)} bytes)")
+    cls, layout = entry
+    if cls in _TEXT:
+        try:
+            return Preload(bytes(body[1:]).decode())
+        except UnicodeDecodeError as why:
+            raise ProtocolError(f"{cls.__name__} with a malformed name: {why}") from why
+    if len(body) - 1 != layout.size:
+        raise ProtocolError(
+            f"{cls.__name__} of {len(body) - 1} bytes, expected {layout.size}: {bytes(body)!r}"
+        )
+    return cls(*layout.unpack_from(body, 1))  # type: ignore[no-any-return]
+
+
+# -- runner channels ------------------------------------------------------------
+JOB_HEAD = struct.Struct("<QQ")  # seq, slot: a spare learns its slot from its first job
+RESULT_HEAD = struct.Struct("<QB")  # seq, outcome kind
+INIT_FAILED_SEQ = 0  # a result frame for no job: the initializer raised
+
+
+def job_frame_head(seq: int, slot: int, payload_size: int) -> bytes:
+    """Frame header and job head to send before a job's pickled payload."""
+    return HEADER.pack(JOB_HEAD.size + payload_size) + JOB_HEAD.pack(seq, slot)
+
+
+def parse_job(body: bytes) -> tuple[int, int, memoryview]:
+    """(seq, slot, pickled job) of a job frame's body."""
+    if len(body) < JOB_HEAD.size:
+        raise ProtocolError(f"job frame of {len(body)} bytes is shorter than its head")
+    seq, slot = JOB_HEAD.unpack_from(body)
+    return seq, slot, memoryview(body)[JOB_HEAD.size :]
+
+
+def result_frame_head(seq: int, kind: int, outcome_size: int) -> bytes:
+    """Frame header and result head to send before an encoded outcome."""
+    return HEADER.pack(RESULT_HEAD.size + outcome_size) + RESULT_HEAD.pack(seq, kind)
+
+
+def parse_result(body: bytes) -> tuple[int, int, memoryview]:
+    """(seq, outcome kind, encoded outcome) of a result frame's body."""
+    if len(body) < RESULT_HEAD.size:
+        raise ProtocolError(f"result frame of {len(body)} bytes is shorter than its head")
+    seq, kind = RESULT_HEAD.unpack_from(body)
+    if kind not in (OUTCOME_VALUE, OUTCOME_ERROR):
+        raise ProtocolError(f"result frame for job {seq} with unknown outcome kind {kind}")
+    return seq, kind, memoryview(body)[RESULT_HEAD.size :]

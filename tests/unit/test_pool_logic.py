@@ -1,0 +1,359 @@
+"""The pool's logic (cancelk._pool) driven through a fake of its I/O: no
+processes, sockets or threads; the shared words are real (in this process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+from cancelk import _protocol, _slots, _wire
+from cancelk._pool import Job, Pool
+from cancelk._slots import FRESH, KILL_CANCEL, KILL_TIMEOUT, SlotWords
+from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError
+from cancelk.futures import Future
+from cancelk.options import JobOptions
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class FakeIO:
+    def __init__(self) -> None:
+        self.jobs: list[tuple[int, int, bytes]] = []  # (slot, seq, payload)
+        self.control: list[_protocol.ControlMessage] = []
+        self.killed: list[int] = []  # slots killed through a pidfd
+
+    def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
+        seq, job_slot, body = _protocol.parse_job((head + payload)[8:])
+        assert job_slot == slot
+        self.jobs.append((slot, seq, bytes(body)))
+
+    def send_control(self, message: _protocol.ControlMessage) -> None:
+        self.control.append(message)
+
+    def kill_now(self, placement) -> None:
+        self.killed.append(placement.slot)
+
+
+class Harness:
+    """A pool of ``size`` slots, its fake I/O, and a runner's view of the words."""
+
+    def __init__(self, size: int = 2, max_tasks: int | None = None) -> None:
+        self.io = FakeIO()
+        self.pool = Pool(size, max_tasks, self.io)
+        fd = _slots.create_fd(size)
+        self.words = SlotWords(fd, size)
+        os.close(fd)
+        self.pool.words = self.words
+        self.out: list = []
+        self.seq = 0
+        self.next_runner = 1
+
+    def close(self) -> None:
+        self.words.close()
+
+    def start_runner(self, slot: int) -> int:
+        runner_id = self.next_runner
+        self.next_runner += 1
+        self.words.give(slot, runner_id)
+        self.pool.runner_started(slot, runner_id, 1000 + runner_id)
+        return runner_id
+
+    def submit(self, options: JobOptions = JobOptions()) -> Future:
+        future = Future(self)
+        self.seq += 1
+        job = Job(future, self.seq, b"payload", options)
+        future._cancelk_job = job
+        self.pool.accept(job, self.out)
+        return future
+
+    # Future's owner, as the manager is
+    def cancel_running(self, future: Future) -> bool:
+        if not self.pool.cancel_running(future._cancelk_job):
+            return future.cancelled()
+        return future.mark_cancelled("cancelled") or future.cancelled()
+
+    def settle(self) -> None:
+        for complete in self.out:
+            complete()
+        self.out.clear()
+
+    def runner_finishes(self, slot: int, seq: int, value: object) -> None:
+        kind, outcome = _wire.encode_result(value)
+        self.pool.result_arrived(slot, seq, memoryview(outcome), self.out)
+        self.settle()
+
+
+@pytest.fixture
+def h():
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def test_a_job_waits_for_a_runner_then_is_dispatched(h):
+    future = h.submit()
+    assert list(h.pool.pending) and not h.io.jobs
+    assert not future.running()
+    h.start_runner(0)
+    h.pool.fill_idle()
+    assert h.io.jobs == [(0, 1, b"payload")]
+    assert future.running() and future.pid == 1001
+    assert h.pool.stats()["running"] == 1 and h.pool.stats()["pending"] == 0
+
+
+def test_a_result_settles_the_future_and_frees_the_runner(h):
+    h.start_runner(0)
+    future = h.submit()
+    h.words.begin(0, FRESH | 1, 1)
+    h.words.finish(0, 1)
+    h.runner_finishes(0, 1, {"answer": 42})
+    assert future.result(0) == {"answer": 42}
+    second = h.submit()
+    assert second.running(), "the runner is idle again"
+    stats = h.pool.stats()
+    assert (stats["submitted"], stats["started"], stats["finished"]) == (2, 2, 1)
+
+
+def test_a_stale_result_is_ignored(h):
+    h.start_runner(0)
+    future = h.submit()
+    h.runner_finishes(0, 99, "not mine")
+    assert future.running()
+
+
+def test_a_time_limit_is_sent_with_the_job(h):
+    h.start_runner(1)
+    h.submit(JobOptions(timeout=0.25))
+    assert h.io.control == [_protocol.SetTimeLimit(1, 1, 1, 250_000_000)]
+
+
+def test_a_queued_job_cancelled_is_never_dispatched(h):
+    future = h.submit()
+    assert future.cancel() and future.cancelled()
+    h.start_runner(0)
+    h.pool.fill_idle()
+    assert not h.io.jobs
+    with pytest.raises(ProcessCancelledError):
+        future.result(0)
+
+
+def test_cancel_of_a_running_job_decides_its_kill(h):
+    h.start_runner(0)
+    future = h.submit()
+    h.words.begin(0, FRESH | 1, 1)
+    assert future.cancel() is True
+    assert future.cancelled()
+    assert h.io.killed == [0]
+    assert h.io.control == [_protocol.KillRunner(0, 1)]
+    assert h.words.state(0) == 1 | KILL_CANCEL
+    assert future.cancel() is True, "a second cancel agrees"
+    assert h.io.killed == [0], "and kills nothing more"
+    # the runner's exit reports the cancel
+    h.pool.runner_exited(0, 1, signal.SIGKILL, h.words.state(0), h.out)
+    h.settle()
+    assert h.pool.stats()["cancelled"] == 1 and h.pool.stats()["running"] == 0
+
+
+def test_cancel_before_the_runner_began_the_job_still_wins(h):
+    h.start_runner(0)
+    future = h.submit()  # sent, but the runner has not called begin()
+    assert future.cancel()
+    assert not h.words.begin(0, FRESH | 1, 1), "the runner must not start it"
+
+
+def test_cancel_after_the_job_finished_loses(h):
+    h.start_runner(0)
+    future = h.submit()
+    h.words.begin(0, FRESH | 1, 1)
+    h.words.finish(0, 1)  # finished; the result is on its way
+    assert future.cancel() is False
+    assert not h.io.killed
+    h.runner_finishes(0, 1, "done")
+    assert future.result(0) == "done"
+
+
+def test_a_cancel_with_grace_asks_the_supervisor_once(h):
+    h.start_runner(0)
+    future = h.submit(JobOptions(cancel_timeout=0.5))
+    h.words.begin(0, FRESH | 1, 1)
+    assert future.cancel() is False
+    assert future.cancel() is False
+    assert h.io.control == [_protocol.GraceCancel(0, 1, 1, 500_000_000)]
+    assert not h.io.killed and future.running()
+
+
+def test_an_unlimited_grace_never_kills(h):
+    h.start_runner(0)
+    future = h.submit(JobOptions(cancel_timeout=None))
+    assert future.cancel() is False
+    assert not h.io.control and not h.io.killed
+
+
+def test_a_timeout_kill_ends_with_process_timeout_error_once(h):
+    h.start_runner(0)
+    future = h.submit(JobOptions(timeout=0.05))
+    h.words.begin(0, FRESH | 1, 1)
+    assert h.words.decide_kill(0, 1, KILL_TIMEOUT)  # as the supervisor does
+    h.pool.job_killed(0, 1, 1, KILL_TIMEOUT, h.out)
+    h.settle()
+    with pytest.raises(ProcessTimeoutError, match="time limit of 0.05 s"):
+        future.result(0)
+    assert h.pool.stats()["running"] == 1, "the runner is still being torn down"
+    h.pool.runner_exited(0, 1, signal.SIGKILL, h.words.state(0), h.out)
+    h.settle()
+    stats = h.pool.stats()
+    assert stats["timed_out"] == 1 and stats["running"] == 0 and stats["died"] == 0
+
+
+def test_a_runner_death_fails_only_its_job(h):
+    h.start_runner(0)
+    h.start_runner(1)
+    doomed, fine = h.submit(), h.submit()
+    h.words.begin(1, FRESH | 2, 1)  # idle.pop() took slot 1 first
+    h.pool.runner_exited(1, 2, signal.SIGSEGV, h.words.state(1), h.out)
+    h.settle()
+    error = doomed.exception(0)
+    assert isinstance(error, ProcessDiedError) and error.signal == signal.SIGSEGV
+    assert fine.running()
+    assert h.pool.stats()["died"] == 1
+
+
+def test_an_exit_code_death_names_the_code(h):
+    h.start_runner(0)
+    future = h.submit()
+    status = 3 << 8  # exited with code 3
+    h.pool.runner_exited(0, 1, status, h.words.state(0), h.out)
+    h.settle()
+    assert future.exception(0).exitcode == 3
+
+
+def test_an_exit_of_an_older_runner_is_ignored(h):
+    h.start_runner(0)
+    future = h.submit()
+    h.pool.runner_exited(0, 77, signal.SIGKILL, 0, h.out)
+    assert not h.out and future.running()
+
+
+def test_the_initializer_failing_three_times_breaks_the_pool():
+    h = Harness(size=1)
+    try:
+        queued = None
+        for attempt in range(3):
+            h.start_runner(0)
+            if queued is None:
+                queued = [h.submit(), h.submit()]
+            outcome = _wire.encode_exception(ZeroDivisionError("init"))
+            h.pool.result_arrived(0, _protocol.INIT_FAILED_SEQ, memoryview(outcome), h.out)
+            h.settle()
+            h.pool.runner_exited(0, h.next_runner - 1, 3 << 8, h.words.state(0), h.out)
+            h.settle()
+        first, second = queued
+        assert isinstance(first.exception(0), BrokenProcessPool)
+        assert isinstance(second.exception(0), BrokenProcessPool)
+        assert isinstance(first.exception(0).__cause__, ZeroDivisionError)
+        assert h.pool.broken is not None
+        late = h.submit()
+        h.settle()
+        assert isinstance(late.exception(0), BrokenProcessPool)
+    finally:
+        h.close()
+
+
+def test_a_lost_supervisor_fails_running_jobs_and_keeps_queued_ones():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        running, queued = h.submit(), h.submit()
+        h.pool.supervisor_lost(555, 9, h.out)
+        h.settle()
+        error = running.exception(0)
+        assert isinstance(error, ProcessDiedError) and "supervisor (pid 555) died" in str(error)
+        assert not queued.done() and list(h.pool.pending)
+        h.start_runner(0)  # a new supervisor's runner
+        h.pool.fill_idle()
+        assert queued.running()
+    finally:
+        h.close()
+
+
+def test_max_tasks_retires_a_runner_after_its_jobs():
+    h = Harness(size=1, max_tasks=1)
+    try:
+        h.start_runner(0)
+        first, second = h.submit(), h.submit()
+        h.words.begin(0, FRESH | 1, 1)
+        h.words.finish(0, 1)
+        h.runner_finishes(0, 1, "one")
+        assert first.result(0) == "one"
+        assert not second.running(), "the retiring runner takes no second job"
+        h.pool.runner_exited(0, 1, 0, h.words.state(0), h.out)
+        h.start_runner(0)
+        h.pool.fill_idle()
+        assert second.running()
+    finally:
+        h.close()
+
+
+def test_shutdown_finishes_only_when_nothing_runs(h):
+    h.start_runner(0)
+    running, queued = h.submit(), h.submit()
+    h.start_runner(1)
+    h.pool.fill_idle()
+    h.pool.begin_shutdown(False, h.out)
+    assert not h.pool.finished()
+    for slot, seq in ((0, 1), (1, 2)):
+        h.words.begin(slot, h.words.state(slot), seq)
+        h.words.finish(slot, seq)
+        h.runner_finishes(slot, seq, seq)
+    assert running.result(0) == 1 and queued.result(0) == 2
+    assert h.pool.finished()
+
+
+def test_shutdown_with_cancel_futures_cancels_the_queue(h):
+    h.start_runner(0)
+    running = h.submit()
+    queued = [h.submit() for _ in range(3)]
+    h.pool.begin_shutdown(True, h.out)
+    h.settle()
+    assert all(f.cancelled() for f in queued)
+    assert running.running()
+
+
+def test_kill_everything_cancels_the_queue_and_kills_what_runs(h):
+    h.start_runner(0)
+    running = h.submit()
+    queued = h.submit()
+    h.words.begin(0, FRESH | 1, 1)
+    h.pool.kill_everything("terminate_workers()", h.out)
+    h.settle()
+    assert running.cancelled() and queued.cancelled()
+    assert h.io.killed == [0]
+    with pytest.raises(ProcessCancelledError, match="terminate_workers"):
+        running.result(0)
+
+
+def test_jobs_start_in_the_order_they_were_submitted():
+    """A runner freed while jobs are queued takes the oldest, never a newcomer
+    that arrived before the queue was looked at (the manager runs the queue
+    before new submits)."""
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        first, second = h.submit(), h.submit()
+        h.words.begin(0, FRESH | 1, 1)
+        h.words.finish(0, 1)
+        kind, outcome = _wire.encode_result(1)
+        h.pool.result_arrived(0, 1, memoryview(outcome), h.out)  # runner 0 idle, 1 queued
+        third = h.submit()
+        assert not third.running(), "a newcomer jumped the queue"
+        h.pool.fill_idle()
+        assert second.running() and not third.running()
+        h.settle()
+        assert first.result(0) == 1
+    finally:
+        h.close()

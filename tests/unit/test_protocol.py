@@ -1,0 +1,137 @@
+"""Frames, control messages and job outcomes (cancelk._wire, cancelk._protocol)."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+
+import pytest
+
+from cancelk import _protocol, _wire
+from cancelk._slots import KILL_TIMEOUT
+from cancelk.errors import RemoteTraceback, ResultPicklingError
+
+pytestmark = pytest.mark.timeout(10)
+
+MESSAGES = [
+    _protocol.SetTimeLimit(3, 1 << 33, 12, 50_000_000),
+    _protocol.GraceCancel(0, 7, 1, 0),
+    _protocol.KillRunner(31, (1 << 40) + 5),
+    _protocol.Preload("package.módulo"),
+    _protocol.Shutdown(),
+    _protocol.RunnerStarted(2, 9, 4242, True),
+    _protocol.RunnerExited(2, 9, 4242, 9, 17 | KILL_TIMEOUT),
+    _protocol.JobKilled(1, 2, 3, KILL_TIMEOUT),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(message):
+    framed = _protocol.encode(message)
+    (frames,) = [_wire.FrameReader().feed(framed)]
+    assert len(frames) == 1
+    decoded = _protocol.decode(frames[0])
+    assert decoded == message and type(decoded) is type(message)
+
+
+def test_unknown_kind_is_an_error_naming_it():
+    with pytest.raises(_protocol.ProtocolError, match="unknown control message kind 200"):
+        _protocol.decode(bytes([200, 1, 2, 3]))
+
+
+def test_truncated_message_is_an_error_naming_it():
+    body = _wire.FrameReader().feed(_protocol.encode(_protocol.KillRunner(1, 2)))[0]
+    with pytest.raises(_protocol.ProtocolError, match="KillRunner of 15 bytes, expected 16"):
+        _protocol.decode(body[:-1])
+
+
+def test_empty_message_is_an_error():
+    with pytest.raises(_protocol.ProtocolError, match="empty"):
+        _protocol.decode(b"")
+
+
+def test_malformed_module_name_is_an_error():
+    with pytest.raises(_protocol.ProtocolError, match="Preload"):
+        _protocol.decode(bytes([4]) + b"\xff\xfe")
+
+
+def test_job_frame_head_and_parse():
+    payload = pickle.dumps((len, ("ab",), {}))
+    framed = _protocol.job_frame_head(41, 3, len(payload)) + payload
+    (body,) = _wire.FrameReader().feed(framed)
+    seq, slot, job = _protocol.parse_job(body)
+    assert (seq, slot) == (41, 3)
+    fn, args, kwargs = pickle.loads(job)
+    assert fn(*args, **kwargs) == 2
+
+
+def test_result_frame_head_and_parse():
+    kind, outcome = _wire.encode_result([1, 2])
+    framed = _protocol.result_frame_head(8, kind, len(outcome)) + outcome
+    (body,) = _wire.FrameReader().feed(framed)
+    seq, got_kind, got = _protocol.parse_result(body)
+    assert (seq, got_kind) == (8, _wire.OUTCOME_VALUE)
+    assert _wire.decode_outcome(bytes(got)).unwrap() == [1, 2]
+
+
+@pytest.mark.parametrize("parse", [_protocol.parse_job, _protocol.parse_result])
+def test_short_channel_frames_are_errors(parse):
+    with pytest.raises(_protocol.ProtocolError, match="shorter than its head"):
+        parse(b"\x01\x02")
+
+
+def test_result_with_an_unknown_outcome_kind_is_an_error():
+    body = struct.pack("<QB", 5, 9) + b"x"
+    with pytest.raises(_protocol.ProtocolError, match="unknown outcome kind 9"):
+        _protocol.parse_result(body)
+
+
+def test_frame_reader_cuts_frames_fed_byte_by_byte():
+    stream = b"".join(_wire.frame(bytes([n % 256]) * n) for n in (0, 1, 5, 300))
+    reader = _wire.FrameReader()
+    frames = []
+    for byte in stream:
+        frames += reader.feed(bytes([byte]))
+    assert frames == [b"", b"\x01", b"\x05" * 5, bytes([300 % 256]) * 300]
+
+
+def test_frame_reader_cuts_several_frames_in_one_chunk():
+    stream = _wire.frame(b"one") + _wire.frame(b"two") + _wire.frame(b"thr")[:5]
+    reader = _wire.FrameReader()
+    assert reader.feed(stream) == [b"one", b"two"]
+    assert reader.feed(_wire.frame(b"thr")[5:]) == [b"thr"]
+
+
+def test_an_exception_outcome_carries_its_remote_traceback():
+    kind, outcome = _wire.run_and_encode(int, ("x",), {})
+    assert kind == _wire.OUTCOME_ERROR
+    decoded = _wire.decode_outcome(outcome)
+    assert isinstance(decoded.exception, ValueError)
+    assert isinstance(decoded.exception.__cause__, RemoteTraceback)
+    assert "invalid literal" in str(decoded.exception.__cause__)
+    with pytest.raises(ValueError):
+        decoded.unwrap()
+
+
+def test_an_unpicklable_result_becomes_an_error_outcome():
+    kind, outcome = _wire.run_and_encode(lambda: (lambda: 1), (), {})
+    assert kind == _wire.OUTCOME_ERROR
+    error = _wire.decode_outcome(outcome).exception
+    assert isinstance(error, ResultPicklingError)
+    assert "could not be pickled" in str(error)
+
+
+class _Unloadable:
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse():
+    raise LookupError("cannot be built here")
+
+
+def test_an_outcome_that_cannot_be_unpickled_names_what_failed():
+    outcome = pickle.dumps(("ok", _Unloadable()))
+    error = _wire.decode_outcome(outcome).exception
+    assert isinstance(error, ResultPicklingError)
+    assert "LookupError" in str(error) and "_refuse" in str(error)

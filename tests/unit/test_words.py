@@ -1,0 +1,112 @@
+"""The shared-word state machine (cancelk._slots), in one process: every
+transition, and the races between a runner's begin/finish and a kill."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from cancelk import _slots
+from cancelk._slots import DONE, FRESH, KILL_CANCEL, KILL_TIMEOUT, SlotWords, job_of
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.fixture
+def words():
+    fd = _slots.create_fd(4)
+    shared = SlotWords(fd, 4)
+    os.close(fd)
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+def test_a_given_slot_names_its_runner(words):
+    words.give(1, 7)
+    assert words.state(1) == FRESH | 7
+    assert job_of(words.state(1)) == 0
+    assert words.started_ns(1) == 0
+
+
+def test_begin_then_finish(words):
+    words.give(0, 3)
+    assert words.begin(0, FRESH | 3, 11)
+    assert words.state(0) == 11 and job_of(11) == 11
+    assert words.started_ns(0) > 0
+    assert words.finish(0, 11)
+    assert words.state(0) == 11 | DONE
+    # the next job begins from the previous one's DONE word
+    assert words.begin(0, 11 | DONE, 12)
+
+
+def test_kill_of_a_running_job_beats_its_finish(words):
+    words.give(0, 3)
+    words.begin(0, FRESH | 3, 5)
+    assert words.decide_kill(0, 5, KILL_TIMEOUT)
+    assert words.state(0) == 5 | KILL_TIMEOUT
+    assert not words.finish(0, 5), "a killed job must never report"
+    assert not words.decide_kill(0, 5, KILL_CANCEL), "one kill decides, once"
+
+
+def test_finish_beats_a_later_kill(words):
+    words.give(0, 3)
+    words.begin(0, FRESH | 3, 5)
+    assert words.finish(0, 5)
+    assert not words.decide_kill(0, 5, KILL_CANCEL)
+    assert not words.decide_kill(0, 5, KILL_CANCEL, 5)
+
+
+def test_kill_before_begin_needs_the_word_before(words):
+    words.give(0, 3)
+    # Without what preceded the job, a job that has not begun cannot be killed...
+    assert not words.decide_kill(0, 9, KILL_CANCEL)
+    # ...with it, it can, and the runner's begin then fails.
+    assert words.decide_kill(0, 9, KILL_CANCEL, FRESH | 3)
+    assert not words.begin(0, FRESH | 3, 9)
+
+
+def test_a_late_kill_never_hits_the_next_job(words):
+    words.give(0, 3)
+    words.begin(0, FRESH | 3, 5)
+    words.finish(0, 5)
+    words.begin(0, 5 | DONE, 6)
+    assert not words.decide_kill(0, 5, KILL_CANCEL, FRESH | 3)
+    assert words.state(0) == 6
+
+
+def test_a_kill_never_hits_the_next_runner(words):
+    words.give(0, 3)
+    words.begin(0, FRESH | 3, 5)
+    words.give(0, 4)  # runner 3 died; runner 4 took the slot
+    assert not words.decide_kill(0, 5, KILL_TIMEOUT)
+    assert not words.decide_kill(0, 6, KILL_CANCEL, FRESH | 3)
+
+
+def test_slots_are_independent(words):
+    for slot in range(4):
+        words.give(slot, 10 + slot)
+    words.begin(2, FRESH | 12, 1)
+    assert words.decide_kill(2, 1, KILL_CANCEL)
+    assert [job_of(words.state(s)) for s in range(4)] == [0, 0, 1, 0]
+
+
+def test_decide_kill_between_begins_cas_is_not_lost(words):
+    """The fixed race: the runner's begin() lands between the killer's load
+    and its CAS; the killer must retry and still win, never lose both."""
+    for seq in range(1, 2001):
+        words.give(0, seq)  # a fresh runner (id seq) for each round
+        before = FRESH | seq
+        go = threading.Barrier(2)
+        begun = []
+        thread = threading.Thread(target=lambda: (go.wait(), begun.append(words.begin(0, before, seq))))
+        thread.start()
+        go.wait()
+        killed = words.decide_kill(0, seq, KILL_CANCEL, before)
+        thread.join()
+        assert killed, f"round {seq}: the kill lost to a begin()"
+        assert words.state(0) == seq | KILL_CANCEL
+        assert not words.finish(0, seq)
