@@ -7,7 +7,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["backend.c", "proc.c", "tree.c", "loop.c"]
+SOURCES = ["backend.c", "proc.c", "tree.c", "loop.c", "loop_epoll.c", "loop_poll.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(
