@@ -6,6 +6,9 @@ import errno
 import mmap
 import multiprocessing
 import os
+import pathlib
+import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -22,6 +25,10 @@ import helpers
 MS = 1_000_000
 LINUX = sys.platform.startswith("linux")
 linux_only = pytest.mark.skipif(not LINUX, reason="Linux-only facility (prctl, /proc)")
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+needs_csrc = pytest.mark.skipif(
+    not (CSRC / "cancelk.h").is_file(), reason="csrc/ is not beside tests/ (a wheel's test run)"
+)
 
 
 def spawn(*argv: str, group: bool = False) -> int:
@@ -546,3 +553,76 @@ def test_signal_dispositions_report_handlers_and_ignored_signals():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------
+# the cffi declarations come from cancelk.h
+
+
+def _header_declarations() -> tuple[set[str], dict[str, int]]:
+    """(function names, integer constants) that cancelk.h declares, read
+    from the header itself with no help from the build script."""
+    text = re.sub(r"/\*.*?\*/", " ", (CSRC / "cancelk.h").read_text(), flags=re.DOTALL)
+    functions = set(re.findall(r"\b(cancelk_\w+)\s*\(", text))
+    constants = {
+        name: int(value)
+        for name, value in re.findall(r"^#define\s+(CANCELK_\w+)\s+\(?(-?\d+)\)?", text, re.M)
+    }
+    return functions, constants
+
+
+def _cdef_declarations(cdef: str) -> tuple[set[str], dict[str, int]]:
+    """(function names, integer constants) in a cdef, the functions found by
+    a C parser (pycparser, which cffi itself uses)."""
+    c_parser = pytest.importorskip("pycparser.c_parser")
+    c_ast = pytest.importorskip("pycparser.c_ast")
+    constants = {
+        name: int(value) for name, value in re.findall(r"^#define (\w+) (-?\d+)$", cdef, re.M)
+    }
+    code = "\n".join(line for line in cdef.splitlines() if not line.startswith("#"))
+    prelude = "typedef long long int64_t; typedef unsigned long long uint64_t;\n"
+    unit = c_parser.CParser().parse(prelude + code)
+    functions = {
+        node.name
+        for node in unit.ext
+        if isinstance(node, c_ast.Decl) and isinstance(node.type, c_ast.FuncDecl)
+    }
+    return functions, constants
+
+
+@pytest.fixture(scope="module")
+def build_script():
+    return runpy.run_path(str(CSRC / "build_cancelk.py"))
+
+
+@needs_csrc
+class TestDeclarationsFromTheHeader:
+    def test_cdef_declares_what_the_header_declares(self, build_script):
+        cdef = build_script["cdef_from_header"]((CSRC / "cancelk.h").read_text())
+        header_functions, header_constants = _header_declarations()
+        cdef_functions, cdef_constants = _cdef_declarations(cdef)
+        assert "cancelk_loop_wait" in header_functions  # the header parse found something
+        assert cdef_functions == header_functions
+        assert cdef_constants == header_constants
+        assert cdef_constants["CANCELK_TOKEN_DEADLINE"] == -1  # "(-1)" in the header
+
+    def test_the_built_module_has_every_header_declaration(self):
+        from cancelk._cancelk_core import lib
+
+        functions, constants = _header_declarations()
+        assert sorted(name for name in functions if not hasattr(lib, name)) == []
+        assert {name: getattr(lib, name) for name in constants} == constants
+
+    def test_private_loop_header_stays_out(self, build_script):
+        cdef = build_script["cdef_from_header"]((CSRC / "cancelk.h").read_text())
+        assert "loop_backend.h" not in (CSRC / "cancelk.h").read_text()
+        for private in ("loop_ops", "watched_fd", "watched_child", "loop_reserve"):
+            assert private not in cdef
+
+    @pytest.mark.parametrize(
+        "line",
+        ["#define CANCELK_FLAGS (1 << 2)", "#ifdef __linux__", "#define CANCELK_MAX(a, b) a"],
+    )
+    def test_what_cffi_cannot_take_stops_the_build(self, build_script, line):
+        with pytest.raises(ValueError, match=re.escape(line.split()[1])):
+            build_script["cdef_from_header"](f"int cancelk_x(void);\n{line}\n")
