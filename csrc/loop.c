@@ -35,44 +35,51 @@ int loop_reserve(void **array, int *cap, int need, size_t item_size)
 	return 0;
 }
 
-/* The ops of a CANCELK_BACKEND_* number; NULL with errno set if there are none. */
-static const struct loop_ops *backend_ops(int backend)
+/* The ops of a CANCELK_BACKEND_* number: 0, or the step that rules it out. */
+static int find_backend(int backend, const struct loop_ops **ops)
 {
 	switch (backend) {
 	case CANCELK_BACKEND_PIDFD:
 #ifdef __linux__
-		return &loop_epoll_ops;
+		*ops = &loop_epoll_ops;
+		return 0;
 #else
 		errno = ENOSYS;	/* pidfds are Linux's */
-		return NULL;
+		return CANCELK_STEP_NO_BACKEND;
 #endif
 	case CANCELK_BACKEND_POSIX:
-		return &loop_poll_ops;
+		*ops = &loop_poll_ops;
+		return 0;
 	default:
 		errno = EINVAL;
-		return NULL;
+		return CANCELK_STEP_BAD_ARGUMENT;
 	}
 }
 
-struct cancelk_loop *cancelk_loop_new(int backend)
+int cancelk_loop_new(int backend, struct cancelk_loop **out)
 {
-	const struct loop_ops *ops = backend_ops(backend);
+	const struct loop_ops *ops = NULL;
 	struct cancelk_loop *loop;
+	int step;
 
-	if (!ops)
-		return NULL;
+	*out = NULL;
+	step = find_backend(backend, &ops);
+	if (step != 0)
+		return step;
 	loop = calloc(1, sizeof(*loop));
 	if (!loop)
-		return NULL;
+		return CANCELK_STEP_CALLOC;
 	loop->ops = ops;
-	if (ops->open(loop) != 0) {
-		int saved = errno;
+	step = ops->open(loop);
+	if (step != 0) {
+		int saved = errno;	/* the failed call's, not close()'s */
 
 		cancelk_loop_free(loop);
 		errno = saved;
-		return NULL;
+		return step;
 	}
-	return loop;
+	*out = loop;
+	return 0;
 }
 
 void cancelk_loop_free(struct cancelk_loop *loop)
@@ -88,74 +95,81 @@ void cancelk_loop_free(struct cancelk_loop *loop)
 int cancelk_loop_add_fd(struct cancelk_loop *loop, int fd, int64_t token)
 {
 	struct watched_fd *entry;
+	int step;
 
 	if (fd < 0 || token < 0) {
 		errno = EINVAL;
-		return -1;
+		return CANCELK_STEP_BAD_ARGUMENT;
 	}
 	if (loop_reserve((void **)&loop->fds, &loop->fds_cap, loop->nfds + 1,
 			 sizeof(*loop->fds)) != 0)
-		return -1;
+		return CANCELK_STEP_REALLOC;
 	entry = &loop->fds[loop->nfds];
 	entry->fd = fd;
 	entry->token = token;
-	if (loop->ops->add_fd(loop, entry) != 0)
-		return -1;
+	step = loop->ops->add_fd ? loop->ops->add_fd(loop, entry) : 0;
+	if (step != 0)
+		return step;
 	loop->nfds++;
 	return 0;
 }
 
 int cancelk_loop_remove_fd(struct cancelk_loop *loop, int fd)
 {
-	int i;
+	int i, step;
 
 	for (i = 0; i < loop->nfds; i++) {
 		if (loop->fds[i].fd != fd)
 			continue;
-		if (loop->ops->remove_fd(loop, &loop->fds[i]) != 0)
-			return -1;
+		step = loop->ops->remove_fd ? loop->ops->remove_fd(loop, &loop->fds[i]) : 0;
+		if (step != 0)
+			return step;
 		loop->fds[i] = loop->fds[--loop->nfds];
 		return 0;
 	}
 	errno = ENOENT;
-	return -1;
+	return CANCELK_STEP_NOT_WATCHED;
 }
 
 int cancelk_loop_add_child(struct cancelk_loop *loop, int pid, int64_t token)
 {
 	struct watched_child *child;
+	int step;
 
 	if (pid <= 0 || token < 0) {
 		errno = EINVAL;
-		return -1;
+		return CANCELK_STEP_BAD_ARGUMENT;
 	}
 	if (loop_reserve((void **)&loop->children, &loop->children_cap, loop->nchildren + 1,
 			 sizeof(*loop->children)) != 0)
-		return -1;
+		return CANCELK_STEP_REALLOC;
 	child = &loop->children[loop->nchildren];
 	child->pid = pid;
 	child->pidfd = -1;
 	child->token = token;
-	if (loop->ops->add_child(loop, child) != 0)
-		return -1;
+	step = loop->ops->add_child ? loop->ops->add_child(loop, child) : 0;
+	if (step != 0)
+		return step;
 	loop->nchildren++;
 	return 0;
 }
 
 int cancelk_loop_remove_child(struct cancelk_loop *loop, int pid)
 {
-	int i;
+	int i, step;
 
 	for (i = 0; i < loop->nchildren; i++) {
 		if (loop->children[i].pid != pid)
 			continue;
-		if (loop->ops->remove_child(loop, &loop->children[i]) != 0)
-			return -1;
+		step = loop->ops->remove_child ?
+			loop->ops->remove_child(loop, &loop->children[i]) : 0;
+		if (step != 0)
+			return step;
 		loop->children[i] = loop->children[--loop->nchildren];
 		return 0;
 	}
 	errno = ENOENT;
-	return -1;
+	return CANCELK_STEP_NOT_WATCHED;
 }
 
 int cancelk_loop_wait(struct cancelk_loop *loop, int64_t deadline_ns,
@@ -163,7 +177,7 @@ int cancelk_loop_wait(struct cancelk_loop *loop, int64_t deadline_ns,
 {
 	if (max_tokens <= 0) {
 		errno = EINVAL;
-		return -1;
+		return -CANCELK_STEP_BAD_ARGUMENT;
 	}
 	return loop->ops->wait(loop, deadline_ns, tokens, max_tokens);
 }

@@ -60,7 +60,8 @@ struct cancelk_loop {
  * What a backend does.  loop.c has checked the arguments and made room in
  * its arrays before calling; it stores or drops the entry after the op
  * succeeded, so a failed op leaves the loop as it was.  Each returns 0, or
- * -1 with errno set, unless said otherwise.
+ * the CANCELK_STEP_* that failed with errno as that call left it.  An op
+ * left NULL is one the backend has nothing to do for.
  */
 struct loop_ops {
 	/* Set up the backend's state in a zeroed loop.  On failure close()
@@ -73,7 +74,8 @@ struct loop_ops {
 	/* May fill in child->pidfd. */
 	int (*add_child)(struct cancelk_loop *loop, struct watched_child *child);
 	int (*remove_child)(struct cancelk_loop *loop, struct watched_child *child);
-	/* As cancelk_loop_wait, with max_tokens already checked to be > 0. */
+	/* As cancelk_loop_wait (a count, or a step negated), with max_tokens
+	 * already checked to be > 0. */
 	int (*wait)(struct cancelk_loop *loop, int64_t deadline_ns,
 		    int64_t *tokens, int max_tokens);
 };
@@ -83,7 +85,8 @@ extern const struct loop_ops loop_epoll_ops;
 #endif
 extern const struct loop_ops loop_poll_ops;
 
-/* Make room for need items in a realloc'ed array, doubling its capacity. */
+/* Make room for need items in a realloc'ed array, doubling its capacity:
+ * 0, or -1 with errno ENOMEM (callers report CANCELK_STEP_REALLOC). */
 int loop_reserve(void **array, int *cap, int need, size_t item_size);
 
 #endif

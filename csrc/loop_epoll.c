@@ -45,11 +45,13 @@ static int epoll_open(struct cancelk_loop *loop)
 	state->armed_deadline = -1;
 	state->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
 	if (state->epoll_fd < 0)
-		return -1;
+		return CANCELK_STEP_EPOLL_CREATE;
 	state->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
 	if (state->timer_fd < 0)
-		return -1;
-	return watch(state, state->timer_fd, TIMER_DATA);
+		return CANCELK_STEP_TIMERFD_CREATE;
+	if (watch(state, state->timer_fd, TIMER_DATA) != 0)
+		return CANCELK_STEP_EPOLL_ADD_TIMER;
+	return 0;
 }
 
 static void epoll_close(struct cancelk_loop *loop)
@@ -67,7 +69,9 @@ static void epoll_close(struct cancelk_loop *loop)
 
 static int epoll_add_fd(struct cancelk_loop *loop, const struct watched_fd *entry)
 {
-	return watch(&loop->backend.epoll, entry->fd, (uint64_t)entry->token);
+	if (watch(&loop->backend.epoll, entry->fd, (uint64_t)entry->token) != 0)
+		return CANCELK_STEP_EPOLL_ADD;
+	return 0;
 }
 
 static int epoll_remove_fd(struct cancelk_loop *loop, const struct watched_fd *entry)
@@ -75,7 +79,7 @@ static int epoll_remove_fd(struct cancelk_loop *loop, const struct watched_fd *e
 	/* EBADF: the caller closed the fd first, which took it out of the set. */
 	if (epoll_ctl(loop->backend.epoll.epoll_fd, EPOLL_CTL_DEL, entry->fd, NULL) != 0 &&
 	    errno != EBADF)
-		return -1;
+		return CANCELK_STEP_EPOLL_DEL;
 	return 0;
 }
 
@@ -83,14 +87,14 @@ static int epoll_add_child(struct cancelk_loop *loop, struct watched_child *chil
 {
 	child->pidfd = cancelk_pidfd_open(child->pid);
 	if (child->pidfd < 0)
-		return -1;
+		return CANCELK_STEP_PIDFD_OPEN;
 	if (watch(&loop->backend.epoll, child->pidfd, (uint64_t)child->token) != 0) {
-		int saved = errno;
+		int saved = errno;	/* epoll_ctl's, not close()'s */
 
 		close(child->pidfd);
 		child->pidfd = -1;
 		errno = saved;
-		return -1;
+		return CANCELK_STEP_EPOLL_ADD;
 	}
 	return 0;
 }
@@ -101,7 +105,7 @@ static int epoll_remove_child(struct cancelk_loop *loop, struct watched_child *c
 	 * a just-forked child still holds a copy of the pidfd, and it would then
 	 * fire again under the old token. */
 	if (epoll_ctl(loop->backend.epoll.epoll_fd, EPOLL_CTL_DEL, child->pidfd, NULL) != 0)
-		return -1;
+		return CANCELK_STEP_EPOLL_DEL;
 	close(child->pidfd);
 	return 0;
 }
@@ -136,10 +140,10 @@ static int epoll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 	uint64_t expirations;
 
 	if (arm_timer(state, deadline_ns) != 0)
-		return -1;
+		return -CANCELK_STEP_TIMERFD_SETTIME;
 	ready = epoll_wait(state->epoll_fd, events, max_events, -1);
-	if (ready < 0)
-		return errno == EINTR ? 0 : -1;	/* a signal: let the caller run its handler */
+	if (ready < 0)	/* EINTR: a signal; no tokens lets the caller run its handler */
+		return errno == EINTR ? 0 : -CANCELK_STEP_EPOLL_WAIT;
 	for (i = 0; i < ready; i++) {
 		if (events[i].data.u64 != TIMER_DATA) {
 			tokens[count++] = (int64_t)events[i].data.u64;
@@ -147,7 +151,7 @@ static int epoll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 		}
 		/* Drain the expiry so the level-triggered timer goes quiet. */
 		if (read(state->timer_fd, &expirations, sizeof(expirations)) < 0 && errno != EAGAIN)
-			return -1;
+			return -CANCELK_STEP_TIMERFD_READ;
 		state->armed_deadline = -1;
 		tokens[count++] = CANCELK_TOKEN_DEADLINE;
 	}

@@ -31,39 +31,27 @@ static void poll_close(struct cancelk_loop *loop)
 	free(loop->backend.poll.pollfds);
 }
 
-/* The fd array is the watch list: each wait polls what it holds then. */
-static int poll_add_fd(struct cancelk_loop *loop, const struct watched_fd *entry)
-{
-	(void)loop;
-	(void)entry;
-	return 0;
-}
-
-static int poll_remove_fd(struct cancelk_loop *loop, const struct watched_fd *entry)
-{
-	(void)loop;
-	(void)entry;
-	return 0;
-}
-
 static int poll_add_child(struct cancelk_loop *loop, struct watched_child *child)
 {
 	(void)loop;
 	/* Without a pidfd only our own children can be watched: say so now
 	 * (ECHILD) rather than report a stranger as exited later. */
-	return cancelk_has_exited(child->pid) < 0 ? -1 : 0;
-}
-
-static int poll_remove_child(struct cancelk_loop *loop, struct watched_child *child)
-{
-	(void)loop;
-	(void)child;
+	if (cancelk_has_exited(child->pid) < 0)
+		return CANCELK_STEP_WAITID;
 	return 0;
 }
+
+/* The step poll_for's call is reported as when it fails. */
+#ifdef __linux__
+#define POLL_STEP CANCELK_STEP_PPOLL
+#else
+#define POLL_STEP CANCELK_STEP_POLL
+#endif
 
 static int poll_for(struct pollfd *pfds, int n, int64_t timeout_ns)
 {
 #ifdef __linux__
+	/* ppoll: the nanosecond timeout keeps the deadline exact. */
 	struct timespec ts;
 
 	if (timeout_ns < 0)
@@ -79,6 +67,8 @@ static int poll_for(struct pollfd *pfds, int n, int64_t timeout_ns)
 #endif
 }
 
+/* Store the tokens of the children that have exited: how many, or
+ * -CANCELK_STEP_WAITID with tokens[0] the token of the child it failed on. */
 static int collect_exited_children(struct cancelk_loop *loop, int64_t *tokens, int max_tokens)
 {
 	int i, exited, count = 0;
@@ -88,8 +78,10 @@ static int collect_exited_children(struct cancelk_loop *loop, int64_t *tokens, i
 		/* ECHILD: somebody reaped it already, so it has exited. */
 		if (exited < 0 && errno == ECHILD)
 			exited = 1;
-		if (exited < 0)
-			return -1;
+		if (exited < 0) {
+			tokens[0] = loop->children[i].token;
+			return -CANCELK_STEP_WAITID;
+		}
 		if (exited)
 			tokens[count++] = loop->children[i].token;
 	}
@@ -105,7 +97,7 @@ static int poll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 
 	if (loop_reserve((void **)&state->pollfds, &state->pollfds_cap, loop->nfds,
 			 sizeof(*state->pollfds)) != 0)
-		return -1;
+		return -CANCELK_STEP_REALLOC;
 	for (i = 0; i < loop->nfds; i++) {
 		state->pollfds[i].fd = loop->fds[i].fd;
 		state->pollfds[i].events = POLLIN;
@@ -124,8 +116,8 @@ static int poll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 		if (loop->nchildren > 0 && (timeout < 0 || timeout > slice))
 			timeout = slice;
 		ready = poll_for(state->pollfds, loop->nfds, timeout);
-		if (ready < 0)
-			return errno == EINTR ? 0 : -1;	/* a signal: let the caller run its handler */
+		if (ready < 0)	/* EINTR: a signal; no tokens lets the caller run its handler */
+			return errno == EINTR ? 0 : -POLL_STEP;
 		for (i = 0; i < loop->nfds && count < max_tokens; i++)
 			if (state->pollfds[i].revents)
 				tokens[count++] = loop->fds[i].token;
@@ -136,12 +128,11 @@ static int poll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 	}
 }
 
+/* No add_fd, remove_fd or remove_child: the loop's fd and child arrays are
+ * the whole watch list, read afresh at each wait. */
 const struct loop_ops loop_poll_ops = {
 	.open = poll_open,
 	.close = poll_close,
-	.add_fd = poll_add_fd,
-	.remove_fd = poll_remove_fd,
 	.add_child = poll_add_child,
-	.remove_child = poll_remove_child,
 	.wait = poll_wait_tokens,
 };
