@@ -3,55 +3,66 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["backend.c", "proc.c", "tree.c", "loop.c"]
+SOURCES = ["backend.c", "proc.c", "tree.c", "loop.c", "loop_epoll.c", "loop_poll.c"]
+
+HEADER = HERE / "cancelk.h"
+
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.DOTALL)
+_DIRECTIVE = re.compile(r"#\s*(\w+)\s*(.*)")
+_DEFINE = re.compile(r"(\w+)(?:\s+(.+))?")
+_INTEGER = re.compile(r"-?[0-9]+")
+# What a declarations-only header may hold besides integer constants: its
+# include guard (#ifndef, a #define with no value, #endif) and #includes.
+_SKIPPED = {"ifndef", "endif", "include"}
+
+
+def cdef_from_header(text: str) -> str:
+    """The cffi declarations for the public header's text.
+
+    cancelk.h is the one place a C function or constant is declared; this
+    drops its comments, include guard and #includes and keeps each
+    ``#define NAME <integer>`` (``(-1)`` becomes ``-1``: cffi's cdef reads a
+    bare integer only).  A preprocessor line it cannot pass on (#if, a macro
+    with any other value) stops the build instead of being dropped quietly.
+    """
+    # A comment becomes the newlines it held, so each line keeps its number.
+    code = _COMMENT.sub(lambda comment: "\n" * comment.group().count("\n"), text)
+    kept = []
+    for number, line in enumerate(code.splitlines(), 1):
+        line = line.strip()
+        directive = _DIRECTIVE.fullmatch(line)
+        if not directive:
+            if line:
+                kept.append(line)
+            continue
+        keyword, rest = directive.groups()
+        if keyword in _SKIPPED:
+            continue
+        define = _DEFINE.fullmatch(rest) if keyword == "define" else None
+        if define is None:
+            raise ValueError(f"{HEADER.name}:{number}: cffi cannot take {line!r}")
+        name, value = define.groups()
+        if value is None:
+            continue  # the include guard
+        value = value.strip()
+        if value.startswith("(") and value.endswith(")"):
+            value = value[1:-1].strip()
+        if not _INTEGER.fullmatch(value):
+            raise ValueError(
+                f"{HEADER.name}:{number}: #define {name} {value}: only integer constants"
+                " reach Python"
+            )
+        kept.append(f"#define {name} {value}")
+    return "\n".join(kept) + "\n"
+
 
 ffibuilder = FFI()
-ffibuilder.cdef(
-    """
-    #define CANCELK_BACKEND_PIDFD 1
-    #define CANCELK_BACKEND_POSIX 2
-    #define CANCELK_TOKEN_DEADLINE -1
-    #define CANCELK_STEP_QUERY_SIGNALS 1
-    #define CANCELK_STEP_OWN_GROUP 2
-    #define CANCELK_STEP_SUBREAPER 3
-    #define CANCELK_STEP_DIE_WITH_PARENT 4
-
-    int cancelk_pidfd_supported(void);
-
-    int64_t cancelk_monotonic_ns(void);
-    int cancelk_pidfd_open(int pid);
-    int cancelk_pidfd_send_signal(int pidfd, int sig);
-    int cancelk_kill_group(int pgid, int sig);
-    int cancelk_kill_pid(int pid, int sig);
-    int cancelk_become_group_leader(void);
-    int cancelk_signal_dispositions(uint64_t *handled, uint64_t *ignored);
-    int cancelk_set_child_subreaper(void);
-    int cancelk_become_job_process(int parent, uint64_t *dispositions);
-    int cancelk_reap(int pid, int nohang, int *status);
-    int cancelk_has_exited(int pid);
-    int64_t cancelk_word_load(int64_t *word);
-    void cancelk_word_store(int64_t *word, int64_t value);
-    int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);
-
-    int cancelk_list_children(int parent, int *out, int max);
-    int cancelk_kill_descendants(int root, int max_rounds);
-    int cancelk_die_with_parent(int parent);
-
-    struct cancelk_loop;
-    struct cancelk_loop *cancelk_loop_new(int backend);
-    void cancelk_loop_free(struct cancelk_loop *loop);
-    int cancelk_loop_add_fd(struct cancelk_loop *loop, int fd, int64_t token);
-    int cancelk_loop_remove_fd(struct cancelk_loop *loop, int fd);
-    int cancelk_loop_add_child(struct cancelk_loop *loop, int pid, int64_t token);
-    int cancelk_loop_remove_child(struct cancelk_loop *loop, int pid);
-    int cancelk_loop_wait(struct cancelk_loop *loop, int64_t deadline_ns,
-                          int64_t *tokens, int max_tokens);
-    """
-)
+ffibuilder.cdef(cdef_from_header(HEADER.read_text(encoding="utf-8")))
 ffibuilder.set_source(
     "cancelk._cancelk_core",
     '#include "cancelk.h"',

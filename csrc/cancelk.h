@@ -2,8 +2,11 @@
  * cancelk C process core: the raw process operations around a fork and a
  * small event loop that waits for children, fds and a deadline without the GIL.
  *
- * Every function returns -1 and leaves errno set on failure; the Python side
- * (cancelk._core) turns that into OSError with what was attempted.
+ * Unless said otherwise a function returns -1 and leaves errno set on
+ * failure.  Calls that make more than one system call instead return the
+ * step that failed (CANCELK_STEP_*), errno still as that call left it.  The
+ * Python side (cancelk._core) turns either into OSError saying what was
+ * attempted.
  */
 #ifndef CANCELK_H
 #define CANCELK_H
@@ -18,6 +21,27 @@
 #define CANCELK_STEP_OWN_GROUP 2
 #define CANCELK_STEP_SUBREAPER 3
 #define CANCELK_STEP_DIE_WITH_PARENT 4
+
+/* Steps of the event loop (cancelk_loop_*), returned when one fails;
+ * cancelk_loop_wait returns them negated.  Most name the system call.
+ * Numbered apart from the steps above, so a number names one step. */
+#define CANCELK_STEP_BAD_ARGUMENT 16	/* EINVAL: an fd, pid, token or backend out of range */
+#define CANCELK_STEP_NOT_WATCHED 17	/* ENOENT: removing an fd or child never added */
+#define CANCELK_STEP_NO_BACKEND 18	/* ENOSYS: the backend is not built for this OS */
+#define CANCELK_STEP_CALLOC 19		/* the loop itself */
+#define CANCELK_STEP_REALLOC 20		/* growing the fd, child or poll arrays */
+#define CANCELK_STEP_EPOLL_CREATE 21
+#define CANCELK_STEP_TIMERFD_CREATE 22
+#define CANCELK_STEP_EPOLL_ADD_TIMER 23
+#define CANCELK_STEP_EPOLL_ADD 24	/* of a watched fd or a child's pidfd */
+#define CANCELK_STEP_EPOLL_DEL 25
+#define CANCELK_STEP_PIDFD_OPEN 26
+#define CANCELK_STEP_WAITID 27		/* waitid(WNOHANG | WNOWAIT) of a child */
+#define CANCELK_STEP_TIMERFD_SETTIME 28
+#define CANCELK_STEP_EPOLL_WAIT 29
+#define CANCELK_STEP_TIMERFD_READ 30
+#define CANCELK_STEP_PPOLL 31
+#define CANCELK_STEP_POLL 32
 
 /* Token reported by cancelk_loop_wait when the deadline has passed. */
 #define CANCELK_TOKEN_DEADLINE (-1)
@@ -46,9 +70,12 @@ int cancelk_list_children(int parent, int *out, int max);
 int cancelk_kill_descendants(int root, int max_rounds);
 int cancelk_die_with_parent(int parent);
 
-/* loop.c: wait for the first of several events */
+/* loop.c: wait for the first of several events.  Each call returns 0 or
+ * the CANCELK_STEP_* that failed; cancelk_loop_wait returns how many tokens
+ * it stored (0: a signal interrupted it) or the failed step negated, and
+ * after CANCELK_STEP_WAITID tokens[0] is the token of the child concerned. */
 struct cancelk_loop;
-struct cancelk_loop *cancelk_loop_new(int backend);
+int cancelk_loop_new(int backend, struct cancelk_loop **out);
 void cancelk_loop_free(struct cancelk_loop *loop);
 int cancelk_loop_add_fd(struct cancelk_loop *loop, int fd, int64_t token);
 int cancelk_loop_remove_fd(struct cancelk_loop *loop, int fd);

@@ -16,8 +16,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,6 +23,10 @@
 #include "cancelk.h"
 
 #ifdef __linux__
+/* Linux-only headers: macOS has neither prctl(2) nor getdents64(2). */
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+
 struct proc_entry {
 	int pid;
 	int ppid;

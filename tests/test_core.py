@@ -6,6 +6,9 @@ import errno
 import mmap
 import multiprocessing
 import os
+import pathlib
+import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -22,6 +25,10 @@ import helpers
 MS = 1_000_000
 LINUX = sys.platform.startswith("linux")
 linux_only = pytest.mark.skipif(not LINUX, reason="Linux-only facility (prctl, /proc)")
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+needs_csrc = pytest.mark.skipif(
+    not (CSRC / "cancelk.h").is_file(), reason="csrc/ is not beside tests/ (a wheel's test run)"
+)
 
 
 def spawn(*argv: str, group: bool = False) -> int:
@@ -303,6 +310,7 @@ class TestLoopErrors:
             with pytest.raises(OSError) as info:
                 lp.add_child(pid, 0)
             assert info.value.errno == errno.ESRCH
+            assert f"pidfd_open(), watching child {pid} for token 0: " in str(info.value)
         finally:
             lp.close()
 
@@ -316,6 +324,130 @@ class TestLoopErrors:
         fd = _core.pidfd_open(os.getpid())
         assert fd >= 0
         os.close(fd)
+
+
+class TestLoopFailuresNameTheCall:
+    """A failed step of the C loop raises OSError naming its system call and
+    what the loop was doing, with the call's errno."""
+
+    def test_each_step_has_a_message(self):
+        from cancelk._cancelk_core import lib
+
+        steps = [getattr(lib, name) for name in dir(lib) if name.startswith("CANCELK_STEP_")]
+        assert len(steps) == len(set(steps))  # one number, one step
+        assert set(_core._LOOP_STEPS).isdisjoint(_core._JOB_STEPS)
+        assert set(_core._LOOP_STEPS) | set(_core._JOB_STEPS) == set(steps)
+
+    def test_the_backends_own_call(self, loop, pipe, children):
+        if loop.backend == "pidfd":
+            closed = pipe.pop("w")
+            os.close(closed)
+            with pytest.raises(OSError) as info:
+                loop.add_fd(closed, 3)
+            assert info.value.errno == errno.EBADF
+            assert f"epoll_ctl(EPOLL_CTL_ADD) of fd {closed} for token 3: " in str(info.value)
+        else:
+            parent = os.getppid()  # not our child: waitid says ECHILD
+            with pytest.raises(OSError) as info:
+                loop.add_child(parent, 3)
+            assert info.value.errno == errno.ECHILD
+            expected = f"waitid(WEXITED | WNOHANG | WNOWAIT), watching child {parent} for token 3: "
+            assert expected in str(info.value)
+        # The failed call left the loop as it was.
+        pid = spawn("true")
+        children.append(pid)
+        loop.add_child(pid, 4)
+        assert loop.wait(_core.monotonic_ns() + 5 * 10**9) == [4]
+
+    def test_unknown_fd_or_child(self, loop, pipe):
+        with pytest.raises(OSError) as info:
+            loop.remove_fd(pipe["r"])
+        assert f"unwatching fd {pipe['r']}: not watched by this loop" in str(info.value)
+        with pytest.raises(OSError) as info:
+            loop.remove_child(os.getpid())
+        assert f"unwatching child {os.getpid()}: not watched by this loop" in str(info.value)
+
+    def test_bad_argument(self, loop):
+        with pytest.raises(OSError) as info:
+            loop.add_fd(-1, 5)
+        assert info.value.errno == errno.EINVAL
+        assert "watching fd -1 for token 5: argument out of range" in str(info.value)
+
+    @linux_only
+    def test_creating_a_pidfd_loop_names_the_call_out_of_descriptors(self):
+        if not _core._PIDFD_SUPPORTED:
+            pytest.skip("this kernel does not offer pidfd_open(2)")
+        # No fd left: epoll_create1 fails.  One left: the epoll fd takes it,
+        # then timerfd_create fails, and the loop closes its epoll fd again.
+        out = run_python(
+            """
+            import errno, os, resource
+            from cancelk import _core
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+            held = []
+            try:
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+
+            def create(backend):
+                try:
+                    _core.Loop(backend).close()
+                except OSError as exc:
+                    return f"{errno.errorcode[exc.errno]} {exc.strerror}"
+                return "created"
+
+            print(create("pidfd"))
+            os.close(held.pop())
+            print(create("pidfd"))
+            print(create("pidfd"))  # the first attempt's epoll fd was closed
+            print(create("posix"))  # needs no fd
+            os.close(held.pop())
+            print(create("pidfd"))
+            """
+        )
+        assert out.splitlines() == [
+            "EMFILE epoll_create1(EPOLL_CLOEXEC), creating a pidfd loop: Too many open files",
+            "EMFILE timerfd_create(CLOCK_MONOTONIC) for the deadline, creating a pidfd loop:"
+            " Too many open files",
+            "EMFILE timerfd_create(CLOCK_MONOTONIC) for the deadline, creating a pidfd loop:"
+            " Too many open files",
+            "created",
+            "created",
+        ]
+
+    @linux_only
+    def test_posix_wait_names_ppoll(self):
+        # ppoll(2) refuses more fds than RLIMIT_NOFILE allows (EINVAL).
+        out = run_python(
+            """
+            import errno, os, resource
+            from cancelk import _core
+            r, w = os.pipe()
+            loop = _core.Loop("posix")
+            for token in range(40):
+                loop.add_fd(r, token)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (32, hard))
+            try:
+                print(loop.wait(None))
+            except OSError as exc:
+                print(errno.errorcode[exc.errno], exc.strerror)
+            """
+        )
+        assert out == (
+            "EINVAL ppoll() of the watched fds, waiting with no deadline: Invalid argument"
+        )
+
+    def test_a_child_reaped_by_someone_else_counts_as_exited(self, loop, children):
+        pid = spawn("sleep", "30")
+        children.append(pid)
+        loop.add_child(pid, 6)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # gone for good: no pid left to ask about
+        assert loop.wait(_core.monotonic_ns() + 5 * 10**9) == [6]
 
 
 # --------------------------------------------------------------------------
@@ -546,3 +678,76 @@ def test_signal_dispositions_report_handlers_and_ignored_signals():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------
+# the cffi declarations come from cancelk.h
+
+
+def _header_declarations() -> tuple[set[str], dict[str, int]]:
+    """(function names, integer constants) that cancelk.h declares, read
+    from the header itself with no help from the build script."""
+    text = re.sub(r"/\*.*?\*/", " ", (CSRC / "cancelk.h").read_text(), flags=re.DOTALL)
+    functions = set(re.findall(r"\b(cancelk_\w+)\s*\(", text))
+    constants = {
+        name: int(value)
+        for name, value in re.findall(r"^#define\s+(CANCELK_\w+)\s+\(?(-?\d+)\)?", text, re.M)
+    }
+    return functions, constants
+
+
+def _cdef_declarations(cdef: str) -> tuple[set[str], dict[str, int]]:
+    """(function names, integer constants) in a cdef, the functions found by
+    a C parser (pycparser, which cffi itself uses)."""
+    c_parser = pytest.importorskip("pycparser.c_parser")
+    c_ast = pytest.importorskip("pycparser.c_ast")
+    constants = {
+        name: int(value) for name, value in re.findall(r"^#define (\w+) (-?\d+)$", cdef, re.M)
+    }
+    code = "\n".join(line for line in cdef.splitlines() if not line.startswith("#"))
+    prelude = "typedef long long int64_t; typedef unsigned long long uint64_t;\n"
+    unit = c_parser.CParser().parse(prelude + code)
+    functions = {
+        node.name
+        for node in unit.ext
+        if isinstance(node, c_ast.Decl) and isinstance(node.type, c_ast.FuncDecl)
+    }
+    return functions, constants
+
+
+@pytest.fixture(scope="module")
+def build_script():
+    return runpy.run_path(str(CSRC / "build_cancelk.py"))
+
+
+@needs_csrc
+class TestDeclarationsFromTheHeader:
+    def test_cdef_declares_what_the_header_declares(self, build_script):
+        cdef = build_script["cdef_from_header"]((CSRC / "cancelk.h").read_text())
+        header_functions, header_constants = _header_declarations()
+        cdef_functions, cdef_constants = _cdef_declarations(cdef)
+        assert "cancelk_loop_wait" in header_functions  # the header parse found something
+        assert cdef_functions == header_functions
+        assert cdef_constants == header_constants
+        assert cdef_constants["CANCELK_TOKEN_DEADLINE"] == -1  # "(-1)" in the header
+
+    def test_the_built_module_has_every_header_declaration(self):
+        from cancelk._cancelk_core import lib
+
+        functions, constants = _header_declarations()
+        assert sorted(name for name in functions if not hasattr(lib, name)) == []
+        assert {name: getattr(lib, name) for name in constants} == constants
+
+    def test_private_loop_header_stays_out(self, build_script):
+        cdef = build_script["cdef_from_header"]((CSRC / "cancelk.h").read_text())
+        assert "loop_backend.h" not in (CSRC / "cancelk.h").read_text()
+        for private in ("loop_ops", "watched_fd", "watched_child", "loop_reserve"):
+            assert private not in cdef
+
+    @pytest.mark.parametrize(
+        "line",
+        ["#define CANCELK_FLAGS (1 << 2)", "#ifdef __linux__", "#define CANCELK_MAX(a, b) a"],
+    )
+    def test_what_cffi_cannot_take_stops_the_build(self, build_script, line):
+        with pytest.raises(ValueError, match=re.escape(line.split()[1])):
+            build_script["cdef_from_header"](f"int cancelk_x(void);\n{line}\n")

@@ -216,10 +216,49 @@ def kill_descendants(root: int) -> int | None:
     return n
 
 
+# What each step of the C loop attempted, for the OSError when it fails.
+# ``{doing}`` is the loop call it served ("watching fd 12 for token 3");
+# ``{subject}`` what an epoll_ctl acted on ("fd 12 for token 3").
+_LOOP_STEPS = {
+    int(getattr(lib, f"CANCELK_STEP_{name}")): template
+    for name, template in {
+        "BAD_ARGUMENT": "{doing}: argument out of range",
+        "NOT_WATCHED": "{doing}: not watched by this loop",
+        "NO_BACKEND": "{doing}: this OS has no such backend",
+        "CALLOC": "calloc() of the loop, {doing}",
+        "REALLOC": "realloc() of the loop's watch lists, {doing}",
+        "EPOLL_CREATE": "epoll_create1(EPOLL_CLOEXEC), {doing}",
+        "TIMERFD_CREATE": "timerfd_create(CLOCK_MONOTONIC) for the deadline, {doing}",
+        "EPOLL_ADD_TIMER": "epoll_ctl(EPOLL_CTL_ADD) of the deadline timerfd, {doing}",
+        "EPOLL_ADD": "epoll_ctl(EPOLL_CTL_ADD) of {subject}",
+        "EPOLL_DEL": "epoll_ctl(EPOLL_CTL_DEL) of {subject}",
+        "PIDFD_OPEN": "pidfd_open(), {doing}",
+        "WAITID": "waitid(WEXITED | WNOHANG | WNOWAIT), {doing}",
+        "TIMERFD_SETTIME": "timerfd_settime(TFD_TIMER_ABSTIME), {doing}",
+        "EPOLL_WAIT": "epoll_wait(), {doing}",
+        "TIMERFD_READ": "read() of the expired deadline timerfd, {doing}",
+        "PPOLL": "ppoll() of the watched fds, {doing}",
+        "POLL": "poll() of the watched fds, {doing}",
+    }.items()
+}
+
+
+def _loop_failed(step: int, doing: str, subject: str = "") -> OSError:
+    template = _LOOP_STEPS.get(step, "event loop step {step}, {doing}")
+    return _fail(template.format(step=step, doing=doing, subject=subject or doing))
+
+
+def _waiting(deadline_ns: int) -> str:
+    if deadline_ns < 0:
+        return "waiting with no deadline"
+    return f"waiting with the deadline {(deadline_ns - monotonic_ns()) / 1e9:.3f} s away"
+
+
 class Loop:
     """Wait for the first of: watched children exiting, fds readable, a deadline.
 
     Tokens are caller-chosen integers >= 0; ``DEADLINE`` (-1) reports the deadline.
+    A failure raises OSError naming the system call that failed.
     """
 
     def __init__(self, backend: str | None = None) -> None:
@@ -227,10 +266,11 @@ class Loop:
         if backend not in ("pidfd", "posix"):
             raise ValueError(f"backend must be 'pidfd' or 'posix', not {backend!r}")
         code = lib.CANCELK_BACKEND_PIDFD if backend == "pidfd" else lib.CANCELK_BACKEND_POSIX
-        handle = lib.cancelk_loop_new(code)
-        if handle == ffi.NULL:
-            raise _fail(f"creating the {backend} event loop")
-        self._handle: Any = ffi.gc(handle, lib.cancelk_loop_free)
+        out = ffi.new("struct cancelk_loop **")
+        step = int(lib.cancelk_loop_new(code, out))
+        if step != 0:
+            raise _loop_failed(step, f"creating a {backend} loop")
+        self._handle: Any = ffi.gc(out[0], lib.cancelk_loop_free)
         self._tokens: Any = ffi.new("int64_t[]", 64)
         self.backend = backend
 
@@ -240,27 +280,36 @@ class Loop:
             self._handle = None
 
     def add_fd(self, fd: int, token: int) -> None:
-        if lib.cancelk_loop_add_fd(self._handle, fd, token) != 0:
-            raise _fail(f"watching fd {fd}")
+        step = int(lib.cancelk_loop_add_fd(self._handle, fd, token))
+        if step != 0:
+            watched = f"fd {fd} for token {token}"
+            raise _loop_failed(step, f"watching {watched}", watched)
 
     def remove_fd(self, fd: int) -> None:
-        if lib.cancelk_loop_remove_fd(self._handle, fd) != 0:
-            raise _fail(f"unwatching fd {fd}")
+        step = int(lib.cancelk_loop_remove_fd(self._handle, fd))
+        if step != 0:
+            raise _loop_failed(step, f"unwatching fd {fd}", f"fd {fd}")
 
     def add_child(self, pid: int, token: int) -> None:
-        if lib.cancelk_loop_add_child(self._handle, pid, token) != 0:
-            raise _fail(f"watching child {pid}")
+        step = int(lib.cancelk_loop_add_child(self._handle, pid, token))
+        if step != 0:
+            doing = f"watching child {pid} for token {token}"
+            raise _loop_failed(step, doing, f"the pidfd of child {pid} for token {token}")
 
     def remove_child(self, pid: int) -> None:
-        if lib.cancelk_loop_remove_child(self._handle, pid) != 0:
-            raise _fail(f"unwatching child {pid}")
+        step = int(lib.cancelk_loop_remove_child(self._handle, pid))
+        if step != 0:
+            raise _loop_failed(step, f"unwatching child {pid}", f"the pidfd of child {pid}")
 
     def wait(self, deadline_ns: int | None) -> list[int]:
         """Ready tokens; an empty list means a signal interrupted the wait."""
         deadline = -1 if deadline_ns is None else max(deadline_ns, 0)
         n = int(lib.cancelk_loop_wait(self._handle, deadline, self._tokens, 64))
         if n < 0:
-            raise _fail("waiting for children, fds and deadline")
+            doing = _waiting(deadline)
+            if -n == lib.CANCELK_STEP_WAITID:
+                doing = f"checking the child for token {self._tokens[0]}, {doing}"
+            raise _loop_failed(-n, doing)
         return [int(self._tokens[i]) for i in range(n)]
 
 
