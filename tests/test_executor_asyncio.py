@@ -17,7 +17,8 @@ import pytest
 import cancelk
 from cancelk import ProcessCancelTimeout, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
+import jobs
+import procs
 
 WAIT = jobs.RESULT_WAIT
 GONE = 2.0
@@ -29,11 +30,11 @@ def path(tmp_path):
 
 
 async def read_record(path, wait=15.0):
-    """jobs.read_record without blocking the loop."""
+    """procs.read_record without blocking the loop."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            return jobs.read_record(path, wait=0)
+            return procs.read_record(path, wait=0)
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
@@ -41,9 +42,9 @@ async def read_record(path, wait=15.0):
 
 
 def assert_gone(records, timeout=GONE):
-    left = jobs.wait_gone(records, timeout=timeout)
+    left = procs.wait_gone(records, timeout=timeout)
     if left:
-        jobs.kill_records(records)
+        procs.kill_records(records)
     assert not left, f"processes of the stopped job survived: {left}"
 
 
@@ -133,7 +134,7 @@ def test_wait_for_kills_the_job(make_pool, backend, path):
 
     elapsed = asyncio.run(main())
     assert elapsed < 1.8
-    assert_gone(jobs.read_record(path, wait=0))
+    assert_gone(procs.read_record(path, wait=0))
 
 
 @pytest.mark.timeout(30)
@@ -148,7 +149,7 @@ def test_asyncio_timeout_kills_the_job(make_pool, path):
                 await loop.run_in_executor(exe, jobs.sleep_job, path)
 
     asyncio.run(main())
-    assert_gone(jobs.read_record(path, wait=0))
+    assert_gone(procs.read_record(path, wait=0))
 
 
 @pytest.mark.timeout(30)
@@ -170,7 +171,7 @@ def test_task_cancel_with_grace_lets_the_job_run_then_kills_it(make_pool, path):
     records = asyncio.run(main())
     cancelled_at = time.monotonic()
     time.sleep(0.2)
-    assert jobs.still_there(records), "the job was killed before its grace ended"
+    assert procs.still_there(records), "the job was killed before its grace ended"
     assert_gone(records, timeout=grace + 1.5)
     assert time.monotonic() - cancelled_at >= grace * 0.9
 
@@ -199,7 +200,7 @@ def test_seed_readme_wait_for_example(capsys):
     from cancelk import ProcessPoolExecutor
 
     assert ProcessPoolExecutor is cancelkulture.ProcessPoolExecutor
-    before = jobs.descendants()
+    before = procs.descendants()
 
     async def awork():
         loop = asyncio.get_running_loop()
@@ -216,7 +217,7 @@ def test_seed_readme_wait_for_example(capsys):
     assert time.monotonic() - start < 2.0
     assert "Timed out!" in capsys.readouterr().out
     # the unnamed executor is dropped: its job and processes go away
-    left = jobs.wait_gone(sorted(jobs.descendants() - before), timeout=5)
+    left = procs.wait_gone(sorted(procs.descendants() - before), timeout=5)
     assert not left, left
 
 
@@ -224,7 +225,7 @@ def test_seed_readme_wait_for_example(capsys):
 def test_seed_readme_task_cancel_example(capsys):
     from cancelk import ProcessPoolExecutor
 
-    before = jobs.descendants()
+    before = procs.descendants()
 
     async def awork():
         loop = asyncio.get_running_loop()
@@ -243,7 +244,7 @@ def test_seed_readme_task_cancel_example(capsys):
     asyncio.run(main())
     assert time.monotonic() - start < 2.0
     assert "Cancelled!" in capsys.readouterr().out
-    left = jobs.wait_gone(sorted(jobs.descendants() - before), timeout=5)
+    left = procs.wait_gone(sorted(procs.descendants() - before), timeout=5)
     assert not left, left
 
 

@@ -25,7 +25,8 @@ import pytest
 import cancelk
 from cancelk import ProcessCancelTimeout, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
+import jobs
+import procs
 
 START_METHODS = ("fork", "forkserver", "spawn")
 WAIT = jobs.RESULT_WAIT
@@ -103,7 +104,7 @@ MAIN_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", START_METHODS)
 def test_functions_and_initializer_defined_in_a_scripts_main(tmp_path, method):
-    proc = jobs.run_script(tmp_path, "main_script.py", MAIN_SCRIPT, method)
+    proc = procs.run_script(tmp_path, "main_script.py", MAIN_SCRIPT, method)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(25, 'from-main')", (proc.stdout, proc.stderr)
 
@@ -213,15 +214,15 @@ def test_map_timeout_stops_every_job_of_the_map(make_pool, tmp_path):
     exe = make_pool(2)
     paths = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
     results = exe.map(jobs.sleep_job, paths, timeout=1.0)
-    records = [jobs.read_record(p) for p in paths]
+    records = [procs.read_record(p) for p in paths]
     try:
         with pytest.raises(concurrent.futures.TimeoutError):
             next(results)
-        left = jobs.wait_gone([r for rec in records for r in rec], timeout=2.0)
+        left = procs.wait_gone([r for rec in records for r in rec], timeout=2.0)
         assert not left, f"jobs of a timed-out map are still running: {left}"
     finally:
         for rec in records:
-            jobs.kill_records(rec)
+            procs.kill_records(rec)
 
 
 @pytest.mark.timeout(30)
@@ -267,10 +268,10 @@ def test_map_buffersize_validation(make_pool):
     ],
 )
 def test_constructor_validation(kwargs, error):
-    before = jobs.descendants()
+    before = procs.descendants()
     with pytest.raises(error):
         cancelk.ProcessPoolExecutor(**kwargs)
-    assert jobs.descendants() <= before  # nothing was started
+    assert procs.descendants() <= before  # nothing was started
 
 
 @pytest.mark.timeout(30)
@@ -493,7 +494,7 @@ def test_options_view_of_a_view_and_bad_values(make_pool):
 def test_future_pid_is_the_jobs_pid_while_it_runs(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_pid, 0.8)
-    pid = jobs.wait_running(future)
+    pid = procs.wait_running(future)
     assert psutil.pid_exists(pid)
     assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     assert future.result(timeout=WAIT) == pid  # the job ran in that very process
@@ -513,7 +514,7 @@ def test_stats_counts(make_pool):
     with pytest.raises(ProcessTimeoutError):
         timed.result(timeout=WAIT)
     running = exe.submit(jobs.sleep_return, 20)
-    jobs.wait_running(running)
+    procs.wait_running(running)
     assert running.cancel()
     died = exe.submit(jobs.exit_with, 3)
     with pytest.raises(cancelk.ProcessDiedError):
@@ -604,7 +605,7 @@ def test_large_argument_as_first_job_of_a_new_pool(make_pool):
 def test_large_result(make_pool):
     exe = make_pool(1)
     size = 16 << 20
-    assert exe.submit(jobs.big_result, size).result(timeout=WAIT) == jobs.big_result(size)
+    assert exe.submit(jobs.big_bytes, size).result(timeout=WAIT) == jobs.big_bytes(size)
 
 
 # -------------------------------------------------------------------------
@@ -615,7 +616,7 @@ def test_large_result(make_pool):
 def test_submit_from_done_callbacks(make_pool):
     exe = make_pool(2)
     results, done = [], threading.Event()
-    jobs.submit_from_callback(exe, [10], results, done)
+    procs.submit_from_callback(exe, [10], results, done)
     assert done.wait(WAIT)
     assert results == list(range(11))
 
@@ -672,7 +673,7 @@ def test_kills_are_logged_at_info_and_plain_jobs_are_quiet(make_pool, caplog):
         f.result(timeout=WAIT)
     assert not [r for r in caplog.records if r.name.startswith("cancelk")], caplog.text
     running = exe.submit(jobs.sleep_return, 20)
-    pid = jobs.wait_running(running)
+    pid = procs.wait_running(running)
     assert running.cancel()
     with pytest.raises(ProcessTimeoutError):
         exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0.1)).result(timeout=WAIT)
@@ -693,7 +694,7 @@ def test_spare_runner_imports_the_jobs_module_before_its_first_job(make_pool, me
     exe = make_pool(1, mp_context=method)
     for _ in range(2):  # the first kill makes a spare; the second puts it to work
         running = exe.submit(jobs.sleep_return, 20)
-        jobs.wait_running(running)
+        procs.wait_running(running)
         time.sleep(0.3)  # the spare starts and preloads meanwhile
         assert running.cancel()
     time.sleep(0.3)

@@ -26,7 +26,8 @@ from cancelk import (
     ProcessTimeoutError,
 )
 
-import executor_jobs as jobs
+import jobs
+import procs
 
 WAIT = jobs.RESULT_WAIT
 GONE = 2.0  # a stopped job's processes must be gone this long after the stop
@@ -39,9 +40,9 @@ def path(tmp_path):
 
 
 def assert_gone(records, timeout=GONE):
-    left = jobs.wait_gone(records, timeout=timeout)
+    left = procs.wait_gone(records, timeout=timeout)
     if left:
-        jobs.kill_records(records)
+        procs.kill_records(records)
     assert not left, f"processes of the stopped job survived: {left}"
 
 
@@ -94,7 +95,7 @@ def test_cancelled_pending_job_is_seen_by_wait_and_as_completed(make_pool):
 def test_cancel_running_job_kills_it_at_once(make_pool, backend, path):
     exe = make_pool(2)
     future = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     pid = records[0][0]
     assert future.pid == pid and future.running()
     called = []
@@ -120,7 +121,7 @@ def test_cancel_running_job_kills_it_at_once(make_pool, backend, path):
 def test_cancel_running_job_every_start_method(make_pool, method, path):
     exe = make_pool(1, mp_context=method)
     future = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     assert future.cancel()
     with pytest.raises(ProcessCancelledError):
         future.result(timeout=WAIT)
@@ -134,7 +135,7 @@ def test_cancel_kills_the_jobs_children(make_pool, backend, kind, path):
     job = {"mp_child": jobs.mp_child_job, "popen": jobs.popen_job}[kind]
     exe = make_pool(1)
     future = exe.submit(job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     assert len(records) >= 2, records
     assert future.cancel()
     assert future.cancelled()
@@ -147,7 +148,7 @@ def test_cancel_kills_the_jobs_children(make_pool, backend, kind, path):
 def test_cancel_kills_grandchild_that_left_the_process_group(make_pool, backend, path):
     exe = make_pool(1)
     future = exe.submit(jobs.detached_grandchild_job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     assert len(records) == 2, records
     job_pid, grandchild = records[0][0], records[1][0]
     assert os.getsid(grandchild) != os.getsid(job_pid)  # it left the session
@@ -167,8 +168,8 @@ def test_cancel_kills_a_pool_the_job_runs(make_pool, kind, path):
     job = {"stdlib": jobs.nested_stdlib_pool_job, "cancelk": jobs.nested_cancelk_pool_job}[kind]
     exe = make_pool(1)
     future = exe.submit(job, path)
-    records = jobs.read_record(path)
-    records += [r for i in range(2) for r in jobs.read_record(f"{path}.{i}", wait=0)]
+    records = procs.read_record(path)
+    records += [r for i in range(2) for r in procs.read_record(f"{path}.{i}", wait=0)]
     assert len({pid for pid, _ in records}) >= 5, records
     assert future.cancel()
     assert_gone(records)
@@ -190,7 +191,7 @@ def test_wait_and_as_completed_see_a_cancelled_running_future(make_pool, path):
     exe = make_pool(2)
     future = exe.submit(jobs.sleep_job, path)
     other = exe.submit(jobs.sleep_return, 20)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     seen = {}
 
     def waiter():
@@ -221,7 +222,7 @@ def test_wait_and_as_completed_see_a_cancelled_running_future(make_pool, path):
 def test_cancel_from_many_threads_at_once(make_pool, path):
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     barrier = threading.Barrier(8)
     answers = []
 
@@ -253,7 +254,7 @@ def test_cancel_from_many_threads_at_once(make_pool, path):
 def test_grace_job_finishing_in_time_keeps_its_result(make_pool, backend):
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_pid, 0.4, ProcessCancelTimeout(3.0))
-    pid = jobs.wait_running(future)
+    pid = procs.wait_running(future)
     assert future.cancel() is False
     assert future.result(timeout=WAIT) == pid
     assert not future.cancelled()
@@ -265,7 +266,7 @@ def test_grace_job_finishing_in_time_keeps_its_result(make_pool, backend):
 def test_grace_job_raising_in_time_keeps_its_exception(make_pool):
     exe = make_pool(1, cancel_timeout=3.0)  # the executor-wide default grace
     future = exe.submit(jobs.sleep_return, 0.3)
-    jobs.wait_running(future)
+    procs.wait_running(future)
     future2 = exe.submit(jobs.raise_job_error, "late")
     assert future.cancel() is False
     assert future.result(timeout=WAIT) is None
@@ -278,7 +279,7 @@ def test_grace_expires_then_job_is_killed(make_pool, backend, path):
     grace = 0.5
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_job, path, ProcessCancelTimeout(grace))
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     start = time.monotonic()
     assert future.cancel() is False  # not decided yet
     assert not future.done()
@@ -296,7 +297,7 @@ def test_grace_expires_then_job_is_killed(make_pool, backend, path):
 def test_unlimited_grace_never_kills(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_return, 0.5, "done", ProcessCancelTimeout(None))
-    jobs.wait_running(future)
+    procs.wait_running(future)
     assert future.cancel() is False
     assert future.result(timeout=WAIT) == "done"
 
@@ -425,17 +426,15 @@ def test_deadline_racing_job_end_never_kills_the_next_job(make_pool, backend):
 # -------------------------------------------------------------------------
 # time limits (A4)
 
-STOP_JOBS = {"sleep": jobs.sleep_job, "spin": jobs.spin_job, "gil_c": jobs.gil_c_job}
-
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("kind", list(STOP_JOBS))
+@pytest.mark.parametrize("kind", list(jobs.STOP_JOBS))
 def test_time_limit_stops_job(make_pool, backend, kind, path):
     limit = 0.2
     exe = make_pool(1)
     assert_pool_works(exe)  # the runner is up: the limit counts from the job's start
     start = time.monotonic()
-    future = exe.submit(STOP_JOBS[kind], path, ProcessTimeout(limit))
+    future = exe.submit(jobs.STOP_JOBS[kind], path, ProcessTimeout(limit))
     with pytest.raises(ProcessTimeoutError, match="time limit") as info:
         future.result(timeout=WAIT)
     elapsed = time.monotonic() - start
@@ -443,7 +442,7 @@ def test_time_limit_stops_job(make_pool, backend, kind, path):
         assert isinstance(info.value, TimeoutError)
     assert isinstance(info.value, concurrent.futures.TimeoutError)
     assert limit * 0.9 <= elapsed < limit + SLACK, elapsed
-    assert_gone(jobs.read_record(path, wait=0))
+    assert_gone(procs.read_record(path, wait=0))
     assert_pool_works(exe)
 
 
@@ -457,7 +456,7 @@ def test_time_limit_other_start_methods(make_pool, method, path):
     with pytest.raises(ProcessTimeoutError):
         future.result(timeout=WAIT)
     assert time.monotonic() - start < 0.2 + SLACK
-    assert_gone(jobs.read_record(path, wait=0))
+    assert_gone(procs.read_record(path, wait=0))
 
 
 @pytest.mark.timeout(60)
@@ -466,7 +465,7 @@ def test_time_limit_kills_the_jobs_tree(make_pool, backend, path):
     future = exe.submit(jobs.popen_job, path, 2, ProcessTimeout(1.5))
     with pytest.raises(ProcessTimeoutError):
         future.result(timeout=WAIT)
-    records = jobs.read_record(path, wait=0)
+    records = procs.read_record(path, wait=0)
     assert len(records) == 3, records
     assert_gone(records)
 
@@ -505,7 +504,7 @@ def test_time_limit_and_grace_together(make_pool, path):
     """A cancel with a long grace does not stop the time limit."""
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_job, path, ProcessTimeout(0.6), ProcessCancelTimeout(10))
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     start = time.monotonic()
     assert future.cancel() is False
     with pytest.raises(ProcessTimeoutError):
@@ -532,7 +531,7 @@ def test_cancel_with_pool_of_one_keeps_queue_order(make_pool, path):
     exe = make_pool(1)
     running = exe.submit(jobs.sleep_job, path)
     queued = [exe.submit(jobs.add, i, 0) for i in range(5)]
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     assert running.cancel()
     assert [f.result(timeout=WAIT) for f in queued] == list(range(5))
     assert_gone(records)

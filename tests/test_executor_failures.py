@@ -22,7 +22,8 @@ import cancelk
 from cancelk import ProcessDiedError
 from cancelk.errors import ResultPicklingError
 
-import executor_jobs as jobs
+import jobs
+import procs
 
 WAIT = jobs.RESULT_WAIT
 NEEDS_PROC = pytest.mark.skipif(
@@ -51,7 +52,7 @@ def cause_chain(exc):
 def test_job_exit_code(make_pool, backend):
     exe = make_pool(2)
     bystander = exe.submit(jobs.sleep_pid, 1.0)
-    bystander_pid = jobs.wait_running(bystander)
+    bystander_pid = procs.wait_running(bystander)
     future = exe.submit(jobs.exit_with, 3)
     with pytest.raises(ProcessDiedError) as info:
         future.result(timeout=WAIT)
@@ -68,7 +69,7 @@ def test_job_exit_code(make_pool, backend):
 def test_job_segfault(make_pool, backend):
     exe = make_pool(2)
     bystander = exe.submit(jobs.sleep_pid, 1.0)
-    bystander_pid = jobs.wait_running(bystander)
+    bystander_pid = procs.wait_running(bystander)
     future = exe.submit(jobs.kill_self, signal.SIGSEGV)
     with pytest.raises(ProcessDiedError) as info:
         future.result(timeout=WAIT)
@@ -84,10 +85,10 @@ def test_job_sigkill_from_outside(make_pool, backend, tmp_path):
     path = str(tmp_path / "record.json")
     exe = make_pool(2)
     bystander = exe.submit(jobs.sleep_pid, 1.5)
-    bystander_pid = jobs.wait_running(bystander)
+    bystander_pid = procs.wait_running(bystander)
     future = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
-    pid = jobs.wait_running(future)
+    records = procs.read_record(path)
+    pid = procs.wait_running(future)
     assert pid == records[0][0]
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
@@ -98,7 +99,7 @@ def test_job_sigkill_from_outside(make_pool, backend, tmp_path):
     assert err.signal == signal.SIGKILL and err.pid == pid
     assert "SIGKILL" in str(err) and "OOM" in str(err)
     assert not future.cancelled()
-    assert not jobs.wait_gone(records)
+    assert not procs.wait_gone(records)
     assert bystander.result(timeout=WAIT) == bystander_pid
     assert_pool_works(exe)
 
@@ -271,7 +272,7 @@ def test_unpicklable_initializer_fails_cleanly(method):
     attempt may fail (as the stdlib's submit does), but it must not leave
     descriptors or processes behind, not even after shutdown."""
     before_fds = set(os.listdir("/proc/self/fd"))
-    before = jobs.descendants()
+    before = procs.descendants()
     exe = cancelk.ProcessPoolExecutor(1, mp_context=method, initializer=lambda: None)
     try:
         for _ in range(3):
@@ -282,7 +283,7 @@ def test_unpicklable_initializer_fails_cleanly(method):
             assert future.exception(timeout=WAIT) is not None
     finally:
         exe.shutdown(wait=True, cancel_futures=True, timeout=5)
-    assert jobs.descendants() <= before
+    assert procs.descendants() <= before
     grown = set(os.listdir("/proc/self/fd")) - before_fds
     leaked = {}
     for name in grown:
@@ -305,11 +306,11 @@ def test_supervisor_killed(make_pool, backend, method, tmp_path):
     assert_pool_works(exe)
     running = exe.submit(jobs.popen_job, path)
     other = exe.submit(jobs.sleep_return, 30)
-    records = jobs.read_record(path)
-    job_pid = jobs.wait_running(running)
-    jobs.wait_running(other)
-    supervisor = jobs.supervisor_of(job_pid)
-    pool_processes = jobs.snapshot(
+    records = procs.read_record(path)
+    job_pid = procs.wait_running(running)
+    procs.wait_running(other)
+    supervisor = procs.supervisor_of(job_pid)
+    pool_processes = procs.snapshot(
         [supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)]
     )
     queued = [exe.submit(jobs.square, i) for i in range(4)]  # both runners are busy
@@ -323,14 +324,14 @@ def test_supervisor_killed(make_pool, backend, method, tmp_path):
         assert "supervisor" in str(info.value)
         assert str(supervisor.pid) in str(info.value)
     # the old supervisor, its runners and the job's children all die
-    left = jobs.wait_gone(pool_processes + records, timeout=2.0, zombies_ok=True)
+    left = procs.wait_gone(pool_processes + records, timeout=2.0, zombies_ok=True)
     assert not left, left
     # queued jobs and new submits run on a new supervisor
     assert [f.result(timeout=WAIT) for f in queued] == [i * i for i in range(4)]
     assert exe.submit(jobs.add, 2, 3).result(timeout=WAIT) == 5
     assert exe.stats()["died"] == 2
     new_job = exe.submit(jobs.sleep_pid, 0.3)
-    new_supervisor = jobs.supervisor_of(jobs.wait_running(new_job))
+    new_supervisor = procs.supervisor_of(procs.wait_running(new_job))
     assert new_supervisor.pid != supervisor.pid
     new_job.result(timeout=WAIT)
     assert exe.stats()["supervisors_started"] == 2
@@ -340,11 +341,11 @@ def test_supervisor_killed(make_pool, backend, method, tmp_path):
 def test_supervisor_killed_while_idle(make_pool):
     exe = make_pool(1)
     job = exe.submit(jobs.sleep_pid, 0.3)
-    supervisor = jobs.supervisor_of(jobs.wait_running(job))
+    supervisor = procs.supervisor_of(procs.wait_running(job))
     job.result(timeout=WAIT)
-    old = jobs.snapshot([supervisor.pid])
+    old = procs.snapshot([supervisor.pid])
     supervisor.kill()  # the pool reaps it: do not wait() for it here
-    assert not jobs.wait_gone(old, timeout=5)
+    assert not procs.wait_gone(old, timeout=5)
     # A job dispatched in the moment between the death and the pool seeing it
     # goes to a dead runner and fails with ProcessDiedError, as a running job
     # would; what is submitted once the pool replaced the supervisor runs.
@@ -362,7 +363,7 @@ def test_supervisor_death_is_not_blamed_on_the_oom_killer(make_pool):
     OOM killer (cancelk's own clean-up killed the runner)."""
     exe = make_pool(1)
     running = exe.submit(jobs.sleep_return, 30)
-    supervisor = jobs.supervisor_of(jobs.wait_running(running))
+    supervisor = procs.supervisor_of(procs.wait_running(running))
     supervisor.kill()
     err = running.exception(timeout=WAIT)
     assert isinstance(err, ProcessDiedError)
@@ -379,8 +380,8 @@ def test_supervisor_and_runners_killed_together(make_pool, method):
     exe = make_pool(2, mp_context=method)
     for round_ in range(5):
         running = [exe.submit(jobs.sleep_return, 30) for _ in range(2)]
-        supervisor = jobs.supervisor_of(jobs.wait_running(running[0]))
-        jobs.wait_running(running[1])
+        supervisor = procs.supervisor_of(procs.wait_running(running[0]))
+        procs.wait_running(running[1])
         runners = supervisor.children()
         supervisor.kill()
         for runner in runners:
@@ -404,10 +405,10 @@ def test_supervisor_killed_takes_detached_grandchildren_too(make_pool, backend, 
     path = str(tmp_path / "record.json")
     exe = make_pool(1)
     running = exe.submit(jobs.detached_grandchild_job, path)
-    records = jobs.read_record(path)
-    supervisor = jobs.supervisor_of(jobs.wait_running(running))
+    records = procs.read_record(path)
+    supervisor = procs.supervisor_of(procs.wait_running(running))
     supervisor.kill()
     assert isinstance(running.exception(timeout=5), ProcessDiedError)
-    left = jobs.wait_gone(records, timeout=2.0, zombies_ok=True)
-    jobs.kill_records(records)
+    left = procs.wait_gone(records, timeout=2.0, zombies_ok=True)
+    procs.kill_records(records)
     assert not left, f"processes of a job lost with its supervisor survive: {left}"

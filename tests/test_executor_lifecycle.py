@@ -22,7 +22,8 @@ import pytest
 import cancelk
 from cancelk import ProcessCancelledError, ProcessTimeout
 
-import executor_jobs as jobs
+import jobs
+import procs
 
 WAIT = jobs.RESULT_WAIT
 NEEDS_PROC = pytest.mark.skipif(
@@ -34,11 +35,11 @@ START_METHODS = ("fork", "forkserver", "spawn")
 def pool_processes(future, expect=1):
     """(pid, create_time) of the supervisor and all its descendants, found
     from a running job of the pool (waiting a little for ``expect`` of them)."""
-    supervisor = jobs.supervisor_of(jobs.wait_running(future))
+    supervisor = procs.supervisor_of(procs.wait_running(future))
     deadline = time.monotonic() + 5
     while len(supervisor.children(recursive=True)) < expect and time.monotonic() < deadline:
         time.sleep(0.005)
-    return jobs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
+    return procs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
 
 
 def manager_threads():
@@ -56,7 +57,7 @@ def test_shutdown_wait_ends_every_future_and_process(make_pool, method, tmp_path
     # a finished job that left a detached child behind
     detached_path = str(tmp_path / "detached.json")
     exe.submit(jobs.leave_detached_child, detached_path).result(timeout=WAIT)
-    detached = jobs.read_record(detached_path, wait=0)
+    detached = procs.read_record(detached_path, wait=0)
     probe = exe.submit(jobs.sleep_return, 0.5, "probe")
     processes = pool_processes(probe, expect=2)
     futures = [exe.submit(jobs.sleep_return, 0.05, i) for i in range(10)]
@@ -64,9 +65,9 @@ def test_shutdown_wait_ends_every_future_and_process(make_pool, method, tmp_path
     exe.shutdown(wait=True)
     assert all(f.done() for f in [probe, *futures])
     assert [f.result(timeout=0) for f in futures] == list(range(10))
-    left = jobs.still_there(processes + detached)  # at once: no waiting
+    left = procs.still_there(processes + detached)  # at once: no waiting
     if left:
-        jobs.kill_records(processes + detached)
+        procs.kill_records(processes + detached)
     assert not left, f"shutdown(wait=True) returned while pool processes remain: {left}"
 
 
@@ -74,7 +75,7 @@ def test_shutdown_wait_ends_every_future_and_process(make_pool, method, tmp_path
 def test_shutdown_cancel_futures_with_100_queued_jobs(make_pool):
     exe = make_pool(1)
     running = exe.submit(jobs.sleep_return, 0.5, "running")
-    jobs.wait_running(running)
+    procs.wait_running(running)
     queued = [exe.submit(jobs.add, i, 0) for i in range(100)]
     start = time.monotonic()
     exe.shutdown(wait=True, cancel_futures=True)
@@ -94,7 +95,7 @@ def test_shutdown_timeout_kills_what_still_runs(make_pool, tmp_path):
     path = str(tmp_path / "record.json")
     exe = make_pool(1)
     running = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     queued = [exe.submit(jobs.add, i, 0) for i in range(5)]
     processes = pool_processes(running)
     start = time.monotonic()
@@ -104,9 +105,9 @@ def test_shutdown_timeout_kills_what_still_runs(make_pool, tmp_path):
     with pytest.raises(ProcessCancelledError):
         running.result(timeout=0)
     assert all(f.cancelled() for f in queued)
-    left = jobs.still_there(processes + records)
+    left = procs.still_there(processes + records)
     if left:
-        jobs.kill_records(processes + records)
+        procs.kill_records(processes + records)
     assert not left, left
 
 
@@ -131,23 +132,23 @@ def test_shutdown_without_wait(make_pool):
     with pytest.raises(RuntimeError):
         exe.submit(jobs.add, 1, 1)
     assert future.result(timeout=WAIT) == "finished anyway"
-    assert not jobs.wait_gone(processes, timeout=5)
+    assert not procs.wait_gone(processes, timeout=5)
 
 
 @pytest.mark.timeout(30)
 def test_shutdown_twice_and_unused_pool():
-    before = jobs.descendants()
+    before = procs.descendants()
     exe = cancelk.ProcessPoolExecutor(2)
     exe.shutdown(wait=True)
     exe.shutdown(wait=True, cancel_futures=True, timeout=1)
-    assert jobs.descendants() <= before  # an unused pool never started a process
+    assert procs.descendants() <= before  # an unused pool never started a process
     used = cancelk.ProcessPoolExecutor(1)
     assert used.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
     used.shutdown(wait=True)
     used.shutdown(wait=True)
     cancelk.ProcessPoolExecutor(1).terminate_workers()
     cancelk.ProcessPoolExecutor(1).kill_workers()
-    assert jobs.descendants() <= before
+    assert procs.descendants() <= before
 
 
 @pytest.mark.timeout(30)
@@ -156,7 +157,7 @@ def test_terminate_and_kill_workers(make_pool, how, tmp_path):
     path = str(tmp_path / "record.json")
     exe = make_pool(2)
     running = exe.submit(jobs.popen_job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     processes = pool_processes(running, expect=2)
     other = exe.submit(jobs.sleep_return, 20)
     queued = [exe.submit(jobs.add, i, 0) for i in range(5)]
@@ -169,7 +170,7 @@ def test_terminate_and_kill_workers(make_pool, how, tmp_path):
     assert all(f.cancelled() for f in queued)
     with pytest.raises(RuntimeError):
         exe.submit(jobs.add, 1, 1)
-    left = jobs.wait_gone(processes + records, timeout=2)
+    left = procs.wait_gone(processes + records, timeout=2)
     assert not left, left
     exe.shutdown(wait=True)
 
@@ -180,7 +181,7 @@ def test_context_manager(tmp_path):
         futures = [exe.submit(jobs.sleep_return, 0.2, i) for i in range(4)]
         processes = pool_processes(futures[0], expect=2)
     assert [f.result(timeout=0) for f in futures] == list(range(4))
-    assert not jobs.still_there(processes)
+    assert not procs.still_there(processes)
     with pytest.raises(RuntimeError):
         exe.submit(jobs.add, 1, 1)
 
@@ -203,7 +204,7 @@ def test_dropped_executor_goes_away():
     assert probe.result(timeout=WAIT) == "probe"
     del exe, probe
     gc.collect()
-    left = jobs.wait_gone(processes, timeout=5)
+    left = procs.wait_gone(processes, timeout=5)
     assert not left, f"a dropped executor left its processes: {left}"
     deadline = time.monotonic() + 5
     while len(manager_threads()) > threads_before and time.monotonic() < deadline:
@@ -241,7 +242,7 @@ EXIT_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("method", START_METHODS)
 def test_interpreter_exit_with_a_running_job(tmp_path, method):
     start = time.monotonic()
-    proc = jobs.run_script(tmp_path, "exit_script.py", EXIT_SCRIPT, method, timeout=30)
+    proc = procs.run_script(tmp_path, "exit_script.py", EXIT_SCRIPT, method, timeout=30)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert elapsed < 10, elapsed
@@ -250,7 +251,7 @@ def test_interpreter_exit_with_a_running_job(tmp_path, method):
     records = [tuple(r) for r in json.loads(lines[0])]
     assert len(records) >= 3, records  # supervisor and two runners
     assert "job done None" in lines, proc.stdout  # the job ran to its end
-    left = jobs.wait_gone(records, timeout=2, zombies_ok=True)
+    left = procs.wait_gone(records, timeout=2, zombies_ok=True)
     assert not left, left
 
 
@@ -284,7 +285,7 @@ KILLED_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_user_process_sigkilled_takes_every_pool_process_with_it(tmp_path, backend, method):
-    proc = jobs.start_script(tmp_path, "killed_script.py", KILLED_SCRIPT, method)
+    proc = procs.start_script(tmp_path, "killed_script.py", KILLED_SCRIPT, method)
     records = []
     try:
         line = proc.stdout.readline()
@@ -294,7 +295,7 @@ def test_user_process_sigkilled_takes_every_pool_process_with_it(tmp_path, backe
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         start = time.monotonic()
-        left = jobs.wait_gone(records, timeout=5, zombies_ok=True)
+        left = procs.wait_gone(records, timeout=5, zombies_ok=True)
         elapsed = time.monotonic() - start
         print(
             f"[{method}/{backend}] all {len(records)} pool processes gone {elapsed * 1000:.1f} ms "
@@ -303,8 +304,8 @@ def test_user_process_sigkilled_takes_every_pool_process_with_it(tmp_path, backe
         assert not left, left
         assert elapsed < 1.0, f"pool processes outlived the user process by {elapsed:.2f} s"
     finally:
-        jobs.stop_process(proc)
-        jobs.kill_records(records)
+        procs.stop_process(proc)
+        procs.kill_records(records)
 
 
 # -------------------------------------------------------------------------
@@ -398,7 +399,7 @@ FORK_CHILD_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_forked_child_exiting_normally_leaves_the_parents_pool_alone(tmp_path, method):
-    proc = jobs.run_script(tmp_path, "fork_child_script.py", FORK_CHILD_SCRIPT, method)
+    proc = procs.run_script(tmp_path, "fork_child_script.py", FORK_CHILD_SCRIPT, method)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["child: RuntimeError", "child exit 0", "parent 5"], (
         proc.stdout,
@@ -421,7 +422,7 @@ def test_pool_descriptors_are_not_inherited_by_exec(make_pool):
     assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
     # runners replaced after a kill hand over new channels too
     victim = exe.submit(jobs.sleep_return, 20)
-    jobs.wait_running(victim)
+    procs.wait_running(victim)
     assert victim.cancel()
     assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
     time.sleep(0.2)
@@ -458,12 +459,12 @@ def test_descriptors_threads_and_processes_do_not_grow_with_jobs(make_pool):
     batch()
     fds = len(os.listdir("/proc/self/fd"))
     threads = threading.active_count()
-    procs = len(psutil.Process().children(recursive=True))
+    processes = len(psutil.Process().children(recursive=True))
     for _ in range(3):
         batch()
     assert len(os.listdir("/proc/self/fd")) <= fds
     assert threading.active_count() <= threads
-    assert len(psutil.Process().children(recursive=True)) <= procs
+    assert len(psutil.Process().children(recursive=True)) <= processes
 
 
 @pytest.mark.timeout(120)
@@ -478,7 +479,7 @@ def test_supervisor_memory_does_not_grow_with_time_limited_jobs(make_pool):
             concurrent.futures.wait(futures, timeout=WAIT)
 
     probe = exe.submit(jobs.sleep_return, 0.2)
-    supervisor = jobs.supervisor_of(jobs.wait_running(probe))
+    supervisor = procs.supervisor_of(procs.wait_running(probe))
     probe.result(timeout=WAIT)
     run(3000)
     rss_before = supervisor.memory_info().rss

@@ -37,8 +37,7 @@ from cancelk import (
     ProcessTimeoutError,
 )
 
-import executor_jobs as jobs
-import race_jobs as rj
+import jobs
 
 WAIT = jobs.RESULT_WAIT
 
@@ -103,9 +102,11 @@ def _cancel_races(exe, workers, iterations, rng, grace):
         delay = rng.uniform(0, 0.003)
         markers = (ProcessCancelTimeout(grace(length - delay)),) if grace else ()
         start = time.perf_counter()
-        target = exe.submit(rj.token_spin, f"T{i}", length, 0, *markers)
-        beside = exe.submit(rj.token_spin, f"B{i}", rng.uniform(0, 0.003)) if workers > 1 else None
-        after = exe.submit(rj.token_spin, f"S{i}", 0.0005)
+        target = exe.submit(jobs.token_spin, f"T{i}", length, 0, *markers)
+        beside = (
+            exe.submit(jobs.token_spin, f"B{i}", rng.uniform(0, 0.003)) if workers > 1 else None
+        )
+        after = exe.submit(jobs.token_spin, f"S{i}", 0.0005)
         spin_until(start + delay)
         pid = target.pid
         answer = target.cancel()
@@ -141,7 +142,7 @@ def test_cancel_at_random_offsets_never_stops_another_job(make_pool, backend, wo
     iterations = scale(150, 15000)
     rng = random.Random(f"i1-cancel-{backend}-{workers}")
     exe = make_pool(workers)
-    for f in [exe.submit(rj.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
+    for f in [exe.submit(jobs.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
         f.result(timeout=WAIT)
     start = time.monotonic()
     counts = _cancel_races(exe, workers, iterations, rng, grace=None)
@@ -167,7 +168,7 @@ def test_grace_expiring_at_job_end_never_stops_another_job(make_pool, backend, s
     iterations = scale(100, 10000)
     rng = random.Random(f"i1-grace-{backend}")
     exe = make_pool(1)
-    exe.submit(rj.token_spin, "W", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "W", 0).result(timeout=WAIT)
 
     def grace(remaining):
         return max(0.0, remaining + rng.uniform(-0.001, 0.001))
@@ -197,7 +198,7 @@ def test_deadline_at_job_end_never_stops_another_job(make_pool, backend, workers
     pairs = scale(120, 12000)
     rng = random.Random(f"i1-deadline-{backend}-{workers}")
     exe = make_pool(workers)
-    for f in [exe.submit(rj.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
+    for f in [exe.submit(jobs.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
         f.result(timeout=WAIT)
     submitted = []
     start = time.monotonic()
@@ -209,8 +210,8 @@ def test_deadline_at_job_end_never_stops_another_job(make_pool, backend, workers
             limit = rng.choice([0.001, 0.002, 0.003])
             length = max(0.0, limit + rng.uniform(-0.0015, 0.0015))
             size = rng.choice([0, 0, 400_000])  # larger than the channel's buffer
-            target = exe.submit(rj.token_spin, f"T{i}", length, size, ProcessTimeout(limit))
-            after = exe.submit(rj.token_spin, f"S{i}", rng.uniform(0, 0.002))
+            target = exe.submit(jobs.token_spin, f"T{i}", length, size, ProcessTimeout(limit))
+            after = exe.submit(jobs.token_spin, f"S{i}", rng.uniform(0, 0.002))
             submitted.append((i, size, target, after))
         for i, size, target, after in submitted:
             check_bystander(after, f"S{i}")
@@ -242,7 +243,7 @@ def test_cancel_and_deadline_racing_each_other_settle_once(make_pool, backend, s
     iterations = scale(100, 10000)
     rng = random.Random(f"i1-both-{backend}")
     exe = make_pool(1)
-    exe.submit(rj.token_spin, "W", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "W", 0).result(timeout=WAIT)
     counts = {"won": 0, "cancelled": 0, "timed_out": 0}
     calls = {}
 
@@ -254,9 +255,9 @@ def test_cancel_and_deadline_racing_each_other_settle_once(make_pool, backend, s
         limit = rng.uniform(0.0005, 0.003)
         length = rng.uniform(0, 0.003)
         start = time.perf_counter()
-        target = exe.submit(rj.token_spin, f"T{i}", length, 0, ProcessTimeout(limit))
+        target = exe.submit(jobs.token_spin, f"T{i}", length, 0, ProcessTimeout(limit))
         target.add_done_callback(count)
-        after = exe.submit(rj.token_spin, f"S{i}", 0.0005)
+        after = exe.submit(jobs.token_spin, f"S{i}", 0.0005)
         after.add_done_callback(count)
         spin_until(start + limit + rng.uniform(-0.0005, 0.0005))
         answer = target.cancel()

@@ -23,15 +23,15 @@ import pytest
 
 from cancelk import ProcessCancelledError, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-import fault_jobs
+import jobs
+import procs
 
 GONE = 2.0  # every process of a stopped job must be dead this long after the stop
 WAIT = jobs.RESULT_WAIT
 
 
 def _dead(pid, created):
-    proc = jobs.same_process(pid, created)
+    proc = procs.same_process(pid, created)
     if proc is None:
         return True
     try:
@@ -58,15 +58,15 @@ def stop_and_measure(exe, how, path, backend):
     """Run a whole-tree job, stop it (cancel or time limit); return seconds
     from the stop until its whole tree is dead."""
     if how == "cancel":
-        future = exe.submit(fault_jobs.tree_job, path)
+        future = exe.submit(jobs.tree_job, path)
     else:
-        future = exe.submit(fault_jobs.tree_job, path, ProcessTimeout(1.0))
-    records = jobs.read_record(path)
+        future = exe.submit(jobs.tree_job, path, ProcessTimeout(1.0))
+    records = procs.read_record(path)
     try:
-        expected = 1 + sum(fault_jobs.TREE_SIZE.values())
+        expected = 1 + sum(jobs.TREE_SIZE.values())
         assert len(records) == expected, records
         assert all(not _dead(*r) for r in records), "a process of the tree died early"
-        job_pid = jobs.wait_running(future)
+        job_pid = procs.wait_running(future)
         assert job_pid == records[0][0]
         # the processes that left the job's group and session really did
         groups = {psutil.Process(pid).pid: _pgid(pid) for pid, _ in records}
@@ -82,15 +82,15 @@ def stop_and_measure(exe, how, path, backend):
                 future.result(timeout=WAIT)
             start = time.monotonic()
             elapsed = time_until_dead(records, start)
-        left = jobs.wait_gone(records, timeout=0)
+        left = procs.wait_gone(records, timeout=0)
         assert elapsed is not None, (
             f"[{backend}/{how}] processes of the stopped job still alive {GONE} s later: {left}"
         )
-        reaped_left = jobs.wait_gone(records, timeout=GONE)
+        reaped_left = procs.wait_gone(records, timeout=GONE)
         assert not reaped_left, f"dead but never reaped: {reaped_left}"
         return elapsed
     finally:
-        jobs.kill_records(records)
+        procs.kill_records(records)
 
 
 def _pgid(pid):
@@ -117,33 +117,33 @@ def test_stopping_a_job_kills_every_process_of_its_tree(make_pool, backend, how,
     ms = [t * 1000 for t in times]
     label = "cancel()" if how == "cancel" else "time-limit error seen"
     print(
-        f"I4 [{backend}/{how}]: {runs} runs, {len(fault_jobs.TREE_KINDS)} tree shapes, "
-        f"{1 + sum(fault_jobs.TREE_SIZE.values())} processes each; {label} -> all dead: "
+        f"I4 [{backend}/{how}]: {runs} runs, {len(jobs.TREE_KINDS)} tree shapes, "
+        f"{1 + sum(jobs.TREE_SIZE.values())} processes each; {label} -> all dead: "
         f"median {statistics.median(ms):.1f} ms, worst {max(ms):.1f} ms"
     )
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", fault_jobs.TREE_KINDS)
+@pytest.mark.parametrize("kind", jobs.TREE_KINDS)
 def test_each_tree_shape_dies_with_a_cancelled_spinning_job(make_pool, backend, kind, tmp_path):
     """One shape at a time, the job busy in Python when it is cancelled:
     a failure names the shape that survives."""
     exe = make_pool(1)
     path = str(tmp_path / "tree.json")
-    future = exe.submit(fault_jobs.tree_spin_job, path, (kind,))
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.tree_spin_job, path, (kind,))
+    records = procs.read_record(path)
     try:
-        assert len(records) == 1 + fault_jobs.TREE_SIZE[kind], records
-        jobs.wait_running(future)
+        assert len(records) == 1 + jobs.TREE_SIZE[kind], records
+        procs.wait_running(future)
         start = time.monotonic()
         assert future.cancel()
         with pytest.raises(ProcessCancelledError):
             future.result(timeout=WAIT)
         elapsed = time_until_dead(records, start)
-        assert elapsed is not None, f"{kind}: survived its job: {jobs.wait_gone(records, 0)}"
-        assert not jobs.wait_gone(records, timeout=GONE)
+        assert elapsed is not None, f"{kind}: survived its job: {procs.wait_gone(records, 0)}"
+        assert not procs.wait_gone(records, timeout=GONE)
     finally:
-        jobs.kill_records(records)
+        procs.kill_records(records)
     assert exe.submit(jobs.add, 2, 3).result(timeout=WAIT) == 5
 
 
@@ -153,13 +153,13 @@ def test_a_tree_left_behind_by_a_job_that_returned_dies_with_the_pool(make_pool,
     the pool's shutdown must take those processes (nothing outlives the pool)."""
     exe = make_pool(1)
     path = str(tmp_path / "tree.json")
-    future = exe.submit(fault_jobs.tree_then_return, path, 0.1)
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.tree_then_return, path, 0.1)
+    records = procs.read_record(path)
     try:
         assert future.result(timeout=WAIT) == "returned"
         assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
         exe.shutdown(wait=True)
-        left = jobs.wait_gone(records[1:], timeout=GONE)
+        left = procs.wait_gone(records[1:], timeout=GONE)
         assert not left, f"processes a finished job left behind outlive the pool: {left}"
     finally:
-        jobs.kill_records(records)
+        procs.kill_records(records)

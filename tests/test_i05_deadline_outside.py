@@ -30,8 +30,8 @@ import pytest
 
 from cancelk import ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-import fault_jobs
+import jobs
+import procs
 
 WAIT = jobs.RESULT_WAIT
 LIMIT = 0.2  # the job's time limit
@@ -41,7 +41,7 @@ LATE = 1.0  # how late a kill may be on a loaded 2-core machine
 
 def start_watcher(record_path, out_path):
     watcher = subprocess.Popen(
-        [sys.executable, "-c", fault_jobs.WATCHER, record_path, out_path],
+        [sys.executable, "-c", procs.WATCHER, record_path, out_path],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -50,13 +50,13 @@ def start_watcher(record_path, out_path):
 
 
 def read_json(path, timeout=10.0):
-    jobs.wait_for_path(path, timeout, poll=0.002)
+    procs.wait_for_path(path, timeout, poll=0.002)
     with open(path) as handle:
         return json.load(handle)
 
 
 def _alive(stamp):
-    proc = jobs.same_process(stamp["pid"], stamp["created"])
+    proc = procs.same_process(stamp["pid"], stamp["created"])
     if proc is None:
         return None
     try:
@@ -102,7 +102,7 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
         watcher = start_watcher(record_path, out_path)
         stamp = None
         try:
-            future = exe.submit(fault_jobs.stamped_job, record_path, kind, ProcessTimeout(LIMIT))
+            future = exe.submit(jobs.stamped_job, record_path, kind, ProcessTimeout(LIMIT))
             usleep(int(HOLD * 1e6))  # the user process's GIL is held from here ...
             returned = time.time()  # ... to here
             with pytest.raises(ProcessTimeoutError):
@@ -118,7 +118,7 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
             )
             assert late < LATE, f"[{backend}/{kind}] killed {late:.3f} s after its deadline"
         finally:
-            jobs.stop_process(watcher)
+            procs.stop_process(watcher)
             if stamp is None and os.path.exists(record_path):
                 stamp = read_json(record_path)
             if stamp is not None:
@@ -144,9 +144,7 @@ def test_job_holding_its_gil_in_c_is_killed_on_time(make_pool, backend, kind, tm
         batch = []
         for j in (i, i + 1):
             path = str(tmp_path / f"stamp{j}.json")
-            batch.append(
-                (path, exe.submit(fault_jobs.stamped_job, path, kind, ProcessTimeout(0.1)))
-            )
+            batch.append((path, exe.submit(jobs.stamped_job, path, kind, ProcessTimeout(0.1))))
         for path, future in batch:
             with pytest.raises(ProcessTimeoutError):
                 future.result(timeout=WAIT)

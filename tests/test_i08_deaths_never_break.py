@@ -28,8 +28,8 @@ import pytest
 
 from cancelk import ProcessDiedError
 
-import executor_jobs as jobs
-import fault_jobs
+import jobs
+import procs
 
 WAIT = jobs.RESULT_WAIT
 FAULTS = ("runner_sigkill", "child_sigkill", "segfault", "exit", "abort")
@@ -39,9 +39,9 @@ def inject(exe, fault, path):
     """Submit a job that meets ``fault``; return (future, check) where
     ``check(exc_or_result)`` asserts the outcome the fault calls for."""
     if fault == "runner_sigkill":
-        future = exe.submit(fault_jobs.record_self_then_sleep, path)
-        records = jobs.read_record(path)
-        assert jobs.wait_running(future) == records[0][0]
+        future = exe.submit(jobs.sleep_job, path)
+        records = procs.read_record(path)
+        assert procs.wait_running(future) == records[0][0]
         os.kill(records[0][0], signal.SIGKILL)
 
         def check(err):
@@ -49,15 +49,15 @@ def inject(exe, fault, path):
             assert err.signal == signal.SIGKILL and err.pid == records[0][0]
 
     elif fault == "child_sigkill":
-        future = exe.submit(fault_jobs.child_then_wait, path)
-        records = jobs.read_record(path)
+        future = exe.submit(jobs.child_then_wait, path)
+        records = procs.read_record(path)
         os.kill(records[1][0], signal.SIGKILL)
 
         def check(result):
             assert result == -signal.SIGKILL, f"the job did not live on: {result!r}"
 
     elif fault == "segfault":
-        future = exe.submit(fault_jobs.segfault_job)
+        future = exe.submit(jobs.segfault_job)
 
         def check(err):
             assert isinstance(err, ProcessDiedError), repr(err)
@@ -65,14 +65,14 @@ def inject(exe, fault, path):
 
     elif fault == "exit":
         code = random.randint(1, 120)
-        future = exe.submit(fault_jobs.exit_job, code)
+        future = exe.submit(jobs.exit_with, code)
 
         def check(err):
             assert isinstance(err, ProcessDiedError), repr(err)
             assert err.exitcode == code and err.signal is None
 
     elif fault == "abort":
-        future = exe.submit(fault_jobs.abort_job)
+        future = exe.submit(jobs.abort_job)
 
         def check(err):
             assert isinstance(err, ProcessDiedError), repr(err)
@@ -112,7 +112,7 @@ def test_each_death_fails_only_its_own_future(make_pool, backend, tmp_path, scal
     for i in range(rounds):
         fault = FAULTS[i % len(FAULTS)] if i < len(FAULTS) else rng.choice(FAULTS)
         counts[fault] += 1
-        bystanders = [exe.submit(fault_jobs.pid_after, rng.uniform(0.15, 0.25)) for _ in range(2)]
+        bystanders = [exe.submit(jobs.sleep_pid, rng.uniform(0.15, 0.25)) for _ in range(2)]
         pids = [seen_pid(f) for f in bystanders]
         future, check = inject(exe, fault, str(tmp_path / f"rec{i}.json"))
         check(outcome(future))
@@ -142,11 +142,11 @@ def test_deaths_in_a_crowd_of_concurrent_jobs(make_pool, backend, scale):
         if kind == "good":
             futures.append(exe.submit(jobs.square, i))
         elif kind == "segfault":
-            futures.append(exe.submit(fault_jobs.segfault_job))
+            futures.append(exe.submit(jobs.segfault_job))
         elif kind == "exit":
-            futures.append(exe.submit(fault_jobs.exit_job, 7))
+            futures.append(exe.submit(jobs.exit_with, 7))
         else:
-            futures.append(exe.submit(fault_jobs.abort_job))
+            futures.append(exe.submit(jobs.abort_job))
     for i, (kind, future) in enumerate(zip(plan, futures)):
         result = outcome(future)
         if kind == "good":
@@ -171,11 +171,11 @@ def test_supervisor_sigkilled_repeatedly(make_pool, backend, method, scale):
     supervisors = set()
     for round_ in range(rounds):
         running = [exe.submit(jobs.sleep_return, 60) for _ in range(2)]
-        pids = [jobs.wait_running(f) for f in running]
-        supervisor = jobs.supervisor_of(pids[0])
+        pids = [procs.wait_running(f) for f in running]
+        supervisor = procs.supervisor_of(pids[0])
         assert supervisor.pid not in supervisors, "the killed supervisor came back"
         supervisors.add(supervisor.pid)
-        old = jobs.snapshot([supervisor.pid, *pids])
+        old = procs.snapshot([supervisor.pid, *pids])
         queued = [exe.submit(jobs.square, round_ + k) for k in range(3)]
         done_at = {}
         lock = threading.Lock()
@@ -195,7 +195,7 @@ def test_supervisor_sigkilled_repeatedly(make_pool, backend, method, scale):
         latencies.append(max(done_at.values()) - start)
         assert [f.result(timeout=WAIT) for f in queued] == [(round_ + k) ** 2 for k in range(3)]
         assert exe.submit(jobs.add, round_, 1).result(timeout=WAIT) == round_ + 1
-        left = jobs.wait_gone(old, timeout=2.0)
+        left = procs.wait_gone(old, timeout=2.0)
         assert not left, f"round {round_}: old supervisor or runners survive: {left}"
     stats = exe.stats()
     assert stats["supervisors_started"] == rounds + 1

@@ -50,9 +50,9 @@ from cancelk import (
     killable_wrapper,
 )
 
-import chaos_jobs as cj
-import helpers
-from helpers import HOST_WORKERS
+import jobs
+import procs
+from jobs import HOST_WORKERS
 
 WAIT = 30.0  # a wrapped call not done this long is a hang
 GONE = 2.0  # job processes must be gone this long after their host worker died
@@ -71,7 +71,7 @@ def seeded(name):
 def assert_host_ok(host):
     """The host pool survived: its workers live and it still runs jobs."""
     assert not host.worker_problems(), host.worker_problems()
-    futures = [host.pool.submit(killable_wrapper, cj.value, i) for i in range(HOST_WORKERS)]
+    futures = [host.pool.submit(killable_wrapper, jobs.value, i) for i in range(HOST_WORKERS)]
     got = [f.result(timeout=WAIT)[0] for f in futures]
     assert got == [expected(i) for i in range(HOST_WORKERS)]
     assert not host.worker_problems(), host.worker_problems()
@@ -105,9 +105,10 @@ class TestRaces:
                     message = "cancel" if grace is None else {"cancel_timeout": grace}
                     future = race_host.pool.submit(
                         killable_wrapper,
-                        cj.spin_value,
+                        jobs.work,
                         seconds,
                         i,
+                        True,  # spin
                         killable_wrapper_cancel_pipe=receiver,
                     )
                     offset = time.perf_counter() + rng.uniform(0.0, 0.02)
@@ -156,7 +157,7 @@ class TestRaces:
             limit = rng.choice([0.002, 0.005, 0.01, 0.02])
             seconds = limit * rng.uniform(0.3, 1.1)
             future = race_host.pool.submit(
-                killable_wrapper, cj.spin_value, seconds, i, killable_wrapper_timeout=limit
+                killable_wrapper, jobs.work, seconds, i, True, killable_wrapper_timeout=limit
             )
             batch.append((i, future))
         counts = collections.Counter()
@@ -188,12 +189,12 @@ class TestRaces:
         escaped = []
         try:
             for i in range(n):
-                marker = f"{int(cj.LONG) - 1}.{nonce:06d}{i:06d}"
+                marker = f"{int(jobs.LONG) - 1}.{nonce:06d}{i:06d}"
                 sender, receiver = multiprocessing.Pipe()
                 try:
                     future = host.pool.submit(
                         killable_wrapper,
-                        cj.marked_children,
+                        jobs.marked_children,
                         marker,
                         2,
                         killable_wrapper_cancel_pipe=receiver,
@@ -242,11 +243,11 @@ def start_host(method, backend):
     pool = concurrent.futures.ProcessPoolExecutor(
         max_workers=HOST_WORKERS,
         mp_context=multiprocessing.get_context(method),
-        initializer=helpers.init_host,
+        initializer=jobs.init_host,
         initargs=(backend, "races"),
     )
     # every worker up before the test begins (spawn starts them on demand)
-    warm = [pool.submit(cj.work, 0.2, 0) for _ in range(2 * HOST_WORKERS)]
+    warm = [pool.submit(jobs.work, 0.2, 0) for _ in range(2 * HOST_WORKERS)]
     for future in warm:
         future.result(timeout=WAIT)
     pids = set(pool._processes)
@@ -273,7 +274,7 @@ def not_doomed(records):
     and processes about to die of a SIGKILL count as stopped)."""
     alive = []
     for pid, created in records:
-        proc = helpers.same_process(pid, created)
+        proc = procs.same_process(pid, created)
         if proc is None:
             continue  # gone, or the pid names another process now
         try:
@@ -289,7 +290,7 @@ def time_until_gone(records, timeout):
     """Seconds until every recorded process is gone (dead and unreaped by an
     init that never reaps counts as gone), or None with what is left."""
     start = time.perf_counter()
-    left = helpers.wait_gone(records, timeout=timeout)
+    left = procs.wait_gone(records, timeout=timeout, orphaned_zombies_ok=True)
     if left:
         return None, left
     return time.perf_counter() - start, []
@@ -303,10 +304,10 @@ def test_host_worker_sigkilled_takes_every_wrapped_job_tree_with_it(backend, met
     records = []
     try:
         futures = [
-            pool.submit(killable_wrapper, cj.wrapped_tree, path, 2, killable_wrapper_timeout=WAIT)
+            pool.submit(killable_wrapper, jobs.wrapped_tree, path, 2, killable_wrapper_timeout=WAIT)
             for path in paths
         ]
-        per_job = [helpers.read_record(path, wait=WAIT) for path in paths]
+        per_job = [procs.read_record(path, wait=WAIT) for path in paths]
         records = [r for job in per_job for r in job]
         assert all(len(job) == 3 for job in per_job)  # each job and its two children
         jobs_only = [job[0] for job in per_job]
@@ -340,7 +341,7 @@ def test_host_worker_sigkilled_takes_every_wrapped_job_tree_with_it(backend, met
         )
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        helpers.kill_records(records)
+        procs.kill_records(records)
 
 
 @pytest.mark.timeout(60)
@@ -355,14 +356,16 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
     records = []
     try:
         running = [
-            pool.submit(killable_wrapper, cj.wrapped_tree, path, 2, killable_wrapper_timeout=limit)
+            pool.submit(
+                killable_wrapper, jobs.wrapped_tree, path, 2, killable_wrapper_timeout=limit
+            )
             for path in paths
         ]
         queued = [
-            pool.submit(killable_wrapper, cj.value, i, killable_wrapper_timeout=limit)
+            pool.submit(killable_wrapper, jobs.value, i, killable_wrapper_timeout=limit)
             for i in range(20)
         ]
-        records = [r for path in paths for r in helpers.read_record(path, wait=WAIT)]
+        records = [r for path in paths for r in procs.read_record(path, wait=WAIT)]
         # shutdown(wait=False) drops the pool's references to its manager
         # thread and result queue; keep them to release their fds afterwards
         manager = pool._executor_manager_thread
@@ -409,4 +412,4 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
         assert cancelled >= len(queued) - HOST_WORKERS - 1
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        helpers.kill_records(records)
+        procs.kill_records(records)
