@@ -43,6 +43,9 @@ HOST_WORKERS = 2  # workers of each stdlib host pool
 
 LONG = 60.0  # how long "endless" jobs would run if nobody stopped them
 RESULT_WAIT = 30.0  # how long a test waits for a future before calling it a hang
+GONE = 2.0  # a stopped job's processes must be gone this long after the stop
+SLACK = 1.3  # how late a stop may be on a loaded 2-core machine
+MB = 2**20
 
 
 def _dump_json(path: str, data: object) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import psutil
 
 import jobs
-from jobs import BACKENDS, HOST_WORKERS, RESULT_WAIT
+from jobs import BACKENDS, GONE, HOST_WORKERS, RESULT_WAIT
 
 # --------------------------------------------------------------------------
 # records of a job's processes
@@ -98,7 +98,7 @@ def still_there(records, zombies_ok=False, orphaned_zombies_ok=False):
     return left
 
 
-def wait_gone(records, timeout=2.0, zombies_ok=False, orphaned_zombies_ok=False):
+def wait_gone(records, timeout=GONE, zombies_ok=False, orphaned_zombies_ok=False):
     """Poll until every recorded process is gone (as ``still_there`` counts);
     return what is left."""
     deadline = time.monotonic() + timeout

@@ -38,10 +38,7 @@ from cancelk import ProcessDiedError, ProcessTimeout, ProcessTimeoutError
 from cancelk.errors import ResultPicklingError
 
 import jobs
-
-WAIT = jobs.RESULT_WAIT
-MB = 2**20
-
+from jobs import MB, RESULT_WAIT
 
 # Python's own TypeError names the class that failed to load only from 3.10
 # on ("Unloadable.__init__() missing ..."); cancelk passes that message on.
@@ -49,7 +46,7 @@ UNLOADABLE_NAMED = ["Unloadable"] if sys.version_info >= (3, 10) else []
 
 
 def runner_pid(exe):
-    return exe.submit(jobs.getpid).result(timeout=WAIT)
+    return exe.submit(jobs.getpid).result(timeout=RESULT_WAIT)
 
 
 # Each case: (submit arguments, accepted exception types, words the message
@@ -144,7 +141,7 @@ def test_each_kind_of_bad_data_fails_only_its_future_on_the_same_runner(make_poo
     cases = bad_cases()
     for name, case in cases.items():
         future = submit_case(exe, case)
-        err = future.exception(timeout=WAIT)
+        err = future.exception(timeout=RESULT_WAIT)
         check_case(name, case, err)
         assert runner_pid(exe) == pid, f"{name}: the runner was replaced"
     stats = exe.stats()
@@ -169,7 +166,7 @@ def test_function_defined_after_the_runner_forked_names_the_missing_function(mak
     newcomer.__qualname__ = newcomer.__name__ = "newcomer_after_fork"
     module.newcomer_after_fork = newcomer
     try:
-        err = exe.submit(newcomer).exception(timeout=WAIT)
+        err = exe.submit(newcomer).exception(timeout=RESULT_WAIT)
     finally:
         del module.newcomer_after_fork
     assert isinstance(err, AttributeError), repr(err)
@@ -183,10 +180,10 @@ def test_argument_whose_unpickling_kills_the_runner_fails_only_that_job(make_poo
     pid = runner_pid(exe)
     bad = exe.submit(jobs.echo_kind, jobs.KillsOnUnpickle(7))
     behind = exe.submit(jobs.token_pid, "behind")
-    err = bad.exception(timeout=WAIT)
+    err = bad.exception(timeout=RESULT_WAIT)
     assert isinstance(err, ProcessDiedError), repr(err)
     assert err.exitcode == 7 and err.pid == pid, (err.exitcode, err.pid, pid)
-    token, new_pid = behind.result(timeout=WAIT)
+    token, new_pid = behind.result(timeout=RESULT_WAIT)
     assert token == "behind" and new_pid != pid
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -213,9 +210,9 @@ def test_random_stream_of_bad_and_good_jobs_never_crosses_outcomes(make_pool, sc
     bad = 0
     for i, name, future in submitted:
         if name is None:
-            assert future.result(timeout=WAIT) == (i, pid), f"job {i}"
+            assert future.result(timeout=RESULT_WAIT) == (i, pid), f"job {i}"
         else:
-            check_case(name, cases[name], future.exception(timeout=WAIT))
+            check_case(name, cases[name], future.exception(timeout=RESULT_WAIT))
             bad += 1
     stats = exe.stats()
     assert stats["died"] == 0 and stats["processes_started"] == 1, stats
@@ -247,7 +244,7 @@ def test_100_mb_argument_and_result_round_trip_and_memory_is_released(make_pool,
     size = 100 * MB
     slack = 10 * MB
     exe = make_pool(1, mp_context=method)
-    runner, runner_before = exe.submit(jobs.runner_rss).result(timeout=WAIT)
+    runner, runner_before = exe.submit(jobs.runner_rss).result(timeout=RESULT_WAIT)
     gc.collect()
     user_before = rss()
     argument = jobs.pattern(size, "argument")
@@ -255,7 +252,7 @@ def test_100_mb_argument_and_result_round_trip_and_memory_is_released(make_pool,
     start = time.perf_counter()
     (received_size, received_digest), result, runner_peak = exe.submit(
         jobs.big_round_trip, argument, "result"
-    ).result(timeout=WAIT)
+    ).result(timeout=RESULT_WAIT)
     elapsed = time.perf_counter() - start
     assert received_size == size and received_digest == sent_digest
     assert len(result) == size
@@ -264,8 +261,8 @@ def test_100_mb_argument_and_result_round_trip_and_memory_is_released(make_pool,
     del argument, result
     # one more job first: what the pool keeps only until its next job (see the
     # two tests below) does not count as a leak here
-    exe.submit(jobs.add, 1, 1).result(timeout=WAIT)
-    again, runner_after = exe.submit(jobs.runner_rss).result(timeout=WAIT)
+    exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT)
+    again, runner_after = exe.submit(jobs.runner_rss).result(timeout=RESULT_WAIT)
     user_after = settle_rss(user_before + slack)
     assert again == runner
     print(
@@ -289,10 +286,10 @@ def test_100_mb_result_is_released_while_the_pool_is_idle(make_pool):
     result must not stay pinned by the pool until some next job."""
     size = 100 * MB
     exe = make_pool(1)
-    exe.submit(jobs.add, 1, 1).result(timeout=WAIT)
+    exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT)
     gc.collect()
     before = rss()
-    result = exe.submit(jobs.pattern, size, "idle").result(timeout=WAIT)
+    result = exe.submit(jobs.pattern, size, "idle").result(timeout=RESULT_WAIT)
     assert len(result) == size
     del result
     after = settle_rss(before + 10 * MB, timeout=3.0)
@@ -308,9 +305,9 @@ def test_100_mb_result_is_released_by_the_runner_before_its_next_job(make_pool):
     still in its runner."""
     size = 100 * MB
     exe = make_pool(1)
-    _, before = exe.submit(jobs.runner_rss).result(timeout=WAIT)
-    assert len(exe.submit(jobs.pattern, size, "x").result(timeout=WAIT)) == size
-    _, during_next = exe.submit(jobs.runner_rss).result(timeout=WAIT)
+    _, before = exe.submit(jobs.runner_rss).result(timeout=RESULT_WAIT)
+    assert len(exe.submit(jobs.pattern, size, "x").result(timeout=RESULT_WAIT)) == size
+    _, during_next = exe.submit(jobs.runner_rss).result(timeout=RESULT_WAIT)
     print(
         f"runner RSS {before / MB:.0f} MiB, during the job after a 100 MB result "
         f"{during_next / MB:.0f} MiB"
@@ -337,7 +334,7 @@ def test_big_result_at_the_deadline_is_whole_or_a_timeout(make_pool, backend, sc
     exe = make_pool(1)
     # how long one job takes, start to result, here and now
     start = time.perf_counter()
-    seed, data = exe.submit(job, delay, size, "calibrate").result(timeout=WAIT)
+    seed, data = exe.submit(job, delay, size, "calibrate").result(timeout=RESULT_WAIT)
     produce = time.perf_counter() - start
     assert seed == "calibrate" and len(data) == size
     outcomes = {"result": 0, "timeout": 0}
@@ -349,7 +346,7 @@ def test_big_result_at_the_deadline_is_whole_or_a_timeout(make_pool, backend, sc
         big = exe.submit(job, delay, size, i, ProcessTimeout(limit))
         behind = exe.submit(jobs.token_pid, -i)  # queued right behind it
         try:
-            seed, data = big.result(timeout=WAIT)
+            seed, data = big.result(timeout=RESULT_WAIT)
         except ProcessTimeoutError:
             outcomes["timeout"] += 1
             limits["timeout"].append(limit)
@@ -359,7 +356,7 @@ def test_big_result_at_the_deadline_is_whole_or_a_timeout(make_pool, backend, sc
             assert data == jobs.pattern(size, i), f"iteration {i}: corrupted result"
             outcomes["result"] += 1
             limits["result"].append(limit)
-        token, pid = behind.result(timeout=WAIT)
+        token, pid = behind.result(timeout=RESULT_WAIT)
         assert token == -i
         if big.exception(timeout=0) is None:
             assert pid == runner, f"iteration {i}: the runner was replaced after a result"

@@ -55,9 +55,9 @@ from cancelk import (
 
 import jobs
 import procs
+from jobs import GONE
 
 WAIT = 60.0  # a future not done this long after the last submit is a hang
-GONE = 2.0  # seconds the processes of a stopped job get to disappear
 WORKERS = 4
 SUBMITTERS = 4
 WINDOW = 6  # futures in flight per submitting thread

@@ -19,9 +19,7 @@ from cancelk import ProcessCancelTimeout, ProcessTimeout, ProcessTimeoutError
 
 import jobs
 import procs
-
-WAIT = jobs.RESULT_WAIT
-GONE = 2.0
+from jobs import GONE, RESULT_WAIT, START_METHODS
 
 
 @pytest.fixture
@@ -98,7 +96,7 @@ def test_cancelling_the_task_kills_the_job(make_pool, backend, path):
 
     records = asyncio.run(main())
     assert_gone(records)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     assert exe.stats()["cancelled"] == 1
 
 
@@ -285,7 +283,7 @@ def test_seed_readme_partial_and_cancel_timeout_example(path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_event_loop_is_never_blocked(make_pool, method):
     exe = make_pool(2, mp_context=method)
 

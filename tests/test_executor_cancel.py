@@ -28,10 +28,7 @@ from cancelk import (
 
 import jobs
 import procs
-
-WAIT = jobs.RESULT_WAIT
-GONE = 2.0  # a stopped job's processes must be gone this long after the stop
-SLACK = 1.3  # how late a stop may be on a loaded 2-core machine
+from jobs import GONE, RESULT_WAIT, SLACK, START_METHODS
 
 
 @pytest.fixture
@@ -48,7 +45,7 @@ def assert_gone(records, timeout=GONE):
 
 def assert_pool_works(exe):
     futures = [exe.submit(jobs.add, i, 1) for i in range(3)]
-    assert [f.result(timeout=WAIT) for f in futures] == [1, 2, 3]
+    assert [f.result(timeout=RESULT_WAIT) for f in futures] == [1, 2, 3]
 
 
 # -------------------------------------------------------------------------
@@ -64,10 +61,10 @@ def test_cancel_pending_job(make_pool, tmp_path):
     assert pending.cancel() is True
     assert pending.cancelled() and pending.done()
     with pytest.raises(concurrent.futures.CancelledError):
-        pending.result(timeout=WAIT)
+        pending.result(timeout=RESULT_WAIT)
     with pytest.raises(ProcessCancelledError):
-        pending.result(timeout=WAIT)
-    assert blocker.result(timeout=WAIT) == "blocker"
+        pending.result(timeout=RESULT_WAIT)
+    assert blocker.result(timeout=RESULT_WAIT) == "blocker"
     assert_pool_works(exe)
     assert not marker.exists(), "a cancelled pending job ran anyway"
 
@@ -81,7 +78,7 @@ def test_cancelled_pending_job_is_seen_by_wait_and_as_completed(make_pool):
     blocker = exe.submit(jobs.sleep_return, 0.3, "blocker")
     pending = exe.submit(jobs.add, 1, 2)
     assert pending.cancel()
-    assert blocker.result(timeout=WAIT) == "blocker"
+    assert blocker.result(timeout=RESULT_WAIT) == "blocker"
     done, not_done = concurrent.futures.wait([pending], timeout=5)
     assert pending in done and not not_done, "wait() never saw the cancelled pending future"
     assert list(concurrent.futures.as_completed([pending], timeout=5)) == [pending]
@@ -117,14 +114,14 @@ def test_cancel_running_job_kills_it_at_once(make_pool, backend, path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_cancel_running_job_every_start_method(make_pool, method, path):
     exe = make_pool(1, mp_context=method)
     future = exe.submit(jobs.sleep_job, path)
     records = procs.read_record(path)
     assert future.cancel()
     with pytest.raises(ProcessCancelledError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert_gone(records)
     assert_pool_works(exe)
 
@@ -180,7 +177,7 @@ def test_cancel_kills_a_pool_the_job_runs(make_pool, kind, path):
 def test_cancel_finished_future_returns_false(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.add, 1, 2)
-    assert future.result(timeout=WAIT) == 3
+    assert future.result(timeout=RESULT_WAIT) == 3
     assert future.cancel() is False
     assert not future.cancelled()
     assert future.result() == 3
@@ -256,10 +253,10 @@ def test_grace_job_finishing_in_time_keeps_its_result(make_pool, backend):
     future = exe.submit(jobs.sleep_pid, 0.4, ProcessCancelTimeout(3.0))
     pid = procs.wait_running(future)
     assert future.cancel() is False
-    assert future.result(timeout=WAIT) == pid
+    assert future.result(timeout=RESULT_WAIT) == pid
     assert not future.cancelled()
     # the runner was not killed: the next job runs in the same process
-    assert exe.submit(jobs.getpid).result(timeout=WAIT) == pid
+    assert exe.submit(jobs.getpid).result(timeout=RESULT_WAIT) == pid
 
 
 @pytest.mark.timeout(30)
@@ -269,9 +266,9 @@ def test_grace_job_raising_in_time_keeps_its_exception(make_pool):
     procs.wait_running(future)
     future2 = exe.submit(jobs.raise_job_error, "late")
     assert future.cancel() is False
-    assert future.result(timeout=WAIT) is None
+    assert future.result(timeout=RESULT_WAIT) is None
     with pytest.raises(jobs.JobError):
-        future2.result(timeout=WAIT)
+        future2.result(timeout=RESULT_WAIT)
 
 
 @pytest.mark.timeout(30)
@@ -285,7 +282,7 @@ def test_grace_expires_then_job_is_killed(make_pool, backend, path):
     assert not future.done()
     assert future.cancel() is False  # a second cancel does not restart the grace
     with pytest.raises(ProcessCancelledError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     elapsed = time.monotonic() - start
     assert grace * 0.9 <= elapsed < grace + 1.5
     assert future.cancelled()
@@ -299,7 +296,7 @@ def test_unlimited_grace_never_kills(make_pool):
     future = exe.submit(jobs.sleep_return, 0.5, "done", ProcessCancelTimeout(None))
     procs.wait_running(future)
     assert future.cancel() is False
-    assert future.result(timeout=WAIT) == "done"
+    assert future.result(timeout=RESULT_WAIT) == "done"
 
 
 # -------------------------------------------------------------------------
@@ -332,11 +329,11 @@ def test_cancel_races_with_job_end_never_kill_another_job(make_pool, backend):
         pid_at_cancel = a.pid
         answer = a.cancel()
         log.append((i, a, b, answer, pid_at_cancel))
-        concurrent.futures.wait([b], timeout=WAIT)
+        concurrent.futures.wait([b], timeout=RESULT_WAIT)
     outcome_counts = {}
     for i, a, b, answer, pid_at_cancel in log:
         # B was never cancelled: it must deliver its own result
-        value, _pid = b.result(timeout=WAIT)
+        value, _pid = b.result(timeout=RESULT_WAIT)
         assert value == -i
         assert not b.cancelled()
         if answer:
@@ -373,7 +370,7 @@ def test_cancel_racing_a_job_death_does_not_wedge_the_next_job(make_pool, backen
     exe = make_pool(1)
     for i in range(120):
         first = exe.submit(jobs.exit_with, 3)  # so the next job starts a fresh runner
-        concurrent.futures.wait([first], timeout=WAIT)
+        concurrent.futures.wait([first], timeout=RESULT_WAIT)
         time.sleep(0.002)
         a = exe.submit(jobs.exit_with, 3)
         offset = time.perf_counter() + rng.uniform(0, 0.003)
@@ -411,10 +408,10 @@ def test_deadline_racing_job_end_never_kills_the_next_job(make_pool, backend):
         pairs.append((i, a, b))
     kinds = {}
     for i, a, b in pairs:
-        value, _pid = b.result(timeout=WAIT)
+        value, _pid = b.result(timeout=RESULT_WAIT)
         assert value == -i
         try:
-            value, _pid = a.result(timeout=WAIT)
+            value, _pid = a.result(timeout=RESULT_WAIT)
             assert value == i
             kinds["finished"] = kinds.get("finished", 0) + 1
         except ProcessTimeoutError:
@@ -436,7 +433,7 @@ def test_time_limit_stops_job(make_pool, backend, kind, path):
     start = time.monotonic()
     future = exe.submit(jobs.STOP_JOBS[kind], path, ProcessTimeout(limit))
     with pytest.raises(ProcessTimeoutError, match="time limit") as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     elapsed = time.monotonic() - start
     if sys.version_info >= (3, 11):  # where concurrent.futures.TimeoutError is the builtin
         assert isinstance(info.value, TimeoutError)
@@ -454,7 +451,7 @@ def test_time_limit_other_start_methods(make_pool, method, path):
     start = time.monotonic()
     future = exe.submit(jobs.gil_c_job, path, ProcessTimeout(0.2))
     with pytest.raises(ProcessTimeoutError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 0.2 + SLACK
     assert_gone(procs.read_record(path, wait=0))
 
@@ -464,7 +461,7 @@ def test_time_limit_kills_the_jobs_tree(make_pool, backend, path):
     exe = make_pool(1)
     future = exe.submit(jobs.popen_job, path, 2, ProcessTimeout(1.5))
     with pytest.raises(ProcessTimeoutError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     records = procs.read_record(path, wait=0)
     assert len(records) == 3, records
     assert_gone(records)
@@ -475,19 +472,19 @@ def test_zero_time_limit_stops_at_once(make_pool):
     exe = make_pool(1)
     start = time.monotonic()
     with pytest.raises(ProcessTimeoutError):
-        exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0)).result(timeout=WAIT)
+        exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0)).result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < SLACK
 
 
 @pytest.mark.timeout(30)
 def test_job_within_its_limit_returns_and_its_runner_lives_on(make_pool, backend):
     exe = make_pool(1)
-    pid = exe.submit(jobs.sleep_pid, 0.05, ProcessTimeout(0.4)).result(timeout=WAIT)
+    pid = exe.submit(jobs.sleep_pid, 0.05, ProcessTimeout(0.4)).result(timeout=RESULT_WAIT)
     # the next job runs while the finished job's deadline passes
     follower = exe.submit(jobs.sleep_pid, 0.8)
-    assert follower.result(timeout=WAIT) == pid
+    assert follower.result(timeout=RESULT_WAIT) == pid
     assert exe.stats()["timed_out"] == 0
-    assert exe.submit(jobs.getpid).result(timeout=WAIT) == pid
+    assert exe.submit(jobs.getpid).result(timeout=RESULT_WAIT) == pid
 
 
 @pytest.mark.timeout(30)
@@ -495,8 +492,8 @@ def test_time_limit_counts_from_the_start_not_the_submit(make_pool, backend):
     exe = make_pool(1)
     first = exe.submit(jobs.sleep_return, 0.7, "first")
     queued = exe.submit(jobs.sleep_return, 0.3, "queued", ProcessTimeout(0.6))
-    assert first.result(timeout=WAIT) == "first"
-    assert queued.result(timeout=WAIT) == "queued"
+    assert first.result(timeout=RESULT_WAIT) == "first"
+    assert queued.result(timeout=RESULT_WAIT) == "queued"
 
 
 @pytest.mark.timeout(30)
@@ -508,7 +505,7 @@ def test_time_limit_and_grace_together(make_pool, path):
     start = time.monotonic()
     assert future.cancel() is False
     with pytest.raises(ProcessTimeoutError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 0.6 + SLACK
     assert_gone(records)
 
@@ -520,8 +517,8 @@ def test_many_time_limits_on_two_runners(make_pool, backend):
     futures += [exe.submit(jobs.square, i) for i in range(10)]
     for f in futures[:10]:
         with pytest.raises(ProcessTimeoutError):
-            f.result(timeout=WAIT)
-    assert [f.result(timeout=WAIT) for f in futures[10:]] == [i * i for i in range(10)]
+            f.result(timeout=RESULT_WAIT)
+    assert [f.result(timeout=RESULT_WAIT) for f in futures[10:]] == [i * i for i in range(10)]
     stats = exe.stats()
     assert stats["timed_out"] == 10 and stats["died"] == 0
 
@@ -533,7 +530,7 @@ def test_cancel_with_pool_of_one_keeps_queue_order(make_pool, path):
     queued = [exe.submit(jobs.add, i, 0) for i in range(5)]
     records = procs.read_record(path)
     assert running.cancel()
-    assert [f.result(timeout=WAIT) for f in queued] == list(range(5))
+    assert [f.result(timeout=RESULT_WAIT) for f in queued] == list(range(5))
     assert_gone(records)
 
 

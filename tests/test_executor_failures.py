@@ -24,8 +24,8 @@ from cancelk.errors import ResultPicklingError
 
 import jobs
 import procs
+from jobs import RESULT_WAIT
 
-WAIT = jobs.RESULT_WAIT
 NEEDS_PROC = pytest.mark.skipif(
     not os.path.isdir("/proc/self/fd"), reason="lists descriptors through /proc/self/fd (Linux)"
 )
@@ -33,7 +33,7 @@ NEEDS_PROC = pytest.mark.skipif(
 
 def assert_pool_works(exe):
     futures = [exe.submit(jobs.add, i, 1) for i in range(3)]
-    assert [f.result(timeout=WAIT) for f in futures] == [1, 2, 3]
+    assert [f.result(timeout=RESULT_WAIT) for f in futures] == [1, 2, 3]
 
 
 def cause_chain(exc):
@@ -55,13 +55,13 @@ def test_job_exit_code(make_pool, backend):
     bystander_pid = procs.wait_running(bystander)
     future = exe.submit(jobs.exit_with, 3)
     with pytest.raises(ProcessDiedError) as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     err = info.value
     assert err.exitcode == 3 and err.signal is None
     assert err.pid is not None and err.pid != bystander_pid
     assert "exited with code 3" in str(err)
     assert not isinstance(err, BrokenProcessPool)
-    assert bystander.result(timeout=WAIT) == bystander_pid  # untouched
+    assert bystander.result(timeout=RESULT_WAIT) == bystander_pid  # untouched
     assert_pool_works(exe)
 
 
@@ -72,11 +72,11 @@ def test_job_segfault(make_pool, backend):
     bystander_pid = procs.wait_running(bystander)
     future = exe.submit(jobs.kill_self, signal.SIGSEGV)
     with pytest.raises(ProcessDiedError) as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert info.value.signal == signal.SIGSEGV
     assert info.value.exitcode is None
     assert "SIGSEGV" in str(info.value)
-    assert bystander.result(timeout=WAIT) == bystander_pid
+    assert bystander.result(timeout=RESULT_WAIT) == bystander_pid
     assert_pool_works(exe)
 
 
@@ -93,14 +93,14 @@ def test_job_sigkill_from_outside(make_pool, backend, tmp_path):
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(ProcessDiedError) as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 1.5
     err = info.value
     assert err.signal == signal.SIGKILL and err.pid == pid
     assert "SIGKILL" in str(err) and "OOM" in str(err)
     assert not future.cancelled()
     assert not procs.wait_gone(records)
-    assert bystander.result(timeout=WAIT) == bystander_pid
+    assert bystander.result(timeout=RESULT_WAIT) == bystander_pid
     assert_pool_works(exe)
 
 
@@ -108,7 +108,7 @@ def test_job_sigkill_from_outside(make_pool, backend, tmp_path):
 def test_job_sigterm_to_itself(make_pool):
     exe = make_pool(1)
     with pytest.raises(ProcessDiedError) as info:
-        exe.submit(jobs.sigterm_self).result(timeout=WAIT)
+        exe.submit(jobs.sigterm_self).result(timeout=RESULT_WAIT)
     assert info.value.signal == signal.SIGTERM
     assert_pool_works(exe)
 
@@ -120,9 +120,9 @@ def test_many_deaths_never_break_the_pool(make_pool, backend):
     dying += [exe.submit(jobs.kill_self, signal.SIGSEGV) for _ in range(5)]
     good = [exe.submit(jobs.square, i) for i in range(10)]
     for f in dying:
-        err = f.exception(timeout=WAIT)
+        err = f.exception(timeout=RESULT_WAIT)
         assert isinstance(err, ProcessDiedError), repr(err)
-    assert [f.result(timeout=WAIT) for f in good] == [i * i for i in range(10)]
+    assert [f.result(timeout=RESULT_WAIT) for f in good] == [i * i for i in range(10)]
     assert exe.stats()["died"] == 20
     assert_pool_works(exe)
 
@@ -143,7 +143,7 @@ def test_died_error_pickles(make_pool):
 def test_unpicklable_function(make_pool):
     exe = make_pool(1)
     future = exe.submit(lambda: 1)
-    err = future.exception(timeout=WAIT)
+    err = future.exception(timeout=RESULT_WAIT)
     assert isinstance(err, (pickle.PicklingError, AttributeError, TypeError)), repr(err)
     assert "lambda" in str(err)
     assert_pool_works(exe)
@@ -153,11 +153,11 @@ def test_unpicklable_function(make_pool):
 def test_unpicklable_argument(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.echo, threading.Lock())
-    err = future.exception(timeout=WAIT)
+    err = future.exception(timeout=RESULT_WAIT)
     assert isinstance(err, (pickle.PicklingError, TypeError)), repr(err)
     assert "lock" in str(err)
     future = exe.submit(jobs.echo, key=threading.Lock())
-    assert isinstance(future.exception(timeout=WAIT), (pickle.PicklingError, TypeError))
+    assert isinstance(future.exception(timeout=RESULT_WAIT), (pickle.PicklingError, TypeError))
     assert_pool_works(exe)
 
 
@@ -165,7 +165,7 @@ def test_unpicklable_argument(make_pool):
 def test_argument_that_fails_to_unpickle_in_the_runner(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.echo, jobs.Unloadable(1, 2))
-    err = future.exception(timeout=WAIT)
+    err = future.exception(timeout=RESULT_WAIT)
     assert isinstance(err, TypeError), repr(err)
     assert_pool_works(exe)
 
@@ -173,7 +173,7 @@ def test_argument_that_fails_to_unpickle_in_the_runner(make_pool):
 @pytest.mark.timeout(30)
 def test_unpicklable_result(make_pool):
     exe = make_pool(1)
-    err = exe.submit(jobs.return_lock).exception(timeout=WAIT)
+    err = exe.submit(jobs.return_lock).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
     assert "lock" in str(err)
     assert_pool_works(exe)
@@ -182,7 +182,7 @@ def test_unpicklable_result(make_pool):
 @pytest.mark.timeout(30)
 def test_result_that_fails_to_unpickle(make_pool):
     exe = make_pool(1)
-    err = exe.submit(jobs.return_unloadable).exception(timeout=WAIT)
+    err = exe.submit(jobs.return_unloadable).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
     assert_pool_works(exe)
 
@@ -190,7 +190,7 @@ def test_result_that_fails_to_unpickle(make_pool):
 @pytest.mark.timeout(30)
 def test_unpicklable_exception(make_pool):
     exe = make_pool(1)
-    err = exe.submit(jobs.raise_unpicklable, "held a lock").exception(timeout=WAIT)
+    err = exe.submit(jobs.raise_unpicklable, "held a lock").exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
     assert "UnpicklableError" in str(err) and "held a lock" in str(err)
     assert err.__cause__ is not None and "raise_unpicklable" in str(err.__cause__)
@@ -200,7 +200,7 @@ def test_unpicklable_exception(make_pool):
 @pytest.mark.timeout(30)
 def test_exception_that_fails_to_unpickle(make_pool):
     exe = make_pool(1)
-    err = exe.submit(jobs.raise_unloadable).exception(timeout=WAIT)
+    err = exe.submit(jobs.raise_unloadable).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
     assert_pool_works(exe)
 
@@ -214,7 +214,7 @@ def test_exception_that_fails_to_unpickle(make_pool):
 def test_initializer_failure_is_the_cause_of_the_jobs_error(make_pool, method):
     exe = make_pool(1, mp_context=method, initializer=jobs.init_fail, initargs=("init boom",))
     future = exe.submit(jobs.add, 1, 2)
-    err = future.exception(timeout=WAIT)
+    err = future.exception(timeout=RESULT_WAIT)
     assert err is not None
     assert isinstance(err.__cause__, jobs.InitError), (repr(err), repr(err.__cause__))
     assert "init boom" in str(err.__cause__)
@@ -225,14 +225,14 @@ def test_initializer_failure_before_any_submit(make_pool):
     """The runners' initializer fails while no job is there; a job submitted
     afterwards still fails with an error caused by the initializer's."""
     exe = make_pool(1, initializer=jobs.init_fail, initargs=("early boom",))
-    exe.submit(jobs.add, 0, 0).exception(timeout=WAIT)  # starts the pool
+    exe.submit(jobs.add, 0, 0).exception(timeout=RESULT_WAIT)  # starts the pool
     time.sleep(0.5)
     try:
         future = exe.submit(jobs.add, 1, 2)
     except BrokenProcessPool as err:
         chain = cause_chain(err)
     else:
-        chain = cause_chain(future.exception(timeout=WAIT))
+        chain = cause_chain(future.exception(timeout=RESULT_WAIT))
     assert any(isinstance(e, jobs.InitError) for e in chain), chain
 
 
@@ -240,7 +240,7 @@ def test_initializer_failure_before_any_submit(make_pool):
 def test_repeated_initializer_failures_break_the_pool_without_hanging(make_pool):
     exe = make_pool(2, initializer=jobs.init_fail, initargs=("always",))
     futures = [exe.submit(jobs.add, i, 0) for i in range(20)]
-    _done, not_done = concurrent.futures.wait(futures, timeout=WAIT)
+    _done, not_done = concurrent.futures.wait(futures, timeout=RESULT_WAIT)
     assert not not_done, f"{len(not_done)} futures hang after initializer failures"
     errors = [f.exception(timeout=0) for f in futures]
     assert all(e is not None for e in errors)
@@ -280,7 +280,7 @@ def test_unpicklable_initializer_fails_cleanly(method):
                 future = exe.submit(jobs.add, 1, 2)
             except (pickle.PicklingError, AttributeError, TypeError):
                 continue
-            assert future.exception(timeout=WAIT) is not None
+            assert future.exception(timeout=RESULT_WAIT) is not None
     finally:
         exe.shutdown(wait=True, cancel_futures=True, timeout=5)
     assert procs.descendants() <= before
@@ -327,13 +327,13 @@ def test_supervisor_killed(make_pool, backend, method, tmp_path):
     left = procs.wait_gone(pool_processes + records, timeout=2.0, zombies_ok=True)
     assert not left, left
     # queued jobs and new submits run on a new supervisor
-    assert [f.result(timeout=WAIT) for f in queued] == [i * i for i in range(4)]
-    assert exe.submit(jobs.add, 2, 3).result(timeout=WAIT) == 5
+    assert [f.result(timeout=RESULT_WAIT) for f in queued] == [i * i for i in range(4)]
+    assert exe.submit(jobs.add, 2, 3).result(timeout=RESULT_WAIT) == 5
     assert exe.stats()["died"] == 2
     new_job = exe.submit(jobs.sleep_pid, 0.3)
     new_supervisor = procs.supervisor_of(procs.wait_running(new_job))
     assert new_supervisor.pid != supervisor.pid
-    new_job.result(timeout=WAIT)
+    new_job.result(timeout=RESULT_WAIT)
     assert exe.stats()["supervisors_started"] == 2
 
 
@@ -342,14 +342,14 @@ def test_supervisor_killed_while_idle(make_pool):
     exe = make_pool(1)
     job = exe.submit(jobs.sleep_pid, 0.3)
     supervisor = procs.supervisor_of(procs.wait_running(job))
-    job.result(timeout=WAIT)
+    job.result(timeout=RESULT_WAIT)
     old = procs.snapshot([supervisor.pid])
     supervisor.kill()  # the pool reaps it: do not wait() for it here
     assert not procs.wait_gone(old, timeout=5)
     # A job dispatched in the moment between the death and the pool seeing it
     # goes to a dead runner and fails with ProcessDiedError, as a running job
     # would; what is submitted once the pool replaced the supervisor runs.
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + RESULT_WAIT
     while exe.stats()["supervisors_started"] < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
     assert_pool_works(exe)
@@ -365,7 +365,7 @@ def test_supervisor_death_is_not_blamed_on_the_oom_killer(make_pool):
     running = exe.submit(jobs.sleep_return, 30)
     supervisor = procs.supervisor_of(procs.wait_running(running))
     supervisor.kill()
-    err = running.exception(timeout=WAIT)
+    err = running.exception(timeout=RESULT_WAIT)
     assert isinstance(err, ProcessDiedError)
     assert "supervisor" in str(err)
     assert "OOM" not in str(err), str(err)

@@ -24,12 +24,11 @@ from cancelk import ProcessCancelledError, ProcessTimeout
 
 import jobs
 import procs
+from jobs import RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
 NEEDS_PROC = pytest.mark.skipif(
     not os.path.isdir("/proc/self/fd"), reason="lists descriptors through /proc/self/fd (Linux)"
 )
-START_METHODS = ("fork", "forkserver", "spawn")
 
 
 def pool_processes(future, expect=1):
@@ -56,7 +55,7 @@ def test_shutdown_wait_ends_every_future_and_process(make_pool, method, tmp_path
     exe = make_pool(2, mp_context=method)
     # a finished job that left a detached child behind
     detached_path = str(tmp_path / "detached.json")
-    exe.submit(jobs.leave_detached_child, detached_path).result(timeout=WAIT)
+    exe.submit(jobs.leave_detached_child, detached_path).result(timeout=RESULT_WAIT)
     detached = procs.read_record(detached_path, wait=0)
     probe = exe.submit(jobs.sleep_return, 0.5, "probe")
     processes = pool_processes(probe, expect=2)
@@ -131,7 +130,7 @@ def test_shutdown_without_wait(make_pool):
     assert time.monotonic() - start < 1.0
     with pytest.raises(RuntimeError):
         exe.submit(jobs.add, 1, 1)
-    assert future.result(timeout=WAIT) == "finished anyway"
+    assert future.result(timeout=RESULT_WAIT) == "finished anyway"
     assert not procs.wait_gone(processes, timeout=5)
 
 
@@ -143,7 +142,7 @@ def test_shutdown_twice_and_unused_pool():
     exe.shutdown(wait=True, cancel_futures=True, timeout=1)
     assert procs.descendants() <= before  # an unused pool never started a process
     used = cancelk.ProcessPoolExecutor(1)
-    assert used.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert used.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     used.shutdown(wait=True)
     used.shutdown(wait=True)
     cancelk.ProcessPoolExecutor(1).terminate_workers()
@@ -201,7 +200,7 @@ def test_dropped_executor_goes_away():
     exe = cancelk.ProcessPoolExecutor(2)
     probe = exe.submit(jobs.sleep_return, 0.2, "probe")
     processes = pool_processes(probe, expect=2)
-    assert probe.result(timeout=WAIT) == "probe"
+    assert probe.result(timeout=RESULT_WAIT) == "probe"
     del exe, probe
     gc.collect()
     left = procs.wait_gone(processes, timeout=5)
@@ -321,10 +320,10 @@ def test_pool_inside_a_daemonic_process(context):
     process.start()
     child_conn.close()
     try:
-        assert parent_conn.poll(WAIT), "the daemonic process never reported"
+        assert parent_conn.poll(RESULT_WAIT), "the daemonic process never reported"
         report = parent_conn.recv()
     finally:
-        process.join(WAIT)
+        process.join(RESULT_WAIT)
         if process.is_alive():
             process.kill()
             process.join()
@@ -353,21 +352,21 @@ def _child_uses_parent_pool(exe, conn):
 @pytest.mark.timeout(30)
 def test_forked_child_cannot_use_the_parents_pool_and_does_not_disturb_it(make_pool):
     exe = make_pool(2)
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     long_job = exe.submit(jobs.sleep_return, 0.5, "parent job")
     ctx = multiprocessing.get_context("fork")
     parent_conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=_child_uses_parent_pool, args=(exe, child_conn))
     child.start()
     child_conn.close()
-    assert parent_conn.poll(WAIT)
+    assert parent_conn.poll(RESULT_WAIT)
     answer = parent_conn.recv()
-    child.join(WAIT)
+    child.join(RESULT_WAIT)
     parent_conn.close()
     assert answer.startswith("RuntimeError"), answer
     assert child.exitcode == 0
-    assert long_job.result(timeout=WAIT) == "parent job"
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert long_job.result(timeout=RESULT_WAIT) == "parent job"
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
 
 
 FORK_CHILD_SCRIPT = textwrap.dedent(
@@ -419,12 +418,12 @@ def test_pool_descriptors_are_not_inherited_by_exec(make_pool):
     not hold a runner's channel open."""
     before = set(os.listdir("/proc/self/fd"))
     exe = make_pool(2)
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     # runners replaced after a kill hand over new channels too
     victim = exe.submit(jobs.sleep_return, 20)
     procs.wait_running(victim)
     assert victim.cancel()
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
     time.sleep(0.2)
     inheritable = []
     for name in set(os.listdir("/proc/self/fd")) - before:
@@ -451,7 +450,7 @@ def test_descriptors_threads_and_processes_do_not_grow_with_jobs(make_pool):
             f.cancel()
         # (only running futures: a cancelled pending one is never reported to
         # wait(), see test_cancelled_pending_job_is_seen_by_wait_and_as_completed)
-        concurrent.futures.wait(futures + victims, timeout=WAIT)
+        concurrent.futures.wait(futures + victims, timeout=RESULT_WAIT)
         assert all(f.cancelled() for f in cancelled)
         assert [f.result(timeout=0) for f in futures] == [i + 1 for i in range(200)]
         time.sleep(0.2)  # replacement runners are in
@@ -476,11 +475,11 @@ def test_supervisor_memory_does_not_grow_with_time_limited_jobs(make_pool):
     def run(count):
         for _ in range(count // 1000):
             futures = [exe.submit(jobs.add, i, 0) for i in range(1000)]
-            concurrent.futures.wait(futures, timeout=WAIT)
+            concurrent.futures.wait(futures, timeout=RESULT_WAIT)
 
     probe = exe.submit(jobs.sleep_return, 0.2)
     supervisor = procs.supervisor_of(procs.wait_running(probe))
-    probe.result(timeout=WAIT)
+    probe.result(timeout=RESULT_WAIT)
     run(3000)
     rss_before = supervisor.memory_info().rss
     run(36000)

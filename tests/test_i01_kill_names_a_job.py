@@ -38,8 +38,7 @@ from cancelk import (
 )
 
 import jobs
-
-WAIT = jobs.RESULT_WAIT
+from jobs import RESULT_WAIT
 
 
 def spin_until(moment):
@@ -71,7 +70,7 @@ def settled_stats(exe, **expected):
 def check_bystander(future, token):
     """A job nobody targeted: it must hold its own token."""
     try:
-        value = future.result(timeout=WAIT)
+        value = future.result(timeout=RESULT_WAIT)
     except BaseException as why:  # report which job was hit and how
         raise AssertionError(f"bystander {token} was stopped: {why!r}") from why
     assert value[0] == token, f"bystander {token} got another job's result {value[0]}"
@@ -81,7 +80,7 @@ def check_bystander(future, token):
 def target_outcome(future, token, allowed):
     """'won' (the job's own token) or 'killed' (one of ``allowed``)."""
     try:
-        value = future.result(timeout=WAIT)
+        value = future.result(timeout=RESULT_WAIT)
     except allowed:
         return "killed", None
     except ProcessDiedError as why:
@@ -143,7 +142,7 @@ def test_cancel_at_random_offsets_never_stops_another_job(make_pool, backend, wo
     rng = random.Random(f"i1-cancel-{backend}-{workers}")
     exe = make_pool(workers)
     for f in [exe.submit(jobs.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
-        f.result(timeout=WAIT)
+        f.result(timeout=RESULT_WAIT)
     start = time.monotonic()
     counts = _cancel_races(exe, workers, iterations, rng, grace=None)
     elapsed = time.monotonic() - start
@@ -168,7 +167,7 @@ def test_grace_expiring_at_job_end_never_stops_another_job(make_pool, backend, s
     iterations = scale(100, 10000)
     rng = random.Random(f"i1-grace-{backend}")
     exe = make_pool(1)
-    exe.submit(jobs.token_spin, "W", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "W", 0).result(timeout=RESULT_WAIT)
 
     def grace(remaining):
         return max(0.0, remaining + rng.uniform(-0.001, 0.001))
@@ -199,7 +198,7 @@ def test_deadline_at_job_end_never_stops_another_job(make_pool, backend, workers
     rng = random.Random(f"i1-deadline-{backend}-{workers}")
     exe = make_pool(workers)
     for f in [exe.submit(jobs.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
-        f.result(timeout=WAIT)
+        f.result(timeout=RESULT_WAIT)
     submitted = []
     start = time.monotonic()
     batch = 20
@@ -243,7 +242,7 @@ def test_cancel_and_deadline_racing_each_other_settle_once(make_pool, backend, s
     iterations = scale(100, 10000)
     rng = random.Random(f"i1-both-{backend}")
     exe = make_pool(1)
-    exe.submit(jobs.token_spin, "W", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "W", 0).result(timeout=RESULT_WAIT)
     counts = {"won": 0, "cancelled": 0, "timed_out": 0}
     calls = {}
 
@@ -262,7 +261,7 @@ def test_cancel_and_deadline_racing_each_other_settle_once(make_pool, backend, s
         spin_until(start + limit + rng.uniform(-0.0005, 0.0005))
         answer = target.cancel()
         try:
-            value = target.result(timeout=WAIT)
+            value = target.result(timeout=RESULT_WAIT)
         except ProcessCancelledError:
             counts["cancelled"] += 1
             assert answer, f"iteration {i}: cancel() said False, the future was cancelled"
@@ -277,7 +276,7 @@ def test_cancel_and_deadline_racing_each_other_settle_once(make_pool, backend, s
             counts["won"] += 1
         check_bystander(after, f"S{i}")
         futures += [target, after]
-    concurrent.futures.wait(futures, timeout=WAIT)
+    concurrent.futures.wait(futures, timeout=RESULT_WAIT)
     # callbacks run just after waiters wake, in the manager thread (maybe descheduled)
     deadline = time.monotonic() + 5
     while any(id(f) not in calls for f in futures) and time.monotonic() < deadline:

@@ -35,8 +35,8 @@ from cancelk import ProcessCancelledError, ProcessDiedError, ProcessTimeout, Pro
 
 import jobs
 import procs
+from jobs import RESULT_WAIT
 
-WAIT = jobs.RESULT_WAIT
 KINDS = ("cancel", "timeout", "sigkill", "exit", "normal")
 
 
@@ -141,7 +141,7 @@ def start_pool(make_pool, workers, **kwargs):
     exe = make_pool(workers, **kwargs)
     probe = exe.submit(jobs.token_sleep, "probe", 0.05)
     supervisor = procs.supervisor_of(procs.wait_running(probe))
-    probe.result(timeout=WAIT)
+    probe.result(timeout=RESULT_WAIT)
     return exe, supervisor
 
 
@@ -183,7 +183,7 @@ def test_killed_runners_slot_is_refilled_only_after_the_old_runner_is_reaped(
                         os.kill(pid, signal.SIGKILL)
             for kind, future in zip(kinds, futures):
                 try:
-                    pid = future.result(timeout=WAIT)
+                    pid = future.result(timeout=RESULT_WAIT)
                 except ProcessCancelledError:
                     assert kind == "cancel", kind
                 except ProcessTimeoutError:
@@ -223,7 +223,7 @@ def test_max_tasks_per_child_one_reuses_a_slot_only_after_reaping(
     exe, supervisor = start_pool(make_pool, workers, max_tasks_per_child=1)
     with Sampler(supervisor) as sampler:
         futures = [exe.submit(jobs.log_predecessors, path) for _ in range(count)]
-        pids = [f.result(timeout=WAIT) for f in futures]
+        pids = [f.result(timeout=RESULT_WAIT) for f in futures]
         zombies, _live = sampler.settle()
     assert len(set(pids)) == count, "a runner ran more than max_tasks_per_child jobs"
     started = check_log(path, workers)

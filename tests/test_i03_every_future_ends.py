@@ -37,8 +37,7 @@ from cancelk import ProcessCancelledError, ProcessTimeout
 
 import jobs
 import procs
-
-WAIT = jobs.RESULT_WAIT
+from jobs import RESULT_WAIT
 
 
 class Ledger:
@@ -154,7 +153,7 @@ def test_shutdown_while_threads_submit_ends_every_future_once(make_pool, method,
     worst_shutdown = 0.0
     for r in range(rounds):
         exe = make_pool(2, mp_context=method)
-        exe.submit(jobs.outcome_job, "result", "warm").result(timeout=WAIT)
+        exe.submit(jobs.outcome_job, "result", "warm").result(timeout=RESULT_WAIT)
         ledger = Ledger()
         refused = []
         barrier = threading.Barrier(5)
@@ -233,10 +232,12 @@ def test_submit_from_many_threads_every_outcome_once(make_pool, backend, scale):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(WAIT * 2)
+        t.join(RESULT_WAIT * 2)
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors
-    _done, not_done = concurrent.futures.wait([f for f, _, _ in ledger.entries], timeout=WAIT)
+    _done, not_done = concurrent.futures.wait(
+        [f for f, _, _ in ledger.entries], timeout=RESULT_WAIT
+    )
     assert not not_done, f"{len(not_done)} futures never ended"
     elapsed = time.monotonic() - start
     ledger.check_once()
@@ -262,7 +263,7 @@ def test_cancel_from_many_threads_on_one_future_gives_one_answer(make_pool, back
     iterations = scale(60, 6000)
     rng = random.Random(f"i3-cancels-{backend}")
     exe = make_pool(1)
-    exe.submit(jobs.token_spin, "warm", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "warm", 0).result(timeout=RESULT_WAIT)
     ledger = Ledger()
     workers = 6
     go = threading.Barrier(workers + 1)
@@ -298,7 +299,7 @@ def test_cancel_from_many_threads_on_one_future_gives_one_answer(make_pool, back
             go.wait()  # start
             go.wait()  # all answered
             got = list(answers)
-            concurrent.futures.wait([future], timeout=WAIT)
+            concurrent.futures.wait([future], timeout=RESULT_WAIT)
             if future.cancelled():
                 counts["cancelled"] += 1
                 if not all(got):
@@ -332,7 +333,7 @@ def test_concurrent_cancels_of_a_running_job_all_answer_true(make_pool, scale):
     be True, as the future ends cancelled."""
     iterations = scale(150, 15000)
     exe = make_pool(1)
-    exe.submit(jobs.token_spin, "warm", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "warm", 0).result(timeout=RESULT_WAIT)
     workers = 8
     mixed = []
     interval = sys.getswitchinterval()
@@ -390,7 +391,7 @@ def test_supervisor_killed_mid_run_every_future_ends_once(make_pool, backend, sc
     for r in range(rounds):
         probe = exe.submit(jobs.token_sleep, "probe", 0.05)
         supervisor = procs.supervisor_of(procs.wait_running(probe))
-        probe.result(timeout=WAIT)
+        probe.result(timeout=RESULT_WAIT)
         batch = []
         for i in range(12):
             kind = rng.choice(["result", "spin", "raise", "sleepy"])
@@ -405,10 +406,10 @@ def test_supervisor_killed_mid_run_every_future_ends_once(make_pool, backend, sc
         running = [f for f, _, _ in batch if f.running()]
         start = time.monotonic()
         supervisor.kill()
-        _done, not_done = concurrent.futures.wait(running, timeout=WAIT)
+        _done, not_done = concurrent.futures.wait(running, timeout=RESULT_WAIT)
         assert not not_done, "running futures hang after the supervisor died"
         worst = max(worst, time.monotonic() - start)
-        _done, not_done = concurrent.futures.wait([f for f, _, _ in batch], timeout=WAIT)
+        _done, not_done = concurrent.futures.wait([f for f, _, _ in batch], timeout=RESULT_WAIT)
         assert not not_done, "queued futures hang after the supervisor died"
         for future, kind, token in batch:
             name = outcome_of(future)
@@ -422,7 +423,7 @@ def test_supervisor_killed_mid_run_every_future_ends_once(make_pool, backend, sc
                 assert "supervisor" in str(future.exception(timeout=0))
         # a job submitted before the pool saw the death would run on the dead
         # supervisor's runner (and fail): the next round starts on the new one
-        deadline = time.monotonic() + WAIT
+        deadline = time.monotonic() + RESULT_WAIT
         while exe.stats()["supervisors_started"] < r + 2 and time.monotonic() < deadline:
             time.sleep(0.002)
     exe.shutdown(wait=True)
@@ -464,9 +465,11 @@ def test_initializer_failure_with_threads_submitting_ends_every_future_once(make
     for t in threads:
         t.start()
     for t in threads:
-        t.join(WAIT)
+        t.join(RESULT_WAIT)
     assert not any(t.is_alive() for t in threads)
-    _done, not_done = concurrent.futures.wait([f for f, _, _ in ledger.entries], timeout=WAIT)
+    _done, not_done = concurrent.futures.wait(
+        [f for f, _, _ in ledger.entries], timeout=RESULT_WAIT
+    )
     assert not not_done, f"{len(not_done)} futures hang after initializer failures"
     ledger.check_once()
     outcomes = ledger.outcomes()

@@ -25,9 +25,7 @@ from cancelk import ProcessCancelledError, ProcessTimeout, ProcessTimeoutError
 
 import jobs
 import procs
-
-GONE = 2.0  # every process of a stopped job must be dead this long after the stop
-WAIT = jobs.RESULT_WAIT
+from jobs import GONE, RESULT_WAIT
 
 
 def _dead(pid, created):
@@ -76,10 +74,10 @@ def stop_and_measure(exe, how, path, backend):
             assert future.cancel()
             elapsed = time_until_dead(records, start)
             with pytest.raises(ProcessCancelledError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
         else:
             with pytest.raises(ProcessTimeoutError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
             start = time.monotonic()
             elapsed = time_until_dead(records, start)
         left = procs.wait_gone(records, timeout=0)
@@ -107,13 +105,13 @@ def _pgid(pid):
 @pytest.mark.parametrize("how", ["cancel", "time_limit"])
 def test_stopping_a_job_kills_every_process_of_its_tree(make_pool, backend, how, tmp_path, scale):
     exe = make_pool(2)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     runs = scale(3, 200)
     times = []
     for i in range(runs):
         times.append(stop_and_measure(exe, how, str(tmp_path / f"tree{i}.json"), backend))
     futures = [exe.submit(jobs.square, i) for i in range(4)]
-    assert [f.result(timeout=WAIT) for f in futures] == [0, 1, 4, 9]
+    assert [f.result(timeout=RESULT_WAIT) for f in futures] == [0, 1, 4, 9]
     ms = [t * 1000 for t in times]
     label = "cancel()" if how == "cancel" else "time-limit error seen"
     print(
@@ -138,13 +136,13 @@ def test_each_tree_shape_dies_with_a_cancelled_spinning_job(make_pool, backend, 
         start = time.monotonic()
         assert future.cancel()
         with pytest.raises(ProcessCancelledError):
-            future.result(timeout=WAIT)
+            future.result(timeout=RESULT_WAIT)
         elapsed = time_until_dead(records, start)
         assert elapsed is not None, f"{kind}: survived its job: {procs.wait_gone(records, 0)}"
         assert not procs.wait_gone(records, timeout=GONE)
     finally:
         procs.kill_records(records)
-    assert exe.submit(jobs.add, 2, 3).result(timeout=WAIT) == 5
+    assert exe.submit(jobs.add, 2, 3).result(timeout=RESULT_WAIT) == 5
 
 
 @pytest.mark.timeout(60)
@@ -156,8 +154,8 @@ def test_a_tree_left_behind_by_a_job_that_returned_dies_with_the_pool(make_pool,
     future = exe.submit(jobs.tree_then_return, path, 0.1)
     records = procs.read_record(path)
     try:
-        assert future.result(timeout=WAIT) == "returned"
-        assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+        assert future.result(timeout=RESULT_WAIT) == "returned"
+        assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
         exe.shutdown(wait=True)
         left = procs.wait_gone(records[1:], timeout=GONE)
         assert not left, f"processes a finished job left behind outlive the pool: {left}"

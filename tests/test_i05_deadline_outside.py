@@ -32,8 +32,8 @@ from cancelk import ProcessTimeout, ProcessTimeoutError
 
 import jobs
 import procs
+from jobs import RESULT_WAIT
 
-WAIT = jobs.RESULT_WAIT
 LIMIT = 0.2  # the job's time limit
 HOLD = 1.5  # how long the user process's main thread holds its GIL in C
 LATE = 1.0  # how late a kill may be on a loaded 2-core machine
@@ -92,7 +92,7 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
     make_pool, backend, kind, tmp_path, scale
 ):
     exe = make_pool(1)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2  # supervisor and runner up
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2  # supervisor and runner up
     usleep = ctypes.PyDLL(None).usleep  # PyDLL: the GIL stays held during the call
     runs = scale(1, 50)
     lateness = []
@@ -106,7 +106,7 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
             usleep(int(HOLD * 1e6))  # the user process's GIL is held from here ...
             returned = time.time()  # ... to here
             with pytest.raises(ProcessTimeoutError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
             stamp = read_json(record_path)
             gone = read_json(out_path)
             assert gone["pid"] == stamp["pid"]
@@ -123,7 +123,7 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
                 stamp = read_json(record_path)
             if stamp is not None:
                 kill_if_alive(stamp)
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
     ms = [x * 1000 for x in lateness]
     print(
         f"I5 [{backend}/{kind}] user GIL held {HOLD} s in C, job limit {LIMIT} s: {runs} runs, "
@@ -147,12 +147,12 @@ def test_job_holding_its_gil_in_c_is_killed_on_time(make_pool, backend, kind, tm
             batch.append((path, exe.submit(jobs.stamped_job, path, kind, ProcessTimeout(0.1))))
         for path, future in batch:
             with pytest.raises(ProcessTimeoutError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
             stamp = read_json(path)
             dead_at = wait_dead(stamp)
             assert dead_at is not None, f"[{backend}/{kind}] the timed-out job still runs"
             lateness.append(dead_at - (stamp["started"] + 0.1))
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
     ms = [x * 1000 for x in lateness]
     assert max(lateness) < LATE + 1.0, ms
     print(

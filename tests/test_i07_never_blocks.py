@@ -34,9 +34,8 @@ from cancelk import ProcessCancelledError, ProcessTimeout, ProcessTimeoutError
 
 import jobs
 import procs
+from jobs import MB, RESULT_WAIT
 
-WAIT = jobs.RESULT_WAIT
-MB = 2**20
 SUBMIT_P99 = 0.050  # far below the 60 s the blocking jobs would take
 GAP_LIMIT = 0.100
 
@@ -126,7 +125,7 @@ def test_submit_and_cancel_never_wait_for_a_full_channel_or_a_gil_holding_job(
     exe = make_pool(2)
     busy = exe.submit(jobs.gil_hold, 60)
     procs.wait_running(busy)
-    stopped = exe.submit(jobs.getpid).result(timeout=WAIT)  # the other runner, idle
+    stopped = exe.submit(jobs.getpid).result(timeout=RESULT_WAIT)  # the other runner, idle
     data = b"x" * (50 * MB)
     submits, cancels, submits_blocked, cancels_blocked = [], [], [], []
     pumping_blocked = []
@@ -158,7 +157,7 @@ def test_submit_and_cancel_never_wait_for_a_full_channel_or_a_gil_holding_job(
             small.append(future)
     finally:
         resume(stopped)
-    assert big.result(timeout=WAIT) == ("big", 50 * MB, stopped)
+    assert big.result(timeout=RESULT_WAIT) == ("big", 50 * MB, stopped)
     # a running job holding its GIL in C: cancel() is a few bytes to the supervisor
     answer, kill_took, kill_blocked = timed(busy.cancel)
     assert answer
@@ -167,7 +166,7 @@ def test_submit_and_cancel_never_wait_for_a_full_channel_or_a_gil_holding_job(
     for i, future in enumerate(small):
         if future.cancelled():
             continue
-        value = future.result(timeout=WAIT)
+        value = future.result(timeout=RESULT_WAIT)
         assert value[0] in (f"s{i}", f"p{i - count}")
     print(
         f"I7 [{backend}]: 50 MB submit to a stopped runner {big_submit * 1e3:.1f} ms "
@@ -197,7 +196,7 @@ def test_cancel_of_a_job_on_a_stopped_runner_with_a_full_channel_returns_at_once
     """The job's frame cannot even be delivered (its runner is stopped and the
     channel is full): cancel() still returns at once and the job is killed."""
     exe = make_pool(1)
-    pid = exe.submit(jobs.getpid).result(timeout=WAIT)
+    pid = exe.submit(jobs.getpid).result(timeout=RESULT_WAIT)
     os.kill(pid, signal.SIGSTOP)
     try:
         big, _, _ = in_thread(exe.submit, jobs.token_len, "big", b"y" * (50 * MB))
@@ -208,7 +207,7 @@ def test_cancel_of_a_job_on_a_stopped_runner_with_a_full_channel_returns_at_once
     finally:
         resume(pid)  # killed by now, as a rule
     assert answer and big.cancelled()
-    assert queued.result(timeout=WAIT)[0] == "after"
+    assert queued.result(timeout=RESULT_WAIT)[0] == "after"
     left = procs.wait_gone(procs.snapshot([pid]), timeout=2.0)
     assert not left, left
     print(
@@ -233,7 +232,7 @@ def test_event_loop_heartbeat_never_stalls_while_jobs_are_cancelled_and_timed_ou
     count = scale(100, 10000)
     rng = random.Random(f"i7-loop-{backend}")
     exe = make_pool(4)
-    exe.submit(jobs.token_spin, "warm", 0).result(timeout=WAIT)  # the manager thread runs
+    exe.submit(jobs.token_spin, "warm", 0).result(timeout=RESULT_WAIT)  # the manager thread runs
     manager = manager_tid()
     assert manager is not None
 

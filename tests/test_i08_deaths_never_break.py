@@ -30,8 +30,8 @@ from cancelk import ProcessDiedError
 
 import jobs
 import procs
+from jobs import RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
 FAULTS = ("runner_sigkill", "child_sigkill", "segfault", "exit", "abort")
 
 
@@ -85,7 +85,7 @@ def inject(exe, fault, path):
 
 def seen_pid(future):
     """The job's pid once it runs (None if it already ended: a loaded machine)."""
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + RESULT_WAIT
     while time.monotonic() < deadline:
         pid = future.pid
         if pid is not None or future.done():
@@ -96,7 +96,7 @@ def seen_pid(future):
 
 def outcome(future):
     try:
-        return future.result(timeout=WAIT)
+        return future.result(timeout=RESULT_WAIT)
     except BaseException as exc:  # the outcome is what the test checks
         return exc
 
@@ -119,11 +119,11 @@ def test_each_death_fails_only_its_own_future(make_pool, backend, tmp_path, scal
         deaths += fault != "child_sigkill"
         # bystanders finish in the process they started in, untouched
         for future, pid in zip(bystanders, pids):
-            result = future.result(timeout=WAIT)
+            result = future.result(timeout=RESULT_WAIT)
             assert isinstance(result, int) and (pid is None or result == pid), (result, pid)
-    assert [f.result(timeout=WAIT) for f in [exe.submit(jobs.square, n) for n in range(6)]] == [
-        n * n for n in range(6)
-    ]
+    assert [
+        f.result(timeout=RESULT_WAIT) for f in [exe.submit(jobs.square, n) for n in range(6)]
+    ] == [n * n for n in range(6)]
     assert exe.stats()["died"] == deaths
     print(f"I8 [{backend}]: {rounds} faults injected among bystanders: {counts}; pool went on")
 
@@ -162,10 +162,10 @@ def test_deaths_in_a_crowd_of_concurrent_jobs(make_pool, backend, scale):
 
 @pytest.mark.stress
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_supervisor_sigkilled_repeatedly(make_pool, backend, method, scale):
     exe = make_pool(2, mp_context=method)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     rounds = scale(8, 500)
     latencies = []
     supervisors = set()
@@ -193,8 +193,10 @@ def test_supervisor_sigkilled_repeatedly(make_pool, backend, method, scale):
             assert isinstance(err, ProcessDiedError), repr(err)
             assert "supervisor" in str(err) and str(supervisor.pid) in str(err), str(err)
         latencies.append(max(done_at.values()) - start)
-        assert [f.result(timeout=WAIT) for f in queued] == [(round_ + k) ** 2 for k in range(3)]
-        assert exe.submit(jobs.add, round_, 1).result(timeout=WAIT) == round_ + 1
+        assert [f.result(timeout=RESULT_WAIT) for f in queued] == [
+            (round_ + k) ** 2 for k in range(3)
+        ]
+        assert exe.submit(jobs.add, round_, 1).result(timeout=RESULT_WAIT) == round_ + 1
         left = procs.wait_gone(old, timeout=2.0)
         assert not left, f"round {round_}: old supervisor or runners survive: {left}"
     stats = exe.stats()

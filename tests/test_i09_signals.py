@@ -34,9 +34,8 @@ from cancelk import (
 
 import jobs
 import procs
+from jobs import RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
-METHODS = ("fork", "forkserver", "spawn")
 SMALL_TREE = ("child", "setsid")
 
 
@@ -51,9 +50,9 @@ def fault_round(exe, tmp_path, tag):
     procs.wait_running(futures["cancelled"])
     assert futures["cancelled"].cancel()
     with pytest.raises(ProcessCancelledError):
-        futures["cancelled"].result(timeout=WAIT)
+        futures["cancelled"].result(timeout=RESULT_WAIT)
     with pytest.raises(ProcessTimeoutError):
-        futures["timeout"].result(timeout=WAIT)
+        futures["timeout"].result(timeout=RESULT_WAIT)
     dying = [
         (exe.submit(jobs.sigterm_own_group), signal.SIGTERM),
         (exe.submit(jobs.child_sigterms_its_parent), signal.SIGTERM),
@@ -61,20 +60,20 @@ def fault_round(exe, tmp_path, tag):
         (exe.submit(jobs.children_then_exit, 2), None),
     ]
     for future, signum in dying:
-        err = future.exception(timeout=WAIT)
+        err = future.exception(timeout=RESULT_WAIT)
         assert isinstance(err, ProcessDiedError), repr(err)
         assert err.signal == signum, repr(err)
     outside = str(tmp_path / f"self{tag}.json")
     victim = exe.submit(jobs.sleep_job, outside)
     os.kill(procs.read_record(outside)[0][0], signal.SIGKILL)
-    assert isinstance(victim.exception(timeout=WAIT), ProcessDiedError)
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert isinstance(victim.exception(timeout=RESULT_WAIT), ProcessDiedError)
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     return 2 + len(dying) + 1
 
 
 @pytest.mark.stress
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_killed_jobs_never_run_the_users_handlers_or_wakeup_fd(backend, method, tmp_path, scale):
     calls = []
     receiver, sender = socket.socketpair()
@@ -86,7 +85,7 @@ def test_killed_jobs_never_run_the_users_handlers_or_wakeup_fd(backend, method, 
     factory = procs.PoolFactory()
     try:
         exe = factory(2, mp_context=method)  # started after the handlers: a fork inherits them
-        assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+        assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
         rounds = scale(2, 100)
         stopped = sum(fault_round(exe, tmp_path, i) for i in range(rounds))
         time.sleep(0.2)  # a late signal would have arrived by now
@@ -113,7 +112,7 @@ def test_killed_jobs_never_run_the_users_handlers_or_wakeup_fd(backend, method, 
 
 @pytest.mark.stress
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_killed_jobs_never_run_asyncio_signal_handlers(backend, method, tmp_path, scale):
     calls = []
     factory = procs.PoolFactory()

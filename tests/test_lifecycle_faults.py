@@ -44,10 +44,9 @@ from cancelk import ProcessTimeout
 
 import jobs
 import procs
+from jobs import RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-START_METHODS = ("fork", "forkserver", "spawn")
 
 
 def manager_threads():
@@ -58,7 +57,7 @@ def pool_processes(supervisor):
     return procs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
 
 
-def read_pids(path, wait=WAIT):
+def read_pids(path, wait=RESULT_WAIT):
     procs.wait_for_path(path, wait, f"the job never wrote {path}")
     with open(path) as handle:
         return [int(x) for x in handle.read().split()]
@@ -98,8 +97,8 @@ def test_executor_collected_while_jobs_run_lets_them_end_then_leaves_nothing(
         dropped = time.monotonic()
         if keep_futures:
             # as with the stdlib (shutdown(wait=False)): what was submitted still runs
-            assert [f.result(timeout=WAIT) for f in running] == [p[0] for p in pids]
-            assert [f.result(timeout=WAIT) for f in queued] == [i + 1 for i in range(10)]
+            assert [f.result(timeout=RESULT_WAIT) for f in running] == [p[0] for p in pids]
+            assert [f.result(timeout=RESULT_WAIT) for f in queued] == [i + 1 for i in range(10)]
             ended = time.monotonic()
         else:
             ended = dropped + 0.5
@@ -124,11 +123,11 @@ def test_idle_executor_collected_leaves_no_process_and_no_thread(method):
     exe.cycle = exe
     probe = exe.submit(jobs.sleep_return, 0.2, "probe")
     supervisor = procs.supervisor_of(procs.wait_running(probe))
-    assert probe.result(timeout=WAIT) == "probe"
+    assert probe.result(timeout=RESULT_WAIT) == "probe"
     victim = exe.submit(jobs.sleep_return, 20)  # a replaced runner too
     procs.wait_running(victim)
     assert victim.cancel()
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     processes = pool_processes(supervisor)
     try:
         del exe, probe, victim
@@ -308,7 +307,7 @@ def test_forked_child_using_the_parents_pool_never_touches_the_parents_jobs(
     make_pool, backend, action
 ):
     exe = make_pool(2)
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     running = [exe.submit(jobs.sleep_return, 1.0, f"parent job {i}") for i in range(2)]
     job_pids = [procs.wait_running(f) for f in running]
     queued = exe.submit(jobs.token_pid, "queued")
@@ -349,9 +348,9 @@ def test_forked_child_using_the_parents_pool_never_touches_the_parents_jobs(
             )
         assert value == f"parent job {i}", value
         assert psutil.pid_exists(job_pids[i])
-    token, queued_pid = queued.result(timeout=WAIT)
+    token, queued_pid = queued.result(timeout=RESULT_WAIT)
     assert token == "queued" and queued_pid in job_pids
-    assert exe.submit(jobs.getpid).result(timeout=WAIT) in job_pids
+    assert exe.submit(jobs.getpid).result(timeout=RESULT_WAIT) in job_pids
     assert exe.stats()["died"] == 0 and exe.stats()["cancelled"] == 0
 
 

@@ -39,13 +39,10 @@ from cancelk.errors import RemoteTraceback, ResultPicklingError
 
 import jobs
 import procs
-from jobs import HOST_WORKERS, START_METHODS
+from jobs import GONE, HOST_WORKERS, RESULT_WAIT, SLACK, START_METHODS
 
-RESULT_WAIT = 30  # seconds a test waits for a future before calling it a hang
 SHORT = 0.2  # time limit for jobs that must be stopped
 TREE_LIMIT = 0.6  # time limit for jobs that first start processes of their own
-SLACK = 1.3  # how late a stop may be on a loaded 2-core machine
-GONE_WAIT = 2.0  # grandchildren must be gone this long after the stop
 
 
 def cause_chain_text(exc: BaseException) -> str:
@@ -60,7 +57,7 @@ def cause_chain_text(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
-def assert_all_gone(records, job_pid=None, timeout=GONE_WAIT):
+def assert_all_gone(records, job_pid=None, timeout=GONE):
     """Every recorded process is gone; the job itself not even a zombie."""
     reaped = (job_pid,) if job_pid is not None else (records[0][0],)
     # The direct child is reaped by killable_wrapper before it returns: not
@@ -396,7 +393,7 @@ class TestDirect:
         with job_guard(record_path):
             with pytest.raises((OSError, ValueError, TypeError)):
                 killable_wrapper(jobs.sleep_job, record_path, killable_wrapper_cancel_pipe=receiver)
-            deadline = time.monotonic() + GONE_WAIT
+            deadline = time.monotonic() + GONE
             while no_new_descendants(before) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert not no_new_descendants(before), "the job runs on after the error"

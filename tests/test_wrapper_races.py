@@ -52,10 +52,7 @@ from cancelk import (
 
 import jobs
 import procs
-from jobs import HOST_WORKERS
-
-WAIT = 30.0  # a wrapped call not done this long is a hang
-GONE = 2.0  # job processes must be gone this long after their host worker died
+from jobs import GONE, HOST_WORKERS, RESULT_WAIT, START_METHODS
 
 
 def expected(i):
@@ -72,7 +69,7 @@ def assert_host_ok(host):
     """The host pool survived: its workers live and it still runs jobs."""
     assert not host.worker_problems(), host.worker_problems()
     futures = [host.pool.submit(killable_wrapper, jobs.value, i) for i in range(HOST_WORKERS)]
-    got = [f.result(timeout=WAIT)[0] for f in futures]
+    got = [f.result(timeout=RESULT_WAIT)[0] for f in futures]
     assert got == [expected(i) for i in range(HOST_WORKERS)]
     assert not host.worker_problems(), host.worker_problems()
 
@@ -120,7 +117,7 @@ class TestRaces:
                     except (BrokenPipeError, ConnectionResetError):
                         pass  # the job ended and the host closed its end already
                     try:
-                        outcome = future.result(timeout=WAIT)
+                        outcome = future.result(timeout=RESULT_WAIT)
                     except ProcessCancelledError:
                         latencies.append(time.perf_counter() - sent)
                         counts["cancelled"] += 1
@@ -163,7 +160,7 @@ class TestRaces:
         counts = collections.Counter()
         for i, future in batch:
             try:
-                outcome = future.result(timeout=WAIT)
+                outcome = future.result(timeout=RESULT_WAIT)
             except ProcessTimeoutError:
                 counts["timed_out"] += 1
             except ProcessDiedError as why:
@@ -202,7 +199,7 @@ class TestRaces:
                     time.sleep(rng.uniform(0.0, 0.03))
                     sender.send("cancel")
                     with pytest.raises(ProcessCancelledError):
-                        future.result(timeout=WAIT)
+                        future.result(timeout=RESULT_WAIT)
                 finally:
                     sender.close()
                     receiver.close()
@@ -249,7 +246,7 @@ def start_host(method, backend):
     # every worker up before the test begins (spawn starts them on demand)
     warm = [pool.submit(jobs.work, 0.2, 0) for _ in range(2 * HOST_WORKERS)]
     for future in warm:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     pids = set(pool._processes)
     assert len(pids) == HOST_WORKERS
     return pool, pids
@@ -297,17 +294,19 @@ def time_until_gone(records, timeout):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_host_worker_sigkilled_takes_every_wrapped_job_tree_with_it(backend, method, tmp_path):
     pool, worker_pids = start_host(method, backend)
     paths = [str(tmp_path / f"job-{k}.json") for k in range(HOST_WORKERS)]
     records = []
     try:
         futures = [
-            pool.submit(killable_wrapper, jobs.wrapped_tree, path, 2, killable_wrapper_timeout=WAIT)
+            pool.submit(
+                killable_wrapper, jobs.wrapped_tree, path, 2, killable_wrapper_timeout=RESULT_WAIT
+            )
             for path in paths
         ]
-        per_job = [procs.read_record(path, wait=WAIT) for path in paths]
+        per_job = [procs.read_record(path, wait=RESULT_WAIT) for path in paths]
         records = [r for job in per_job for r in job]
         assert all(len(job) == 3 for job in per_job)  # each job and its two children
         jobs_only = [job[0] for job in per_job]
@@ -322,7 +321,7 @@ def test_host_worker_sigkilled_takes_every_wrapped_job_tree_with_it(backend, met
         gone_after, left = time_until_gone(records, GONE)
         for future in futures:
             with pytest.raises(BrokenProcessPool):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
         broken_after = max(ended) - start
         print(
             f"host {method}/{backend}: worker SIGKILLed; BrokenProcessPool after "
@@ -365,7 +364,7 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
             pool.submit(killable_wrapper, jobs.value, i, killable_wrapper_timeout=limit)
             for i in range(20)
         ]
-        records = [r for path in paths for r in procs.read_record(path, wait=WAIT)]
+        records = [r for path in paths for r in procs.read_record(path, wait=RESULT_WAIT)]
         # shutdown(wait=False) drops the pool's references to its manager
         # thread and result queue; keep them to release their fds afterwards
         manager = pool._executor_manager_thread
@@ -379,12 +378,12 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
         # neither psutil nor Process.join, which would race the pool's own
         # manager thread for the exit status.
         pending = {proc.sentinel for proc in workers}
-        deadline = time.monotonic() + WAIT
+        deadline = time.monotonic() + RESULT_WAIT
         while pending and time.monotonic() < deadline:
             pending -= set(mp_connection.wait(list(pending), timeout=1.0))
         assert not pending, "host workers still running after their jobs' time limit"
         exited = time.perf_counter() - start
-        manager.join(WAIT)
+        manager.join(RESULT_WAIT)
         for proc in workers:
             proc.close()  # its sentinel fd
         result_queue.close()
@@ -393,11 +392,11 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
         gone_after, _ = time_until_gone(records, GONE)
         for future in running:
             with pytest.raises(ProcessTimeoutError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
         cancelled = sum(f.cancelled() for f in queued)
         for future in queued:
             if not future.cancelled():
-                assert future.result(timeout=WAIT)[0] >= 1
+                assert future.result(timeout=RESULT_WAIT)[0] >= 1
         print(
             f"host {method}/{backend} shutdown(wait={wait}, cancel_futures=True): returned "
             f"after {returned * 1e3:.0f} ms, workers exited after {exited * 1e3:.0f} ms, "
