@@ -109,6 +109,15 @@ def wait_gone(records, timeout=GONE, zombies_ok=False, orphaned_zombies_ok=False
         time.sleep(0.005)
 
 
+def assert_gone(records, timeout=GONE):
+    """Every recorded process is gone within ``timeout`` (else they are killed
+    and the test fails)."""
+    left = wait_gone(records, timeout=timeout)
+    if left:
+        kill_records(records)
+    assert not left, f"processes of the stopped job survived: {left}"
+
+
 def kill_records(records, reap=False):
     """Clean-up after a failed test: SIGKILL whatever recorded process is left.
 
@@ -272,6 +281,15 @@ def wait_running(future, timeout=RESULT_WAIT):
     raise AssertionError("the job never started running")
 
 
+def assert_pool_works(exe):
+    futures = [exe.submit(jobs.add, i, 1) for i in range(3)]
+    assert [f.result(timeout=RESULT_WAIT) for f in futures] == [1, 2, 3]
+
+
+def manager_threads():
+    return [t for t in threading.enumerate() if t.name == "cancelk-manager"]
+
+
 def submit_from_callback(exe, remaining, results, done):
     """Chain: each job's done-callback submits the next one."""
 
@@ -284,6 +302,15 @@ def submit_from_callback(exe, remaining, results, done):
             done.set()
 
     exe.submit(jobs.add, 0, 0).add_done_callback(callback)
+
+
+def cause_chain(exc):
+    """``exc`` and the exceptions it was caused by (or raised in the handling of)."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
 
 
 # --------------------------------------------------------------------------

@@ -28,25 +28,7 @@ from cancelk import (
 
 import jobs
 import procs
-from jobs import GONE, RESULT_WAIT, SLACK, START_METHODS
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "record.json")
-
-
-def assert_gone(records, timeout=GONE):
-    left = procs.wait_gone(records, timeout=timeout)
-    if left:
-        procs.kill_records(records)
-    assert not left, f"processes of the stopped job survived: {left}"
-
-
-def assert_pool_works(exe):
-    futures = [exe.submit(jobs.add, i, 1) for i in range(3)]
-    assert [f.result(timeout=RESULT_WAIT) for f in futures] == [1, 2, 3]
-
+from jobs import RESULT_WAIT, SLACK, START_METHODS
 
 # -------------------------------------------------------------------------
 # pending jobs
@@ -65,7 +47,7 @@ def test_cancel_pending_job(make_pool, tmp_path):
     with pytest.raises(ProcessCancelledError):
         pending.result(timeout=RESULT_WAIT)
     assert blocker.result(timeout=RESULT_WAIT) == "blocker"
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     assert not marker.exists(), "a cancelled pending job ran anyway"
 
 
@@ -89,10 +71,10 @@ def test_cancelled_pending_job_is_seen_by_wait_and_as_completed(make_pool):
 
 
 @pytest.mark.timeout(30)
-def test_cancel_running_job_kills_it_at_once(make_pool, backend, path):
+def test_cancel_running_job_kills_it_at_once(make_pool, backend, record_path):
     exe = make_pool(2)
-    future = exe.submit(jobs.sleep_job, path)
-    records = procs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path)
+    records = procs.read_record(record_path)
     pid = records[0][0]
     assert future.pid == pid and future.running()
     called = []
@@ -107,70 +89,70 @@ def test_cancel_running_job_kills_it_at_once(make_pool, backend, path):
     assert isinstance(info.value, concurrent.futures.CancelledError)
     with pytest.raises(ProcessCancelledError):
         future.exception(timeout=0)
-    assert_gone(records)
+    procs.assert_gone(records)
     assert future.cancel() is True  # a second cancel agrees
     assert future.pid is None
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", START_METHODS)
-def test_cancel_running_job_every_start_method(make_pool, method, path):
+def test_cancel_running_job_every_start_method(make_pool, method, record_path):
     exe = make_pool(1, mp_context=method)
-    future = exe.submit(jobs.sleep_job, path)
-    records = procs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path)
+    records = procs.read_record(record_path)
     assert future.cancel()
     with pytest.raises(ProcessCancelledError):
         future.result(timeout=RESULT_WAIT)
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["mp_child", "popen"])
-def test_cancel_kills_the_jobs_children(make_pool, backend, kind, path):
+def test_cancel_kills_the_jobs_children(make_pool, backend, kind, record_path):
     job = {"mp_child": jobs.mp_child_job, "popen": jobs.popen_job}[kind]
     exe = make_pool(1)
-    future = exe.submit(job, path)
-    records = procs.read_record(path)
+    future = exe.submit(job, record_path)
+    records = procs.read_record(record_path)
     assert len(records) >= 2, records
     assert future.cancel()
     assert future.cancelled()
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="child subreaper is Linux-only")
-def test_cancel_kills_grandchild_that_left_the_process_group(make_pool, backend, path):
+def test_cancel_kills_grandchild_that_left_the_process_group(make_pool, backend, record_path):
     exe = make_pool(1)
-    future = exe.submit(jobs.detached_grandchild_job, path)
-    records = procs.read_record(path)
+    future = exe.submit(jobs.detached_grandchild_job, record_path)
+    records = procs.read_record(record_path)
     assert len(records) == 2, records
     job_pid, grandchild = records[0][0], records[1][0]
     assert os.getsid(grandchild) != os.getsid(job_pid)  # it left the session
     assert os.getpgid(grandchild) != os.getpgid(job_pid)  # and the process group
     assert psutil.Process(grandchild).ppid() == job_pid  # the runner is its subreaper
     assert future.cancel()
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["stdlib", "cancelk"])
-def test_cancel_kills_a_pool_the_job_runs(make_pool, kind, path):
+def test_cancel_kills_a_pool_the_job_runs(make_pool, kind, record_path):
     """A job running a process pool of its own: every process of it goes,
     including a nested cancelk supervisor (its own process group) and what its
     runners started."""
     job = {"stdlib": jobs.nested_stdlib_pool_job, "cancelk": jobs.nested_cancelk_pool_job}[kind]
     exe = make_pool(1)
-    future = exe.submit(job, path)
-    records = procs.read_record(path)
-    records += [r for i in range(2) for r in procs.read_record(f"{path}.{i}", wait=0)]
+    future = exe.submit(job, record_path)
+    records = procs.read_record(record_path)
+    records += [r for i in range(2) for r in procs.read_record(f"{record_path}.{i}", wait=0)]
     assert len({pid for pid, _ in records}) >= 5, records
     assert future.cancel()
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -184,11 +166,11 @@ def test_cancel_finished_future_returns_false(make_pool):
 
 
 @pytest.mark.timeout(30)
-def test_wait_and_as_completed_see_a_cancelled_running_future(make_pool, path):
+def test_wait_and_as_completed_see_a_cancelled_running_future(make_pool, record_path):
     exe = make_pool(2)
-    future = exe.submit(jobs.sleep_job, path)
+    future = exe.submit(jobs.sleep_job, record_path)
     other = exe.submit(jobs.sleep_return, 20)
-    records = procs.read_record(path)
+    records = procs.read_record(record_path)
     seen = {}
 
     def waiter():
@@ -212,14 +194,14 @@ def test_wait_and_as_completed_see_a_cancelled_running_future(make_pool, path):
     assert done == {future}
     assert seen["as_completed"] is future
     assert other.cancel()
-    assert_gone(records)
+    procs.assert_gone(records)
 
 
 @pytest.mark.timeout(30)
-def test_cancel_from_many_threads_at_once(make_pool, path):
+def test_cancel_from_many_threads_at_once(make_pool, record_path):
     exe = make_pool(1)
-    future = exe.submit(jobs.sleep_job, path)
-    records = procs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path)
+    records = procs.read_record(record_path)
     barrier = threading.Barrier(8)
     answers = []
 
@@ -234,13 +216,13 @@ def test_cancel_from_many_threads_at_once(make_pool, path):
         t.join(timeout=10)
     assert answers == [True] * 8
     assert future.cancelled()
-    assert_gone(records)
+    procs.assert_gone(records)
     deadline = time.monotonic() + 5
     while exe.stats()["cancelled"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
     assert exe.stats()["cancelled"] == 1  # one kill, not eight
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 # -------------------------------------------------------------------------
@@ -272,11 +254,11 @@ def test_grace_job_raising_in_time_keeps_its_exception(make_pool):
 
 
 @pytest.mark.timeout(30)
-def test_grace_expires_then_job_is_killed(make_pool, backend, path):
+def test_grace_expires_then_job_is_killed(make_pool, backend, record_path):
     grace = 0.5
     exe = make_pool(1)
-    future = exe.submit(jobs.sleep_job, path, ProcessCancelTimeout(grace))
-    records = procs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path, ProcessCancelTimeout(grace))
+    records = procs.read_record(record_path)
     start = time.monotonic()
     assert future.cancel() is False  # not decided yet
     assert not future.done()
@@ -286,8 +268,8 @@ def test_grace_expires_then_job_is_killed(make_pool, backend, path):
     elapsed = time.monotonic() - start
     assert grace * 0.9 <= elapsed < grace + 1.5
     assert future.cancelled()
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -310,7 +292,7 @@ def test_cancel_races_with_job_end_never_kill_another_job(make_pool, backend):
     reach B; every future ends in exactly one state."""
     rng = random.Random(1234)
     exe = make_pool(1)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     calls = {}
 
     def count(fut):
@@ -426,12 +408,12 @@ def test_deadline_racing_job_end_never_kills_the_next_job(make_pool, backend):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", list(jobs.STOP_JOBS))
-def test_time_limit_stops_job(make_pool, backend, kind, path):
+def test_time_limit_stops_job(make_pool, backend, kind, record_path):
     limit = 0.2
     exe = make_pool(1)
-    assert_pool_works(exe)  # the runner is up: the limit counts from the job's start
+    procs.assert_pool_works(exe)  # the runner is up: the limit counts from the job's start
     start = time.monotonic()
-    future = exe.submit(jobs.STOP_JOBS[kind], path, ProcessTimeout(limit))
+    future = exe.submit(jobs.STOP_JOBS[kind], record_path, ProcessTimeout(limit))
     with pytest.raises(ProcessTimeoutError, match="time limit") as info:
         future.result(timeout=RESULT_WAIT)
     elapsed = time.monotonic() - start
@@ -439,32 +421,32 @@ def test_time_limit_stops_job(make_pool, backend, kind, path):
         assert isinstance(info.value, TimeoutError)
     assert isinstance(info.value, concurrent.futures.TimeoutError)
     assert limit * 0.9 <= elapsed < limit + SLACK, elapsed
-    assert_gone(procs.read_record(path, wait=0))
-    assert_pool_works(exe)
+    procs.assert_gone(procs.read_record(record_path, wait=0))
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
-def test_time_limit_other_start_methods(make_pool, method, path):
+def test_time_limit_other_start_methods(make_pool, method, record_path):
     exe = make_pool(1, mp_context=method)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     start = time.monotonic()
-    future = exe.submit(jobs.gil_c_job, path, ProcessTimeout(0.2))
+    future = exe.submit(jobs.gil_c_job, record_path, ProcessTimeout(0.2))
     with pytest.raises(ProcessTimeoutError):
         future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 0.2 + SLACK
-    assert_gone(procs.read_record(path, wait=0))
+    procs.assert_gone(procs.read_record(record_path, wait=0))
 
 
 @pytest.mark.timeout(60)
-def test_time_limit_kills_the_jobs_tree(make_pool, backend, path):
+def test_time_limit_kills_the_jobs_tree(make_pool, backend, record_path):
     exe = make_pool(1)
-    future = exe.submit(jobs.popen_job, path, 2, ProcessTimeout(1.5))
+    future = exe.submit(jobs.popen_job, record_path, 2, ProcessTimeout(1.5))
     with pytest.raises(ProcessTimeoutError):
         future.result(timeout=RESULT_WAIT)
-    records = procs.read_record(path, wait=0)
+    records = procs.read_record(record_path, wait=0)
     assert len(records) == 3, records
-    assert_gone(records)
+    procs.assert_gone(records)
 
 
 @pytest.mark.timeout(30)
@@ -497,17 +479,17 @@ def test_time_limit_counts_from_the_start_not_the_submit(make_pool, backend):
 
 
 @pytest.mark.timeout(30)
-def test_time_limit_and_grace_together(make_pool, path):
+def test_time_limit_and_grace_together(make_pool, record_path):
     """A cancel with a long grace does not stop the time limit."""
     exe = make_pool(1)
-    future = exe.submit(jobs.sleep_job, path, ProcessTimeout(0.6), ProcessCancelTimeout(10))
-    records = procs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path, ProcessTimeout(0.6), ProcessCancelTimeout(10))
+    records = procs.read_record(record_path)
     start = time.monotonic()
     assert future.cancel() is False
     with pytest.raises(ProcessTimeoutError):
         future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 0.6 + SLACK
-    assert_gone(records)
+    procs.assert_gone(records)
 
 
 @pytest.mark.timeout(60)
@@ -524,14 +506,14 @@ def test_many_time_limits_on_two_runners(make_pool, backend):
 
 
 @pytest.mark.timeout(30)
-def test_cancel_with_pool_of_one_keeps_queue_order(make_pool, path):
+def test_cancel_with_pool_of_one_keeps_queue_order(make_pool, record_path):
     exe = make_pool(1)
-    running = exe.submit(jobs.sleep_job, path)
+    running = exe.submit(jobs.sleep_job, record_path)
     queued = [exe.submit(jobs.add, i, 0) for i in range(5)]
-    records = procs.read_record(path)
+    records = procs.read_record(record_path)
     assert running.cancel()
     assert [f.result(timeout=RESULT_WAIT) for f in queued] == list(range(5))
-    assert_gone(records)
+    procs.assert_gone(records)
 
 
 @pytest.mark.timeout(10)

@@ -31,19 +31,6 @@ NEEDS_PROC = pytest.mark.skipif(
 )
 
 
-def assert_pool_works(exe):
-    futures = [exe.submit(jobs.add, i, 1) for i in range(3)]
-    assert [f.result(timeout=RESULT_WAIT) for f in futures] == [1, 2, 3]
-
-
-def cause_chain(exc):
-    chain = []
-    while exc is not None and exc not in chain:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return chain
-
-
 # -------------------------------------------------------------------------
 # jobs that die
 
@@ -62,7 +49,7 @@ def test_job_exit_code(make_pool, backend):
     assert "exited with code 3" in str(err)
     assert not isinstance(err, BrokenProcessPool)
     assert bystander.result(timeout=RESULT_WAIT) == bystander_pid  # untouched
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -77,7 +64,7 @@ def test_job_segfault(make_pool, backend):
     assert info.value.exitcode is None
     assert "SIGSEGV" in str(info.value)
     assert bystander.result(timeout=RESULT_WAIT) == bystander_pid
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -101,7 +88,7 @@ def test_job_sigkill_from_outside(make_pool, backend, tmp_path):
     assert not future.cancelled()
     assert not procs.wait_gone(records)
     assert bystander.result(timeout=RESULT_WAIT) == bystander_pid
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -110,7 +97,7 @@ def test_job_sigterm_to_itself(make_pool):
     with pytest.raises(ProcessDiedError) as info:
         exe.submit(jobs.sigterm_self).result(timeout=RESULT_WAIT)
     assert info.value.signal == signal.SIGTERM
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
@@ -124,7 +111,7 @@ def test_many_deaths_never_break_the_pool(make_pool, backend):
         assert isinstance(err, ProcessDiedError), repr(err)
     assert [f.result(timeout=RESULT_WAIT) for f in good] == [i * i for i in range(10)]
     assert exe.stats()["died"] == 20
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -146,7 +133,7 @@ def test_unpicklable_function(make_pool):
     err = future.exception(timeout=RESULT_WAIT)
     assert isinstance(err, (pickle.PicklingError, AttributeError, TypeError)), repr(err)
     assert "lambda" in str(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -158,7 +145,7 @@ def test_unpicklable_argument(make_pool):
     assert "lock" in str(err)
     future = exe.submit(jobs.echo, key=threading.Lock())
     assert isinstance(future.exception(timeout=RESULT_WAIT), (pickle.PicklingError, TypeError))
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -167,7 +154,7 @@ def test_argument_that_fails_to_unpickle_in_the_runner(make_pool):
     future = exe.submit(jobs.echo, jobs.Unloadable(1, 2))
     err = future.exception(timeout=RESULT_WAIT)
     assert isinstance(err, TypeError), repr(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -176,7 +163,7 @@ def test_unpicklable_result(make_pool):
     err = exe.submit(jobs.return_lock).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
     assert "lock" in str(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -184,7 +171,7 @@ def test_result_that_fails_to_unpickle(make_pool):
     exe = make_pool(1)
     err = exe.submit(jobs.return_unloadable).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -194,7 +181,7 @@ def test_unpicklable_exception(make_pool):
     assert isinstance(err, ResultPicklingError), repr(err)
     assert "UnpicklableError" in str(err) and "held a lock" in str(err)
     assert err.__cause__ is not None and "raise_unpicklable" in str(err.__cause__)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -202,7 +189,7 @@ def test_exception_that_fails_to_unpickle(make_pool):
     exe = make_pool(1)
     err = exe.submit(jobs.raise_unloadable).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 # -------------------------------------------------------------------------
@@ -230,9 +217,9 @@ def test_initializer_failure_before_any_submit(make_pool):
     try:
         future = exe.submit(jobs.add, 1, 2)
     except BrokenProcessPool as err:
-        chain = cause_chain(err)
+        chain = procs.cause_chain(err)
     else:
-        chain = cause_chain(future.exception(timeout=RESULT_WAIT))
+        chain = procs.cause_chain(future.exception(timeout=RESULT_WAIT))
     assert any(isinstance(e, jobs.InitError) for e in chain), chain
 
 
@@ -303,7 +290,7 @@ def test_unpicklable_initializer_fails_cleanly(method):
 def test_supervisor_killed(make_pool, backend, method, tmp_path):
     path = str(tmp_path / "record.json")
     exe = make_pool(2, mp_context=method)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     running = exe.submit(jobs.popen_job, path)
     other = exe.submit(jobs.sleep_return, 30)
     records = procs.read_record(path)
@@ -352,7 +339,7 @@ def test_supervisor_killed_while_idle(make_pool):
     deadline = time.monotonic() + RESULT_WAIT
     while exe.stats()["supervisors_started"] < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     assert exe.stats()["supervisors_started"] == 2
 
 

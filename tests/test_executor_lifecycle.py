@@ -41,10 +41,6 @@ def pool_processes(future, expect=1):
     return procs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
 
 
-def manager_threads():
-    return [t for t in threading.enumerate() if t.name == "cancelk-manager"]
-
-
 # -------------------------------------------------------------------------
 # shutdown
 
@@ -196,7 +192,7 @@ def test_context_manager_exit_by_exception_waits_for_jobs():
 
 @pytest.mark.timeout(30)
 def test_dropped_executor_goes_away():
-    threads_before = len(manager_threads())
+    threads_before = len(procs.manager_threads())
     exe = cancelk.ProcessPoolExecutor(2)
     probe = exe.submit(jobs.sleep_return, 0.2, "probe")
     processes = pool_processes(probe, expect=2)
@@ -206,9 +202,9 @@ def test_dropped_executor_goes_away():
     left = procs.wait_gone(processes, timeout=5)
     assert not left, f"a dropped executor left its processes: {left}"
     deadline = time.monotonic() + 5
-    while len(manager_threads()) > threads_before and time.monotonic() < deadline:
+    while len(procs.manager_threads()) > threads_before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(manager_threads()) == threads_before
+    assert len(procs.manager_threads()) == threads_before
 
 
 # -------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import concurrent.futures
 import random
 import time
 
-import psutil
 import pytest
 
 from cancelk import (
@@ -38,22 +37,13 @@ from cancelk import (
 )
 
 import jobs
+import procs
 from jobs import RESULT_WAIT
 
 
 def spin_until(moment):
     while time.perf_counter() < moment:
         pass
-
-
-def wait_pid_gone(pid, timeout=2.0):
-    """True once ``pid`` is reaped (a zombie still counts as there)."""
-    deadline = time.monotonic() + timeout
-    while psutil.pid_exists(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def settled_stats(exe, **expected):
@@ -129,7 +119,7 @@ def _cancel_races(exe, workers, iterations, rng, grace):
                 f"iteration {i}: the target won, yet its runner {ran_on} was replaced "
                 f"by {successor_pid}"
             )
-    left = [pid for pid in kill_pids if not wait_pid_gone(pid)]
+    left = [pid for pid in kill_pids if not procs.wait_pid_gone(pid)]
     assert not left, f"killed targets' processes still there: {left}"
     return counts
 

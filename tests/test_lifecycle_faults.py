@@ -49,10 +49,6 @@ from jobs import RESULT_WAIT, START_METHODS
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def manager_threads():
-    return [t for t in threading.enumerate() if t.name == "cancelk-manager"]
-
-
 def pool_processes(supervisor):
     return procs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
 
@@ -65,9 +61,9 @@ def read_pids(path, wait=RESULT_WAIT):
 
 def wait_threads(count, timeout=2.0):
     deadline = time.monotonic() + timeout
-    while len(manager_threads()) > count and time.monotonic() < deadline:
+    while len(procs.manager_threads()) > count and time.monotonic() < deadline:
         time.sleep(0.005)
-    return len(manager_threads())
+    return len(procs.manager_threads())
 
 
 # -------------------------------------------------------------------------
@@ -79,7 +75,7 @@ def wait_threads(count, timeout=2.0):
 def test_executor_collected_while_jobs_run_lets_them_end_then_leaves_nothing(
     tmp_path, backend, keep_futures
 ):
-    threads_before = len(manager_threads())
+    threads_before = len(procs.manager_threads())
     exe = cancelk.ProcessPoolExecutor(2)
     exe.cycle = exe  # only the cyclic garbage collector can free it
     paths = [str(tmp_path / f"job{i}") for i in range(2)]
@@ -118,7 +114,7 @@ def test_executor_collected_while_jobs_run_lets_them_end_then_leaves_nothing(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", START_METHODS)
 def test_idle_executor_collected_leaves_no_process_and_no_thread(method):
-    threads_before = len(manager_threads())
+    threads_before = len(procs.manager_threads())
     exe = cancelk.ProcessPoolExecutor(2, mp_context=method)
     exe.cycle = exe
     probe = exe.submit(jobs.sleep_return, 0.2, "probe")
