@@ -7,26 +7,19 @@ pyproject); slow tests carry a smaller explicit ``@pytest.mark.timeout``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import gc
 import multiprocessing
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from multiprocessing import resource_sharer
 
-import psutil
 import pytest
 
 from cancelk import _core
 
-import executor_jobs
-import helpers
-from helpers import BACKENDS, HOST_WORKERS, START_METHODS
-
-# Session-long multiprocessing helpers; started once (below) and never leaks.
-_SINGLETON_MARKS = ("multiprocessing.forkserver", "resource_tracker")
+import procs
+from jobs import BACKENDS, START_METHODS
 
 _LEAK_WAIT = 3.0  # seconds a test's processes get to disappear after it ends
 _FD_WAIT = 1.0
@@ -68,14 +61,6 @@ def scale(request):
 # backend
 
 
-def _pidfd_supported() -> bool:
-    try:
-        os.close(_core.pidfd_open(os.getpid()))
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     """The C backend for every cancelk loop created during the test.
@@ -84,7 +69,7 @@ def backend(request, monkeypatch):
     test starts inherit the environment.
     """
     name = request.param
-    if name == "pidfd" and not _pidfd_supported():
+    if name == "pidfd" and not procs.pidfd_supported():
         pytest.skip("this kernel (or a seccomp filter) does not allow pidfd_open(2)")
     monkeypatch.setenv("CANCELK_BACKEND", name)
     assert _core.selected_backend() == name
@@ -95,49 +80,6 @@ def backend(request, monkeypatch):
 # process inspection
 
 
-@dataclass(frozen=True)
-class ProcInfo:
-    pid: int
-    created: float
-    ppid: int
-    status: str
-    cmdline: str
-
-    def describe(self) -> str:
-        return f"pid {self.pid} ppid {self.ppid} [{self.status}] {self.cmdline[:160]!r}"
-
-
-def _info(proc: psutil.Process) -> ProcInfo | None:
-    try:
-        created = proc.create_time()
-        ppid = proc.ppid()
-        status = proc.status()
-    except psutil.NoSuchProcess:  # includes ZombieProcess on some platforms
-        return None
-    try:
-        cmdline = " ".join(proc.cmdline())
-    except (psutil.ZombieProcess, psutil.AccessDenied):
-        cmdline = ""
-    except psutil.NoSuchProcess:
-        return None
-    return ProcInfo(proc.pid, created, ppid, status, cmdline)
-
-
-def _is_singleton(info: ProcInfo) -> bool:
-    # Only the server itself: processes forked *from* the forkserver share
-    # its command line but have the server, not us, as parent.
-    return info.ppid == os.getpid() and any(m in info.cmdline for m in _SINGLETON_MARKS)
-
-
-def descendants() -> dict[tuple[int, float], ProcInfo]:
-    found = {}
-    for proc in psutil.Process().children(recursive=True):
-        info = _info(proc)
-        if info is not None and not _is_singleton(info):
-            found[(info.pid, info.created)] = info
-    return found
-
-
 def _open_fds() -> dict[int, str]:
     fds = {}
     for name in os.listdir("/proc/self/fd"):
@@ -146,24 +88,6 @@ def _open_fds() -> dict[int, str]:
         except OSError:
             continue  # the directory's own fd, closed by now
     return fds
-
-
-def _kill_leftovers(infos: list[ProcInfo]) -> None:
-    me = os.getpid()
-    for info in infos:
-        proc = helpers.same_process(info.pid, info.created)
-        if proc is None:
-            continue
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    for info in infos:
-        if info.ppid == me:
-            try:
-                os.waitpid(info.pid, 0)
-            except ChildProcessError:
-                pass
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -188,21 +112,21 @@ def long_lived() -> set[int]:
 @pytest.fixture(autouse=True)
 def leak_check(long_lived):
     """Fail a test that leaves a process or a file descriptor behind."""
-    before = set(descendants())
+    before = set(procs.descendant_infos())
     fds_before = _open_fds() if os.path.isdir("/proc/self/fd") else None
     yield
     deadline = time.monotonic() + _LEAK_WAIT
     while True:
         new = [
             info
-            for key, info in descendants().items()
+            for key, info in procs.descendant_infos().items()
             if key not in before and info.pid not in long_lived
         ]
         if not new or time.monotonic() > deadline:
             break
         time.sleep(0.02)
     if new:
-        _kill_leftovers(new)
+        procs.kill_records([(info.pid, info.created) for info in new], reap=True)
         pytest.fail(
             "the test left processes behind (zombies count):\n  "
             + "\n  ".join(info.describe() for info in new),
@@ -232,7 +156,7 @@ def leak_check(long_lived):
 
 @pytest.fixture
 def record_path(tmp_path):
-    """Where a job writes the record of its processes (see helpers.record)."""
+    """Where a job writes the record of its processes (see jobs.record)."""
     return str(tmp_path / "record.json")
 
 
@@ -286,7 +210,7 @@ def extra_thread():
 def make_pool():
     """``make_pool(*args, **kwargs)``: a cancelk.ProcessPoolExecutor that is
     shut down (and, if that hangs, killed) after the test."""
-    factory = executor_jobs.PoolFactory()
+    factory = procs.PoolFactory()
     try:
         yield factory
     finally:
@@ -297,74 +221,11 @@ def make_pool():
 # host pools: plain stdlib ProcessPoolExecutors that run killable_wrapper
 
 
-@dataclass
-class Host:
-    """A stdlib pool whose workers use one start method and one cancelk backend."""
-
-    method: str
-    backend: str
-    pool: concurrent.futures.ProcessPoolExecutor
-    token: str
-    workers: list[ProcInfo] = field(default_factory=list)
-
-    def worker_problems(self) -> list[str]:
-        problems = []
-        for info in self.workers:
-            try:
-                proc = psutil.Process(info.pid)
-                status = proc.status()
-            except psutil.NoSuchProcess:
-                problems.append(f"host worker {info.pid} is gone")
-                continue
-            if status == psutil.STATUS_ZOMBIE:
-                problems.append(f"host worker {info.pid} died")
-        return problems
-
-
-def _start_host(method: str, backend: str, long_lived: set[int]) -> Host:
-    before = set(descendants())
-    token = f"initialized-{method}-{backend}"
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=HOST_WORKERS,
-        mp_context=multiprocessing.get_context(method),
-        initializer=helpers.init_host,
-        initargs=(backend, token),
-    )
-    host = Host(method, backend, pool, token)
-    # Start every worker now (spawn and forkserver pools start them on
-    # demand), so no test sees a host worker appear as "its" process.
-    infos = [f.result(timeout=60) for f in [pool.submit(helpers.host_info) for _ in range(4)]]
-    deadline = time.monotonic() + 30
-    while True:
-        host.workers = [info for key, info in descendants().items() if key not in before]
-        if len(host.workers) >= HOST_WORKERS or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    long_lived.update(info.pid for info in host.workers)
-    assert len(host.workers) == HOST_WORKERS, [w.describe() for w in host.workers]
-    for info in infos:
-        assert info["backend_env"] == backend, info
-        assert info["state"] == token, info
-    return host
-
-
 @pytest.fixture(scope="class")
 def host_pools(long_lived):
     """One host pool per (start method, backend), all started before the
     class's first test (so their processes and fds predate every leak check;
     fork pools first, while this process has no pool threads yet) and shut
     down after its last test, so their threads do not outlive the class."""
-    hosts: dict[tuple[str, str], Host] = {}
-    try:
-        for method in START_METHODS:
-            for name in BACKENDS:
-                if name == "pidfd" and not _pidfd_supported():
-                    continue
-                hosts[method, name] = _start_host(method, name, long_lived)
+    with procs.running_hosts(START_METHODS, long_lived) as hosts:
         yield hosts
-    finally:
-        for host in hosts.values():
-            host.pool.shutdown(wait=True, cancel_futures=True)
-        for host in hosts.values():
-            for info in host.workers:
-                long_lived.discard(info.pid)

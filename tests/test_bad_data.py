@@ -37,12 +37,8 @@ import pytest
 from cancelk import ProcessDiedError, ProcessTimeout, ProcessTimeoutError
 from cancelk.errors import ResultPicklingError
 
-import executor_jobs as jobs
-import resource_jobs as rj
-
-WAIT = jobs.RESULT_WAIT
-MB = 2**20
-
+import jobs
+from jobs import MB, RESULT_WAIT
 
 # Python's own TypeError names the class that failed to load only from 3.10
 # on ("Unloadable.__init__() missing ..."); cancelk passes that message on.
@@ -50,7 +46,7 @@ UNLOADABLE_NAMED = ["Unloadable"] if sys.version_info >= (3, 10) else []
 
 
 def runner_pid(exe):
-    return exe.submit(rj.getpid).result(timeout=WAIT)
+    return exe.submit(jobs.getpid).result(timeout=RESULT_WAIT)
 
 
 # Each case: (submit arguments, accepted exception types, words the message
@@ -66,56 +62,56 @@ def bad_cases():
             (pickle.PicklingError, AttributeError),
             ["local_function"],
         ),
-        "lock argument": ((rj.echo_kind, threading.Lock()), (TypeError,), ["lock"]),
+        "lock argument": ((jobs.echo_kind, threading.Lock()), (TypeError,), ["lock"]),
         "generator argument": (
-            (rj.echo_kind, (i for i in range(3))),
+            (jobs.echo_kind, (i for i in range(3))),
             (TypeError,),
             ["generator"],
         ),
         "lock keyword argument": (
-            (rj.echo_kind,),
+            (jobs.echo_kind,),
             (TypeError,),
             ["lock"],
             {"value": threading.Lock()},
         ),
         "argument failing to unpickle in the runner": (
-            (rj.echo_kind, rj.Unloadable(1, 2)),
+            (jobs.echo_kind, jobs.Unloadable(1, 2)),
             (TypeError,),
             UNLOADABLE_NAMED,
         ),
-        "unpicklable result (lock)": ((rj.return_lock,), (ResultPicklingError,), ["lock"]),
+        "unpicklable result (lock)": ((jobs.return_lock,), (ResultPicklingError,), ["lock"]),
         "unpicklable result (generator)": (
-            (rj.return_generator,),
+            (jobs.return_generator,),
             (ResultPicklingError,),
             ["generator"],
         ),
         "result whose pickling raises": (
-            (rj.return_refuses_pickling,),
+            (jobs.return_refuses_pickling,),
             (ResultPicklingError,),
             ["RefusesPickling", "RuntimeError"],
         ),
         "result failing to unpickle in the user process": (
-            (rj.return_unloadable,),
+            (jobs.return_unloadable,),
             (ResultPicklingError,),
             UNLOADABLE_NAMED,
         ),
         "result of a class only the runner has": (
-            (rj.return_ghost,),
+            (jobs.return_ghost,),
             (ResultPicklingError,),
             ["Ghost"],
         ),
         "exception holding a lock": (
-            (rj.raise_holding_a_lock,),
+            (jobs.raise_holding_a_lock,),
             (ResultPicklingError,),
             ["ValueError", "holds a lock"],
         ),
         "exception whose pickling raises": (
-            (rj.raise_refuses_pickling,),
+            (jobs.raise_refuses_pickling,),
             (ResultPicklingError,),
             ["RefusesPicklingError", "boom"],
         ),
         "exception failing to unpickle in the user process": (
-            (rj.raise_needs_two,),
+            (jobs.raise_needs_two,),
             (ResultPicklingError,),
             ["NeedsTwoError"],
         ),
@@ -145,7 +141,7 @@ def test_each_kind_of_bad_data_fails_only_its_future_on_the_same_runner(make_poo
     cases = bad_cases()
     for name, case in cases.items():
         future = submit_case(exe, case)
-        err = future.exception(timeout=WAIT)
+        err = future.exception(timeout=RESULT_WAIT)
         check_case(name, case, err)
         assert runner_pid(exe) == pid, f"{name}: the runner was replaced"
     stats = exe.stats()
@@ -170,7 +166,7 @@ def test_function_defined_after_the_runner_forked_names_the_missing_function(mak
     newcomer.__qualname__ = newcomer.__name__ = "newcomer_after_fork"
     module.newcomer_after_fork = newcomer
     try:
-        err = exe.submit(newcomer).exception(timeout=WAIT)
+        err = exe.submit(newcomer).exception(timeout=RESULT_WAIT)
     finally:
         del module.newcomer_after_fork
     assert isinstance(err, AttributeError), repr(err)
@@ -182,12 +178,12 @@ def test_function_defined_after_the_runner_forked_names_the_missing_function(mak
 def test_argument_whose_unpickling_kills_the_runner_fails_only_that_job(make_pool, backend):
     exe = make_pool(1)
     pid = runner_pid(exe)
-    bad = exe.submit(rj.echo_kind, rj.KillsOnUnpickle(7))
-    behind = exe.submit(rj.token_pid, "behind")
-    err = bad.exception(timeout=WAIT)
+    bad = exe.submit(jobs.echo_kind, jobs.KillsOnUnpickle(7))
+    behind = exe.submit(jobs.token_pid, "behind")
+    err = bad.exception(timeout=RESULT_WAIT)
     assert isinstance(err, ProcessDiedError), repr(err)
     assert err.exitcode == 7 and err.pid == pid, (err.exitcode, err.pid, pid)
-    token, new_pid = behind.result(timeout=WAIT)
+    token, new_pid = behind.result(timeout=RESULT_WAIT)
     assert token == "behind" and new_pid != pid
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -207,16 +203,16 @@ def test_random_stream_of_bad_and_good_jobs_never_crosses_outcomes(make_pool, sc
     submitted = []
     for i in range(count):
         if rng.random() < 0.5:
-            submitted.append((i, None, exe.submit(rj.token_pid, i)))
+            submitted.append((i, None, exe.submit(jobs.token_pid, i)))
         else:
             name = rng.choice(names)
             submitted.append((i, name, submit_case(exe, cases[name])))
     bad = 0
     for i, name, future in submitted:
         if name is None:
-            assert future.result(timeout=WAIT) == (i, pid), f"job {i}"
+            assert future.result(timeout=RESULT_WAIT) == (i, pid), f"job {i}"
         else:
-            check_case(name, cases[name], future.exception(timeout=WAIT))
+            check_case(name, cases[name], future.exception(timeout=RESULT_WAIT))
             bad += 1
     stats = exe.stats()
     assert stats["died"] == 0 and stats["processes_started"] == 1, stats
@@ -248,25 +244,25 @@ def test_100_mb_argument_and_result_round_trip_and_memory_is_released(make_pool,
     size = 100 * MB
     slack = 10 * MB
     exe = make_pool(1, mp_context=method)
-    runner, runner_before = exe.submit(rj.runner_rss).result(timeout=WAIT)
+    runner, runner_before = exe.submit(jobs.runner_rss).result(timeout=RESULT_WAIT)
     gc.collect()
     user_before = rss()
-    argument = rj.pattern(size, "argument")
-    sent_digest = rj.digest(argument)
+    argument = jobs.pattern(size, "argument")
+    sent_digest = jobs.digest(argument)
     start = time.perf_counter()
     (received_size, received_digest), result, runner_peak = exe.submit(
-        rj.big_round_trip, argument, "result"
-    ).result(timeout=WAIT)
+        jobs.big_round_trip, argument, "result"
+    ).result(timeout=RESULT_WAIT)
     elapsed = time.perf_counter() - start
     assert received_size == size and received_digest == sent_digest
     assert len(result) == size
-    assert rj.digest(result) == rj.digest(rj.pattern(size, "result"))
+    assert jobs.digest(result) == jobs.digest(jobs.pattern(size, "result"))
     user_peak = rss()
     del argument, result
     # one more job first: what the pool keeps only until its next job (see the
     # two tests below) does not count as a leak here
-    exe.submit(rj.add, 1, 1).result(timeout=WAIT)
-    again, runner_after = exe.submit(rj.runner_rss).result(timeout=WAIT)
+    exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT)
+    again, runner_after = exe.submit(jobs.runner_rss).result(timeout=RESULT_WAIT)
     user_after = settle_rss(user_before + slack)
     assert again == runner
     print(
@@ -290,10 +286,10 @@ def test_100_mb_result_is_released_while_the_pool_is_idle(make_pool):
     result must not stay pinned by the pool until some next job."""
     size = 100 * MB
     exe = make_pool(1)
-    exe.submit(rj.add, 1, 1).result(timeout=WAIT)
+    exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT)
     gc.collect()
     before = rss()
-    result = exe.submit(rj.pattern, size, "idle").result(timeout=WAIT)
+    result = exe.submit(jobs.pattern, size, "idle").result(timeout=RESULT_WAIT)
     assert len(result) == size
     del result
     after = settle_rss(before + 10 * MB, timeout=3.0)
@@ -309,9 +305,9 @@ def test_100_mb_result_is_released_by_the_runner_before_its_next_job(make_pool):
     still in its runner."""
     size = 100 * MB
     exe = make_pool(1)
-    _, before = exe.submit(rj.runner_rss).result(timeout=WAIT)
-    assert len(exe.submit(rj.pattern, size, "x").result(timeout=WAIT)) == size
-    _, during_next = exe.submit(rj.runner_rss).result(timeout=WAIT)
+    _, before = exe.submit(jobs.runner_rss).result(timeout=RESULT_WAIT)
+    assert len(exe.submit(jobs.pattern, size, "x").result(timeout=RESULT_WAIT)) == size
+    _, during_next = exe.submit(jobs.runner_rss).result(timeout=RESULT_WAIT)
     print(
         f"runner RSS {before / MB:.0f} MiB, during the job after a 100 MB result "
         f"{during_next / MB:.0f} MiB"
@@ -333,12 +329,12 @@ def test_big_result_at_the_deadline_is_whole_or_a_timeout(make_pool, backend, sc
     rng = random.Random(f"{backend}-{kind}")
     size = 8 * MB
     delay = 0.04
-    job = rj.big_after if kind == "sleep" else rj.spin_big_after
+    job = jobs.big_after if kind == "sleep" else jobs.spin_big_after
     iterations = scale(50, 5000)
     exe = make_pool(1)
     # how long one job takes, start to result, here and now
     start = time.perf_counter()
-    seed, data = exe.submit(job, delay, size, "calibrate").result(timeout=WAIT)
+    seed, data = exe.submit(job, delay, size, "calibrate").result(timeout=RESULT_WAIT)
     produce = time.perf_counter() - start
     assert seed == "calibrate" and len(data) == size
     outcomes = {"result": 0, "timeout": 0}
@@ -348,19 +344,19 @@ def test_big_result_at_the_deadline_is_whole_or_a_timeout(make_pool, backend, sc
         # from well before to well after the time the job needs
         limit = delay * rng.uniform(0.9, 1.8)
         big = exe.submit(job, delay, size, i, ProcessTimeout(limit))
-        behind = exe.submit(rj.token_pid, -i)  # queued right behind it
+        behind = exe.submit(jobs.token_pid, -i)  # queued right behind it
         try:
-            seed, data = big.result(timeout=WAIT)
+            seed, data = big.result(timeout=RESULT_WAIT)
         except ProcessTimeoutError:
             outcomes["timeout"] += 1
             limits["timeout"].append(limit)
         else:
             assert seed == i, f"iteration {i}: got the result of job {seed}"
             assert len(data) == size, f"iteration {i}: truncated result, {len(data)} bytes"
-            assert data == rj.pattern(size, i), f"iteration {i}: corrupted result"
+            assert data == jobs.pattern(size, i), f"iteration {i}: corrupted result"
             outcomes["result"] += 1
             limits["result"].append(limit)
-        token, pid = behind.result(timeout=WAIT)
+        token, pid = behind.result(timeout=RESULT_WAIT)
         assert token == -i
         if big.exception(timeout=0) is None:
             assert pid == runner, f"iteration {i}: the runner was replaced after a result"

@@ -53,11 +53,11 @@ from cancelk import (
     ProcessTimeoutError,
 )
 
-import chaos_jobs as cj
-import executor_jobs as jobs
+import jobs
+import procs
+from jobs import GONE
 
 WAIT = 60.0  # a future not done this long after the last submit is a hang
-GONE = 2.0  # seconds the processes of a stopped job get to disappear
 WORKERS = 4
 SUBMITTERS = 4
 WINDOW = 6  # futures in flight per submitting thread
@@ -143,64 +143,65 @@ def make_specs(rng: random.Random, n: int, tmp: str, marker_prefix: str) -> list
     specs = []
     for i in range(n):
         kind = rng.choices(kinds, weights)[0]
-        spec = Spec(i, kind, cj.value, (i,))
+        spec = Spec(i, kind, jobs.value, (i,))
         if kind == "raise":
-            spec.fn = cj.raise_chaos
+            spec.fn = jobs.raise_chaos
         elif kind == "exit":
             spec.expect_code = rng.randrange(1, 120)
-            spec.fn, spec.args = cj.exit_code, (spec.expect_code,)
+            spec.fn, spec.args = jobs.exit_with, (spec.expect_code,)
         elif kind == "segfault":
-            spec.fn, spec.args, spec.expect_signal = cj.segfault, (), signal.SIGSEGV
+            spec.fn, spec.args, spec.expect_signal = jobs.segfault_job, (), signal.SIGSEGV
         elif kind == "self_kill":
-            spec.fn, spec.args, spec.expect_signal = cj.sigkill_self, (), signal.SIGKILL
+            spec.fn, spec.args = jobs.kill_self, (signal.SIGKILL,)
+            spec.expect_signal = signal.SIGKILL
         elif kind == "outside_kill":
-            spec.fn, spec.args, spec.expect_signal = cj.sleep_forever, (), signal.SIGKILL
+            spec.fn, spec.args, spec.expect_signal = jobs.sleep_job, (), signal.SIGKILL
             spec.action, spec.delay = "kill", rng.uniform(0, 0.01)
         elif kind == "timeout":
-            spec.fn = cj.sleep_forever
+            spec.fn = jobs.sleep_job
             spec.args = (ProcessTimeout(rng.uniform(0.0, 0.05)),)
         elif kind == "timeout_race":
             limit = rng.uniform(0.001, 0.01)
             spin = rng.random() < 0.5
-            spec.fn = cj.work
+            spec.fn = jobs.work
             seconds = max(0.0, limit + rng.uniform(-0.002, 0.002))
             spec.args = (seconds, i, spin, ProcessTimeout(limit))
         elif kind == "no_timeout":
-            spec.fn = cj.work
+            spec.fn = jobs.work
             spec.args = (rng.uniform(0, 0.005), i, False, ProcessTimeout(30))
         elif kind in ("cancel_race", "cancel_race_raise"):
             seconds = rng.choice([0, 0.0005, 0.001, 0.002, 0.005])
             if kind == "cancel_race":
-                spec.fn, spec.args = cj.work, (seconds, i, rng.random() < 0.5)
+                spec.fn, spec.args = jobs.work, (seconds, i, rng.random() < 0.5)
             else:
-                spec.fn, spec.args = cj.work_or_raise, (seconds, i)
+                spec.fn, spec.args = jobs.work_or_raise, (seconds, i)
             spec.action, spec.delay = "cancel_running", rng.uniform(0, 0.006)
         elif kind == "cancel_grace_race":
             seconds = rng.uniform(0, 0.02)
             grace = rng.choice([0.001, 0.005, 0.01, 0.03])
-            spec.fn = cj.work
+            spec.fn = jobs.work
             spec.args = (seconds, i, False, ProcessCancelTimeout(grace))
             spec.action, spec.delay = "cancel_running", rng.uniform(0, 0.01)
         elif kind == "cancel_long":
-            spec.fn, spec.args = cj.sleep_forever, ()
+            spec.fn, spec.args = jobs.sleep_job, ()
             spec.action = rng.choice(["cancel", "cancel_running"])
             spec.delay = rng.uniform(0, 0.01)
         elif kind == "cancel_long_grace":
-            spec.fn = cj.sleep_forever
+            spec.fn = jobs.sleep_job
             spec.args = (None, ProcessCancelTimeout(rng.choice([0.0, 0.005, 0.02])))
             spec.action = rng.choice(["cancel", "cancel_running"])
             spec.delay = rng.uniform(0, 0.01)
         elif kind == "cancel_pending":
-            spec.fn, spec.args = cj.work, (0.001, i)
+            spec.fn, spec.args = jobs.work, (0.001, i)
             spec.action, spec.delay = "cancel", 0.0  # at once: usually still queued
         elif kind == "fork_race_cancel":
             # cancelled while it may still be starting its children
-            spec.fn, spec.args = cj.marked_children, (f"{marker_prefix}{i:06d}", 2)
+            spec.fn, spec.args = jobs.marked_children, (f"{marker_prefix}{i:06d}", 2)
             spec.action, spec.delay = "cancel_running", rng.uniform(0, 0.02)
         elif kind.startswith("tree_"):
             spec.path = os.path.join(tmp, f"tree-{i}.json")
             detached = rng.random() < 0.5
-            spec.fn, spec.args = cj.tree, (spec.path, detached)
+            spec.fn, spec.args = jobs.tree, (spec.path, detached)
             if kind == "tree_timeout":
                 spec.args += (ProcessTimeout(1.0),)
             elif kind == "tree_cancel":
@@ -225,7 +226,7 @@ def classify(future: concurrent.futures.Future) -> tuple:
         return ("cancel_error",)
     if isinstance(exc, ProcessDiedError):
         return ("died", exc.exitcode, exc.signal, exc.pid)
-    if isinstance(exc, cj.ChaosError):
+    if isinstance(exc, jobs.ChaosError):
         return ("raised", exc.args)
     return ("other", repr(exc))
 
@@ -388,7 +389,7 @@ class Run:
 
 def run_chaos(seed: int, n: int, method: str, tmp: str):
     rng = random.Random(seed)
-    marker_prefix = f"{int(cj.LONG) - 1}.{random.SystemRandom().randrange(10**6):06d}"
+    marker_prefix = f"{int(jobs.LONG) - 1}.{random.SystemRandom().randrange(10**6):06d}"
     specs = make_specs(rng, n, tmp, marker_prefix)
     pids = PidLog()
     actor = Actor(pids)
@@ -406,11 +407,11 @@ def run_chaos(seed: int, n: int, method: str, tmp: str):
 
         return callback
 
-    factory = jobs.PoolFactory()
+    factory = procs.PoolFactory()
     submit_errors = []
     try:
         exe = factory(WORKERS, mp_context=method)
-        exe.submit(cj.value, 0).result(timeout=WAIT)  # supervisor and runners are up
+        exe.submit(jobs.value, 0).result(timeout=WAIT)  # supervisor and runners are up
 
         def submitter(mine: list[Spec]):
             window = collections.deque()
@@ -454,9 +455,9 @@ def run_chaos(seed: int, n: int, method: str, tmp: str):
         tree_records = []
         for spec in specs:
             if spec.path and os.path.exists(spec.path):
-                tree_records += jobs.read_record(spec.path, wait=0)
-        trees_left = jobs.wait_gone(tree_records, timeout=GONE, zombies_ok=True)
-        jobs.kill_records(tree_records)
+                tree_records += procs.read_record(spec.path, wait=0)
+        trees_left = procs.wait_gone(tree_records, timeout=GONE, zombies_ok=True)
+        procs.kill_records(tree_records)
         # children started by jobs cancelled as they started them: none escaped
         escaped = marked(marker_prefix)
         deadline = time.monotonic() + GONE
@@ -534,10 +535,10 @@ def test_every_future_of_a_chaotic_mix_ends_once_with_an_allowed_outcome(
         )
         # everything the pool ever ran is gone (shutdown returned)
         everything = pids.all() + tree_records
-        left = jobs.wait_gone(everything, timeout=GONE, zombies_ok=True)
+        left = procs.wait_gone(everything, timeout=GONE, zombies_ok=True)
         assert not left, f"{where}: processes left after shutdown: {left}"
     finally:
-        jobs.kill_records(tree_records)
+        procs.kill_records(tree_records)
 
     by_kind = collections.defaultdict(dict)
     for (kind, outcome), count in sorted(counts.items()):

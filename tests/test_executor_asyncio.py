@@ -17,34 +17,21 @@ import pytest
 import cancelk
 from cancelk import ProcessCancelTimeout, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-
-WAIT = jobs.RESULT_WAIT
-GONE = 2.0
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "record.json")
+import jobs
+import procs
+from jobs import RESULT_WAIT, START_METHODS
 
 
 async def read_record(path, wait=15.0):
-    """jobs.read_record without blocking the loop."""
+    """procs.read_record without blocking the loop."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            return jobs.read_record(path, wait=0)
+            return procs.read_record(path, wait=0)
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.005)
-
-
-def assert_gone(records, timeout=GONE):
-    left = jobs.wait_gone(records, timeout=timeout)
-    if left:
-        jobs.kill_records(records)
-    assert not left, f"processes of the stopped job survived: {left}"
 
 
 # -------------------------------------------------------------------------
@@ -83,85 +70,85 @@ def test_gather_many_jobs(make_pool):
 
 
 @pytest.mark.timeout(30)
-def test_cancelling_the_task_kills_the_job(make_pool, backend, path):
+def test_cancelling_the_task_kills_the_job(make_pool, backend, record_path):
     exe = make_pool(1)
 
     async def main():
         loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(loop.run_in_executor(exe, jobs.sleep_job, path))
-        records = await read_record(path)
+        task = asyncio.ensure_future(loop.run_in_executor(exe, jobs.sleep_job, record_path))
+        records = await read_record(record_path)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         return records
 
     records = asyncio.run(main())
-    assert_gone(records)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+    procs.assert_gone(records)
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     assert exe.stats()["cancelled"] == 1
 
 
 @pytest.mark.timeout(30)
-def test_cancelling_a_coroutine_awaiting_the_job_kills_it(make_pool, path):
+def test_cancelling_a_coroutine_awaiting_the_job_kills_it(make_pool, record_path):
     exe = make_pool(1)
 
     async def work():
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(exe, jobs.sleep_job, path)
+        return await loop.run_in_executor(exe, jobs.sleep_job, record_path)
 
     async def main():
         task = asyncio.create_task(work())
-        records = await read_record(path)
+        records = await read_record(record_path)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         return records
 
-    assert_gone(asyncio.run(main()))
+    procs.assert_gone(asyncio.run(main()))
 
 
 @pytest.mark.timeout(30)
-def test_wait_for_kills_the_job(make_pool, backend, path):
+def test_wait_for_kills_the_job(make_pool, backend, record_path):
     exe = make_pool(1)
 
     async def main():
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(loop.run_in_executor(exe, jobs.sleep_job, path), 0.5)
+            await asyncio.wait_for(loop.run_in_executor(exe, jobs.sleep_job, record_path), 0.5)
         return time.monotonic() - start
 
     elapsed = asyncio.run(main())
     assert elapsed < 1.8
-    assert_gone(jobs.read_record(path, wait=0))
+    procs.assert_gone(procs.read_record(record_path, wait=0))
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in Python 3.11")
-def test_asyncio_timeout_kills_the_job(make_pool, path):
+def test_asyncio_timeout_kills_the_job(make_pool, record_path):
     exe = make_pool(1)
 
     async def main():
         loop = asyncio.get_running_loop()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
-                await loop.run_in_executor(exe, jobs.sleep_job, path)
+                await loop.run_in_executor(exe, jobs.sleep_job, record_path)
 
     asyncio.run(main())
-    assert_gone(jobs.read_record(path, wait=0))
+    procs.assert_gone(procs.read_record(record_path, wait=0))
 
 
 @pytest.mark.timeout(30)
-def test_task_cancel_with_grace_lets_the_job_run_then_kills_it(make_pool, path):
+def test_task_cancel_with_grace_lets_the_job_run_then_kills_it(make_pool, record_path):
     grace = 1.0
     exe = make_pool(1)
 
     async def main():
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(
-            loop.run_in_executor(exe, jobs.sleep_job, path, ProcessCancelTimeout(grace))
+            loop.run_in_executor(exe, jobs.sleep_job, record_path, ProcessCancelTimeout(grace))
         )
-        records = await read_record(path)
+        records = await read_record(record_path)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -170,8 +157,8 @@ def test_task_cancel_with_grace_lets_the_job_run_then_kills_it(make_pool, path):
     records = asyncio.run(main())
     cancelled_at = time.monotonic()
     time.sleep(0.2)
-    assert jobs.still_there(records), "the job was killed before its grace ended"
-    assert_gone(records, timeout=grace + 1.5)
+    assert procs.still_there(records), "the job was killed before its grace ended"
+    procs.assert_gone(records, timeout=grace + 1.5)
     assert time.monotonic() - cancelled_at >= grace * 0.9
 
 
@@ -199,7 +186,7 @@ def test_seed_readme_wait_for_example(capsys):
     from cancelk import ProcessPoolExecutor
 
     assert ProcessPoolExecutor is cancelkulture.ProcessPoolExecutor
-    before = jobs.descendants()
+    before = procs.descendants()
 
     async def awork():
         loop = asyncio.get_running_loop()
@@ -216,7 +203,7 @@ def test_seed_readme_wait_for_example(capsys):
     assert time.monotonic() - start < 2.0
     assert "Timed out!" in capsys.readouterr().out
     # the unnamed executor is dropped: its job and processes go away
-    left = jobs.wait_gone(sorted(jobs.descendants() - before), timeout=5)
+    left = procs.wait_gone(sorted(procs.descendants() - before), timeout=5)
     assert not left, left
 
 
@@ -224,7 +211,7 @@ def test_seed_readme_wait_for_example(capsys):
 def test_seed_readme_task_cancel_example(capsys):
     from cancelk import ProcessPoolExecutor
 
-    before = jobs.descendants()
+    before = procs.descendants()
 
     async def awork():
         loop = asyncio.get_running_loop()
@@ -243,12 +230,12 @@ def test_seed_readme_task_cancel_example(capsys):
     asyncio.run(main())
     assert time.monotonic() - start < 2.0
     assert "Cancelled!" in capsys.readouterr().out
-    left = jobs.wait_gone(sorted(jobs.descendants() - before), timeout=5)
+    left = procs.wait_gone(sorted(procs.descendants() - before), timeout=5)
     assert not left, left
 
 
 @pytest.mark.timeout(30)
-def test_seed_readme_partial_and_cancel_timeout_example(path):
+def test_seed_readme_partial_and_cancel_timeout_example(record_path):
     from cancelk import ProcessCancelTimeout, ProcessPoolExecutor
 
     executors = []
@@ -259,13 +246,13 @@ def test_seed_readme_partial_and_cancel_timeout_example(path):
         executors.append(exe)
         return await loop.run_in_executor(
             exe,
-            functools.partial(jobs.sleep_job, path),
+            functools.partial(jobs.sleep_job, record_path),
             ProcessCancelTimeout(0.3),
         )
 
     async def main():
         task = asyncio.create_task(work())
-        records = await read_record(path)
+        records = await read_record(record_path)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -273,7 +260,7 @@ def test_seed_readme_partial_and_cancel_timeout_example(path):
 
     try:
         records = asyncio.run(main())
-        assert_gone(records, timeout=0.3 + 1.5)
+        procs.assert_gone(records, timeout=0.3 + 1.5)
     finally:
         for exe in executors:
             exe.shutdown(wait=True, cancel_futures=True, timeout=5)
@@ -284,7 +271,7 @@ def test_seed_readme_partial_and_cancel_timeout_example(path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_event_loop_is_never_blocked(make_pool, method):
     exe = make_pool(2, mp_context=method)
 
@@ -340,7 +327,7 @@ def test_event_loop_is_never_blocked(make_pool, method):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_killed_jobs_never_call_the_users_signal_handlers(make_pool, backend, method, path):
+def test_killed_jobs_never_call_the_users_signal_handlers(make_pool, backend, method, record_path):
     calls = {"SIGCHLD": 0, "SIGTERM": 0}
 
     def on_signal(name):
@@ -353,8 +340,8 @@ def test_killed_jobs_never_call_the_users_signal_handlers(make_pool, backend, me
         # the pool (and, for fork, its supervisor) starts after the handlers
         exe = make_pool(2, mp_context=method)
         assert await loop.run_in_executor(exe, jobs.add, 1, 1) == 2
-        task = asyncio.ensure_future(loop.run_in_executor(exe, jobs.popen_job, path))
-        records = await read_record(path)
+        task = asyncio.ensure_future(loop.run_in_executor(exe, jobs.popen_job, record_path))
+        records = await read_record(record_path)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -375,4 +362,4 @@ def test_killed_jobs_never_call_the_users_signal_handlers(make_pool, backend, me
 
     records, seen = asyncio.run(main())
     assert seen == {"SIGCHLD": 0, "SIGTERM": 0}, seen
-    assert_gone(records)
+    procs.assert_gone(records)

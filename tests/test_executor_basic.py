@@ -25,10 +25,9 @@ import pytest
 import cancelk
 from cancelk import ProcessCancelTimeout, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-
-START_METHODS = ("fork", "forkserver", "spawn")
-WAIT = jobs.RESULT_WAIT
+import jobs
+import procs
+from jobs import RESULT_WAIT, START_METHODS
 
 
 def module_level_cube(x):
@@ -52,7 +51,7 @@ def test_is_a_stdlib_process_pool_and_futures_are_stdlib_futures(make_pool):
     future = exe.submit(jobs.add, 1, 2)
     assert isinstance(future, concurrent.futures.Future)
     assert isinstance(future, cancelk.Future)
-    assert future.result(timeout=WAIT) == 3
+    assert future.result(timeout=RESULT_WAIT) == 3
     assert issubclass(cancelk.ProcessTimeoutError, concurrent.futures.TimeoutError)
     if sys.version_info >= (3, 11):  # where concurrent.futures.TimeoutError is the builtin
         assert issubclass(cancelk.ProcessTimeoutError, TimeoutError)
@@ -63,8 +62,8 @@ def test_is_a_stdlib_process_pool_and_futures_are_stdlib_futures(make_pool):
 def test_results_and_kwargs_for_every_start_method(make_pool, start_method):
     exe = make_pool(2, mp_context=start_method)
     futures = [exe.submit(jobs.square, i) for i in range(10)]
-    assert [f.result(timeout=WAIT) for f in futures] == [i * i for i in range(10)]
-    got = exe.submit(jobs.echo, 1, "a", key=[2]).result(timeout=WAIT)
+    assert [f.result(timeout=RESULT_WAIT) for f in futures] == [i * i for i in range(10)]
+    got = exe.submit(jobs.echo, 1, "a", key=[2]).result(timeout=RESULT_WAIT)
     assert got == ((1, "a"), {"key": [2]})
 
 
@@ -72,7 +71,7 @@ def test_results_and_kwargs_for_every_start_method(make_pool, start_method):
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_function_from_the_test_module_under_spawn_and_forkserver(make_pool, method):
     exe = make_pool(1, mp_context=method)
-    assert exe.submit(module_level_cube, 3).result(timeout=WAIT) == 27
+    assert exe.submit(module_level_cube, 3).result(timeout=RESULT_WAIT) == 27
 
 
 MAIN_SCRIPT = textwrap.dedent(
@@ -103,7 +102,7 @@ MAIN_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", START_METHODS)
 def test_functions_and_initializer_defined_in_a_scripts_main(tmp_path, method):
-    proc = jobs.run_script(tmp_path, "main_script.py", MAIN_SCRIPT, method)
+    proc = procs.run_script(tmp_path, "main_script.py", MAIN_SCRIPT, method)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(25, 'from-main')", (proc.stdout, proc.stderr)
 
@@ -113,10 +112,10 @@ def test_stdlib_positional_constructor_arguments(make_pool):
     import multiprocessing
 
     exe = make_pool(1, multiprocessing.get_context("fork"), jobs.init_record, ("positional",))
-    info = exe.submit(jobs.init_info).result(timeout=WAIT)
+    info = exe.submit(jobs.init_info).result(timeout=RESULT_WAIT)
     assert info["args"] == ("positional",)
     # fn is positional-only: a keyword argument named fn goes to the function
-    assert exe.submit(jobs.echo, fn=1).result(timeout=WAIT) == ((), {"fn": 1})
+    assert exe.submit(jobs.echo, fn=1).result(timeout=RESULT_WAIT) == ((), {"fn": 1})
     assert list(exe.map(jobs.add, [], [])) == []
     assert list(exe.map(jobs.add, [1, 2, 3], [10, 20])) == [11, 22]  # zip semantics
 
@@ -126,7 +125,7 @@ def test_mp_context_object_is_accepted(make_pool):
     import multiprocessing
 
     exe = make_pool(1, mp_context=multiprocessing.get_context("fork"))
-    assert exe.submit(jobs.add, 2, 3).result(timeout=WAIT) == 5
+    assert exe.submit(jobs.add, 2, 3).result(timeout=RESULT_WAIT) == 5
 
 
 # -------------------------------------------------------------------------
@@ -138,7 +137,7 @@ def test_job_exception_has_its_type_and_remote_traceback(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.raise_job_error, "boom 42")
     with pytest.raises(jobs.JobError, match="boom 42") as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert type(info.value) is jobs.JobError
     cause = info.value.__cause__
     assert cause is not None, "the remote traceback is not attached as __cause__"
@@ -146,9 +145,9 @@ def test_job_exception_has_its_type_and_remote_traceback(make_pool):
     assert "_deep_frame_of_the_job" in text  # a frame only the job's process ran
     assert "raise_job_error" in text
     assert "JobError: boom 42" in text
-    assert isinstance(future.exception(timeout=WAIT), jobs.JobError)
+    assert isinstance(future.exception(timeout=RESULT_WAIT), jobs.JobError)
     # the pool goes on
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
 
 
 @pytest.mark.timeout(30)
@@ -156,9 +155,9 @@ def test_system_exit_in_job_is_that_jobs_exception(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.raise_system_exit, 5)
     with pytest.raises(SystemExit) as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert info.value.code == 5
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
 
 
 @pytest.mark.timeout(30)
@@ -213,15 +212,15 @@ def test_map_timeout_stops_every_job_of_the_map(make_pool, tmp_path):
     exe = make_pool(2)
     paths = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
     results = exe.map(jobs.sleep_job, paths, timeout=1.0)
-    records = [jobs.read_record(p) for p in paths]
+    records = [procs.read_record(p) for p in paths]
     try:
         with pytest.raises(concurrent.futures.TimeoutError):
             next(results)
-        left = jobs.wait_gone([r for rec in records for r in rec], timeout=2.0)
+        left = procs.wait_gone([r for rec in records for r in rec], timeout=2.0)
         assert not left, f"jobs of a timed-out map are still running: {left}"
     finally:
         for rec in records:
-            jobs.kill_records(rec)
+            procs.kill_records(rec)
 
 
 @pytest.mark.timeout(30)
@@ -267,10 +266,10 @@ def test_map_buffersize_validation(make_pool):
     ],
 )
 def test_constructor_validation(kwargs, error):
-    before = jobs.descendants()
+    before = procs.descendants()
     with pytest.raises(error):
         cancelk.ProcessPoolExecutor(**kwargs)
-    assert jobs.descendants() <= before  # nothing was started
+    assert procs.descendants() <= before  # nothing was started
 
 
 @pytest.mark.timeout(30)
@@ -278,13 +277,13 @@ def test_default_max_workers_is_cpu_count(make_pool):
     exe = make_pool()
     expected = getattr(os, "process_cpu_count", os.cpu_count)() or 1
     assert exe._max_workers == expected
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
 
 
 @pytest.mark.timeout(30)
 def test_submit_after_shutdown_raises_runtime_error(make_pool):
     exe = make_pool(1)
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     exe.shutdown(wait=True)
     with pytest.raises(RuntimeError):
         exe.submit(jobs.add, 1, 2)
@@ -355,7 +354,7 @@ def test_seed_readme_result_timeout_is_only_an_alert():
         pid = fut.pid
         assert pid is not None and psutil.pid_exists(pid)
         assert not fut.done()
-        assert fut.result(timeout=WAIT) == pid
+        assert fut.result(timeout=RESULT_WAIT) == pid
         assert not fut.cancelled()
 
 
@@ -376,7 +375,7 @@ def test_markers_are_removed_from_args_and_keyword_values(make_pool):
         grace=ProcessCancelTimeout(1),
         other=3,
     )
-    assert future.result(timeout=WAIT) == ((1, 2), {"other": 3})
+    assert future.result(timeout=RESULT_WAIT) == ((1, 2), {"other": 3})
 
 
 @pytest.mark.timeout(30)
@@ -385,7 +384,7 @@ def test_marker_in_keyword_value_takes_effect(make_pool):
     start = time.monotonic()
     future = exe.submit(jobs.sleep_return, 20, limit=ProcessTimeout(0.2))
     with pytest.raises(ProcessTimeoutError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 1.5
 
 
@@ -394,7 +393,7 @@ def test_markers_inside_partial_are_not_seen(make_pool):
     """Documented: markers in a functools.partial reach the function."""
     exe = make_pool(1)
     marker = ProcessTimeout(0.1)
-    args, kwargs = exe.submit(functools.partial(jobs.echo, marker)).result(timeout=WAIT)
+    args, kwargs = exe.submit(functools.partial(jobs.echo, marker)).result(timeout=RESULT_WAIT)
     assert args == (marker,) and kwargs == {}
 
 
@@ -424,8 +423,8 @@ def test_infinite_and_none_time_limits_mean_no_limit(make_pool):
     exe = make_pool(2, timeout=0.2)
     a = exe.submit(jobs.sleep_return, 0.6, "a", ProcessTimeout(None))
     b = exe.submit(jobs.sleep_return, 0.6, "b", ProcessTimeout(math.inf))
-    assert a.result(timeout=WAIT) == "a"
-    assert b.result(timeout=WAIT) == "b"
+    assert a.result(timeout=RESULT_WAIT) == "a"
+    assert b.result(timeout=RESULT_WAIT) == "b"
 
 
 # -------------------------------------------------------------------------
@@ -438,12 +437,15 @@ def test_executor_wide_timeout_default(make_pool):
     start = time.monotonic()
     slow = exe.submit(jobs.sleep_return, 20)
     fast = exe.submit(jobs.square, 4)
-    assert fast.result(timeout=WAIT) == 16
+    assert fast.result(timeout=RESULT_WAIT) == 16
     with pytest.raises(ProcessTimeoutError):
-        slow.result(timeout=WAIT)
+        slow.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 1.8
     # a marker overrides the default
-    assert exe.submit(jobs.sleep_return, 0.6, "ok", ProcessTimeout(5)).result(timeout=WAIT) == "ok"
+    assert (
+        exe.submit(jobs.sleep_return, 0.6, "ok", ProcessTimeout(5)).result(timeout=RESULT_WAIT)
+        == "ok"
+    )
 
 
 @pytest.mark.timeout(30)
@@ -451,10 +453,10 @@ def test_options_view_with_submit_and_run_in_executor(make_pool):
     exe = make_pool(2)
     view = exe.options(timeout=0.3)
     assert isinstance(view, concurrent.futures.Executor)
-    assert view.submit(jobs.square, 5).result(timeout=WAIT) == 25
+    assert view.submit(jobs.square, 5).result(timeout=RESULT_WAIT) == 25
     start = time.monotonic()
     with pytest.raises(ProcessTimeoutError):
-        view.submit(jobs.sleep_return, 20).result(timeout=WAIT)
+        view.submit(jobs.sleep_return, 20).result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 1.8
 
     async def main():
@@ -466,7 +468,7 @@ def test_options_view_with_submit_and_run_in_executor(make_pool):
 
     assert asyncio.run(main()) < 1.8
     # the executor itself keeps its own defaults: no limit
-    assert exe.submit(jobs.sleep_return, 0.6, "plain").result(timeout=WAIT) == "plain"
+    assert exe.submit(jobs.sleep_return, 0.6, "plain").result(timeout=RESULT_WAIT) == "plain"
     # views share the pool
     assert exe.stats()["timed_out"] == 2
     assert list(view.map(jobs.square, [1, 2, 3])) == [1, 4, 9]
@@ -478,7 +480,7 @@ def test_options_view_of_a_view_and_bad_values(make_pool):
     view = exe.options(timeout=0.2).options(cancel_timeout=2.0)
     future = view.submit(jobs.sleep_return, 20)
     with pytest.raises(ProcessTimeoutError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     with pytest.raises(ValueError):
         exe.options(timeout=-1)
     with pytest.raises(TypeError):
@@ -493,13 +495,13 @@ def test_options_view_of_a_view_and_bad_values(make_pool):
 def test_future_pid_is_the_jobs_pid_while_it_runs(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_pid, 0.8)
-    pid = jobs.wait_running(future)
+    pid = procs.wait_running(future)
     assert psutil.pid_exists(pid)
     assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    assert future.result(timeout=WAIT) == pid  # the job ran in that very process
+    assert future.result(timeout=RESULT_WAIT) == pid  # the job ran in that very process
     assert future.pid is None
     pending = exe.submit(jobs.add, 1, 1)
-    assert pending.result(timeout=WAIT) == 2
+    assert pending.result(timeout=RESULT_WAIT) == 2
     assert pending.pid is None
 
 
@@ -508,16 +510,16 @@ def test_stats_counts(make_pool):
     exe = make_pool(2)
     assert exe.stats()["submitted"] == 0
     for f in [exe.submit(jobs.square, i) for i in range(3)]:
-        f.result(timeout=WAIT)
+        f.result(timeout=RESULT_WAIT)
     timed = exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0.1))
     with pytest.raises(ProcessTimeoutError):
-        timed.result(timeout=WAIT)
+        timed.result(timeout=RESULT_WAIT)
     running = exe.submit(jobs.sleep_return, 20)
-    jobs.wait_running(running)
+    procs.wait_running(running)
     assert running.cancel()
     died = exe.submit(jobs.exit_with, 3)
     with pytest.raises(cancelk.ProcessDiedError):
-        died.result(timeout=WAIT)
+        died.result(timeout=RESULT_WAIT)
     deadline = time.monotonic() + 10
     while exe.stats()["processes_started"] < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -540,7 +542,7 @@ def test_stats_counts(make_pool):
 @pytest.mark.timeout(60)
 def test_initializer_runs_once_per_runner(make_pool, start_method):
     exe = make_pool(2, mp_context=start_method, initializer=jobs.init_record, initargs=("a", 1))
-    infos = [f.result(timeout=WAIT) for f in [exe.submit(jobs.init_info) for _ in range(12)]]
+    infos = [f.result(timeout=RESULT_WAIT) for f in [exe.submit(jobs.init_info) for _ in range(12)]]
     pids = {info["pid"] for info in infos}
     assert 1 <= len(pids) <= 2
     for info in infos:
@@ -558,7 +560,7 @@ def test_max_tasks_per_child_one_gives_a_fresh_process_per_job(make_pool, start_
         initializer=jobs.init_record,
         initargs=("fresh",),
     )
-    infos = [exe.submit(jobs.init_info).result(timeout=WAIT) for _ in range(4)]
+    infos = [exe.submit(jobs.init_info).result(timeout=RESULT_WAIT) for _ in range(4)]
     pids = [info["pid"] for info in infos]
     assert len(set(pids)) == 4, pids
     assert all(info["calls"] == 1 for info in infos), infos
@@ -567,7 +569,7 @@ def test_max_tasks_per_child_one_gives_a_fresh_process_per_job(make_pool, start_
 @pytest.mark.timeout(60)
 def test_max_tasks_per_child_two(make_pool):
     exe = make_pool(1, max_tasks_per_child=2)
-    pids = [exe.submit(jobs.getpid).result(timeout=WAIT) for _ in range(6)]
+    pids = [exe.submit(jobs.getpid).result(timeout=RESULT_WAIT) for _ in range(6)]
     assert pids[0] == pids[1] and pids[2] == pids[3] and pids[4] == pids[5], pids
     assert len(set(pids)) == 3, pids
 
@@ -579,8 +581,8 @@ def test_max_tasks_per_child_two(make_pool):
 @pytest.mark.timeout(30)
 def test_large_argument_to_an_idle_runner(make_pool):
     exe = make_pool(1)
-    assert exe.submit(jobs.add, 0, 0).result(timeout=WAIT) == 0
-    assert exe.submit(jobs.length, b"x" * (8 << 20)).result(timeout=WAIT) == 8 << 20
+    assert exe.submit(jobs.add, 0, 0).result(timeout=RESULT_WAIT) == 0
+    assert exe.submit(jobs.length, b"x" * (8 << 20)).result(timeout=RESULT_WAIT) == 8 << 20
 
 
 @pytest.mark.timeout(30)
@@ -590,7 +592,7 @@ def test_large_argument_to_a_queued_job(make_pool):
     exe = make_pool(1)
     first = exe.submit(jobs.sleep_return, 0.3, "first")
     big = exe.submit(jobs.length, b"x" * (8 << 20))
-    assert first.result(timeout=WAIT) == "first"
+    assert first.result(timeout=RESULT_WAIT) == "first"
     assert big.result(timeout=5) == 8 << 20
 
 
@@ -604,7 +606,7 @@ def test_large_argument_as_first_job_of_a_new_pool(make_pool):
 def test_large_result(make_pool):
     exe = make_pool(1)
     size = 16 << 20
-    assert exe.submit(jobs.big_result, size).result(timeout=WAIT) == jobs.big_result(size)
+    assert exe.submit(jobs.big_bytes, size).result(timeout=RESULT_WAIT) == jobs.big_bytes(size)
 
 
 # -------------------------------------------------------------------------
@@ -615,8 +617,8 @@ def test_large_result(make_pool):
 def test_submit_from_done_callbacks(make_pool):
     exe = make_pool(2)
     results, done = [], threading.Event()
-    jobs.submit_from_callback(exe, [10], results, done)
-    assert done.wait(WAIT)
+    procs.submit_from_callback(exe, [10], results, done)
+    assert done.wait(RESULT_WAIT)
     assert results == list(range(11))
 
 
@@ -644,9 +646,9 @@ def test_concurrent_submit_and_cancel_from_many_threads(make_pool):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(WAIT)
+        t.join(RESULT_WAIT)
     assert len(outcomes) == 240
-    _done, not_done = concurrent.futures.wait([f for _, f in outcomes], timeout=WAIT)
+    _done, not_done = concurrent.futures.wait([f for _, f in outcomes], timeout=RESULT_WAIT)
     assert not not_done, f"{len(not_done)} futures never ended"
     for value, future in outcomes:
         if future.cancelled():
@@ -669,14 +671,14 @@ def test_kills_are_logged_at_info_and_plain_jobs_are_quiet(make_pool, caplog):
     caplog.set_level(logging.DEBUG, logger="cancelk")
     exe = make_pool(1)
     for f in [exe.submit(jobs.add, i, 1) for i in range(100)]:
-        f.result(timeout=WAIT)
+        f.result(timeout=RESULT_WAIT)
     assert not [r for r in caplog.records if r.name.startswith("cancelk")], caplog.text
     running = exe.submit(jobs.sleep_return, 20)
-    pid = jobs.wait_running(running)
+    pid = procs.wait_running(running)
     assert running.cancel()
     with pytest.raises(ProcessTimeoutError):
-        exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0.1)).result(timeout=WAIT)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+        exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0.1)).result(timeout=RESULT_WAIT)
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     infos = [
         r for r in caplog.records if r.name.startswith("cancelk") and r.levelno == logging.INFO
     ]
@@ -693,8 +695,8 @@ def test_spare_runner_imports_the_jobs_module_before_its_first_job(make_pool, me
     exe = make_pool(1, mp_context=method)
     for _ in range(2):  # the first kill makes a spare; the second puts it to work
         running = exe.submit(jobs.sleep_return, 20)
-        jobs.wait_running(running)
+        procs.wait_running(running)
         time.sleep(0.3)  # the spare starts and preloads meanwhile
         assert running.cancel()
     time.sleep(0.3)
-    assert exe.submit(jobs.import_age).result(timeout=WAIT) > 0.2
+    assert exe.submit(jobs.import_age).result(timeout=RESULT_WAIT) > 0.2

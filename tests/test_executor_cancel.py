@@ -26,29 +26,9 @@ from cancelk import (
     ProcessTimeoutError,
 )
 
-import executor_jobs as jobs
-
-WAIT = jobs.RESULT_WAIT
-GONE = 2.0  # a stopped job's processes must be gone this long after the stop
-SLACK = 1.3  # how late a stop may be on a loaded 2-core machine
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "record.json")
-
-
-def assert_gone(records, timeout=GONE):
-    left = jobs.wait_gone(records, timeout=timeout)
-    if left:
-        jobs.kill_records(records)
-    assert not left, f"processes of the stopped job survived: {left}"
-
-
-def assert_pool_works(exe):
-    futures = [exe.submit(jobs.add, i, 1) for i in range(3)]
-    assert [f.result(timeout=WAIT) for f in futures] == [1, 2, 3]
-
+import jobs
+import procs
+from jobs import RESULT_WAIT, SLACK, START_METHODS
 
 # -------------------------------------------------------------------------
 # pending jobs
@@ -63,11 +43,11 @@ def test_cancel_pending_job(make_pool, tmp_path):
     assert pending.cancel() is True
     assert pending.cancelled() and pending.done()
     with pytest.raises(concurrent.futures.CancelledError):
-        pending.result(timeout=WAIT)
+        pending.result(timeout=RESULT_WAIT)
     with pytest.raises(ProcessCancelledError):
-        pending.result(timeout=WAIT)
-    assert blocker.result(timeout=WAIT) == "blocker"
-    assert_pool_works(exe)
+        pending.result(timeout=RESULT_WAIT)
+    assert blocker.result(timeout=RESULT_WAIT) == "blocker"
+    procs.assert_pool_works(exe)
     assert not marker.exists(), "a cancelled pending job ran anyway"
 
 
@@ -80,7 +60,7 @@ def test_cancelled_pending_job_is_seen_by_wait_and_as_completed(make_pool):
     blocker = exe.submit(jobs.sleep_return, 0.3, "blocker")
     pending = exe.submit(jobs.add, 1, 2)
     assert pending.cancel()
-    assert blocker.result(timeout=WAIT) == "blocker"
+    assert blocker.result(timeout=RESULT_WAIT) == "blocker"
     done, not_done = concurrent.futures.wait([pending], timeout=5)
     assert pending in done and not not_done, "wait() never saw the cancelled pending future"
     assert list(concurrent.futures.as_completed([pending], timeout=5)) == [pending]
@@ -91,10 +71,10 @@ def test_cancelled_pending_job_is_seen_by_wait_and_as_completed(make_pool):
 
 
 @pytest.mark.timeout(30)
-def test_cancel_running_job_kills_it_at_once(make_pool, backend, path):
+def test_cancel_running_job_kills_it_at_once(make_pool, backend, record_path):
     exe = make_pool(2)
-    future = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path)
+    records = procs.read_record(record_path)
     pid = records[0][0]
     assert future.pid == pid and future.running()
     called = []
@@ -109,88 +89,88 @@ def test_cancel_running_job_kills_it_at_once(make_pool, backend, path):
     assert isinstance(info.value, concurrent.futures.CancelledError)
     with pytest.raises(ProcessCancelledError):
         future.exception(timeout=0)
-    assert_gone(records)
+    procs.assert_gone(records)
     assert future.cancel() is True  # a second cancel agrees
     assert future.pid is None
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
-def test_cancel_running_job_every_start_method(make_pool, method, path):
+@pytest.mark.parametrize("method", START_METHODS)
+def test_cancel_running_job_every_start_method(make_pool, method, record_path):
     exe = make_pool(1, mp_context=method)
-    future = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path)
+    records = procs.read_record(record_path)
     assert future.cancel()
     with pytest.raises(ProcessCancelledError):
-        future.result(timeout=WAIT)
-    assert_gone(records)
-    assert_pool_works(exe)
+        future.result(timeout=RESULT_WAIT)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["mp_child", "popen"])
-def test_cancel_kills_the_jobs_children(make_pool, backend, kind, path):
+def test_cancel_kills_the_jobs_children(make_pool, backend, kind, record_path):
     job = {"mp_child": jobs.mp_child_job, "popen": jobs.popen_job}[kind]
     exe = make_pool(1)
-    future = exe.submit(job, path)
-    records = jobs.read_record(path)
+    future = exe.submit(job, record_path)
+    records = procs.read_record(record_path)
     assert len(records) >= 2, records
     assert future.cancel()
     assert future.cancelled()
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="child subreaper is Linux-only")
-def test_cancel_kills_grandchild_that_left_the_process_group(make_pool, backend, path):
+def test_cancel_kills_grandchild_that_left_the_process_group(make_pool, backend, record_path):
     exe = make_pool(1)
-    future = exe.submit(jobs.detached_grandchild_job, path)
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.detached_grandchild_job, record_path)
+    records = procs.read_record(record_path)
     assert len(records) == 2, records
     job_pid, grandchild = records[0][0], records[1][0]
     assert os.getsid(grandchild) != os.getsid(job_pid)  # it left the session
     assert os.getpgid(grandchild) != os.getpgid(job_pid)  # and the process group
     assert psutil.Process(grandchild).ppid() == job_pid  # the runner is its subreaper
     assert future.cancel()
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["stdlib", "cancelk"])
-def test_cancel_kills_a_pool_the_job_runs(make_pool, kind, path):
+def test_cancel_kills_a_pool_the_job_runs(make_pool, kind, record_path):
     """A job running a process pool of its own: every process of it goes,
     including a nested cancelk supervisor (its own process group) and what its
     runners started."""
     job = {"stdlib": jobs.nested_stdlib_pool_job, "cancelk": jobs.nested_cancelk_pool_job}[kind]
     exe = make_pool(1)
-    future = exe.submit(job, path)
-    records = jobs.read_record(path)
-    records += [r for i in range(2) for r in jobs.read_record(f"{path}.{i}", wait=0)]
+    future = exe.submit(job, record_path)
+    records = procs.read_record(record_path)
+    records += [r for i in range(2) for r in procs.read_record(f"{record_path}.{i}", wait=0)]
     assert len({pid for pid, _ in records}) >= 5, records
     assert future.cancel()
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_cancel_finished_future_returns_false(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.add, 1, 2)
-    assert future.result(timeout=WAIT) == 3
+    assert future.result(timeout=RESULT_WAIT) == 3
     assert future.cancel() is False
     assert not future.cancelled()
     assert future.result() == 3
 
 
 @pytest.mark.timeout(30)
-def test_wait_and_as_completed_see_a_cancelled_running_future(make_pool, path):
+def test_wait_and_as_completed_see_a_cancelled_running_future(make_pool, record_path):
     exe = make_pool(2)
-    future = exe.submit(jobs.sleep_job, path)
+    future = exe.submit(jobs.sleep_job, record_path)
     other = exe.submit(jobs.sleep_return, 20)
-    records = jobs.read_record(path)
+    records = procs.read_record(record_path)
     seen = {}
 
     def waiter():
@@ -214,14 +194,14 @@ def test_wait_and_as_completed_see_a_cancelled_running_future(make_pool, path):
     assert done == {future}
     assert seen["as_completed"] is future
     assert other.cancel()
-    assert_gone(records)
+    procs.assert_gone(records)
 
 
 @pytest.mark.timeout(30)
-def test_cancel_from_many_threads_at_once(make_pool, path):
+def test_cancel_from_many_threads_at_once(make_pool, record_path):
     exe = make_pool(1)
-    future = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path)
+    records = procs.read_record(record_path)
     barrier = threading.Barrier(8)
     answers = []
 
@@ -236,13 +216,13 @@ def test_cancel_from_many_threads_at_once(make_pool, path):
         t.join(timeout=10)
     assert answers == [True] * 8
     assert future.cancelled()
-    assert_gone(records)
+    procs.assert_gone(records)
     deadline = time.monotonic() + 5
     while exe.stats()["cancelled"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
     assert exe.stats()["cancelled"] == 1  # one kill, not eight
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 # -------------------------------------------------------------------------
@@ -253,52 +233,52 @@ def test_cancel_from_many_threads_at_once(make_pool, path):
 def test_grace_job_finishing_in_time_keeps_its_result(make_pool, backend):
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_pid, 0.4, ProcessCancelTimeout(3.0))
-    pid = jobs.wait_running(future)
+    pid = procs.wait_running(future)
     assert future.cancel() is False
-    assert future.result(timeout=WAIT) == pid
+    assert future.result(timeout=RESULT_WAIT) == pid
     assert not future.cancelled()
     # the runner was not killed: the next job runs in the same process
-    assert exe.submit(jobs.getpid).result(timeout=WAIT) == pid
+    assert exe.submit(jobs.getpid).result(timeout=RESULT_WAIT) == pid
 
 
 @pytest.mark.timeout(30)
 def test_grace_job_raising_in_time_keeps_its_exception(make_pool):
     exe = make_pool(1, cancel_timeout=3.0)  # the executor-wide default grace
     future = exe.submit(jobs.sleep_return, 0.3)
-    jobs.wait_running(future)
+    procs.wait_running(future)
     future2 = exe.submit(jobs.raise_job_error, "late")
     assert future.cancel() is False
-    assert future.result(timeout=WAIT) is None
+    assert future.result(timeout=RESULT_WAIT) is None
     with pytest.raises(jobs.JobError):
-        future2.result(timeout=WAIT)
+        future2.result(timeout=RESULT_WAIT)
 
 
 @pytest.mark.timeout(30)
-def test_grace_expires_then_job_is_killed(make_pool, backend, path):
+def test_grace_expires_then_job_is_killed(make_pool, backend, record_path):
     grace = 0.5
     exe = make_pool(1)
-    future = exe.submit(jobs.sleep_job, path, ProcessCancelTimeout(grace))
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path, ProcessCancelTimeout(grace))
+    records = procs.read_record(record_path)
     start = time.monotonic()
     assert future.cancel() is False  # not decided yet
     assert not future.done()
     assert future.cancel() is False  # a second cancel does not restart the grace
     with pytest.raises(ProcessCancelledError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     elapsed = time.monotonic() - start
     assert grace * 0.9 <= elapsed < grace + 1.5
     assert future.cancelled()
-    assert_gone(records)
-    assert_pool_works(exe)
+    procs.assert_gone(records)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_unlimited_grace_never_kills(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.sleep_return, 0.5, "done", ProcessCancelTimeout(None))
-    jobs.wait_running(future)
+    procs.wait_running(future)
     assert future.cancel() is False
-    assert future.result(timeout=WAIT) == "done"
+    assert future.result(timeout=RESULT_WAIT) == "done"
 
 
 # -------------------------------------------------------------------------
@@ -312,7 +292,7 @@ def test_cancel_races_with_job_end_never_kill_another_job(make_pool, backend):
     reach B; every future ends in exactly one state."""
     rng = random.Random(1234)
     exe = make_pool(1)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     calls = {}
 
     def count(fut):
@@ -331,11 +311,11 @@ def test_cancel_races_with_job_end_never_kill_another_job(make_pool, backend):
         pid_at_cancel = a.pid
         answer = a.cancel()
         log.append((i, a, b, answer, pid_at_cancel))
-        concurrent.futures.wait([b], timeout=WAIT)
+        concurrent.futures.wait([b], timeout=RESULT_WAIT)
     outcome_counts = {}
     for i, a, b, answer, pid_at_cancel in log:
         # B was never cancelled: it must deliver its own result
-        value, _pid = b.result(timeout=WAIT)
+        value, _pid = b.result(timeout=RESULT_WAIT)
         assert value == -i
         assert not b.cancelled()
         if answer:
@@ -372,7 +352,7 @@ def test_cancel_racing_a_job_death_does_not_wedge_the_next_job(make_pool, backen
     exe = make_pool(1)
     for i in range(120):
         first = exe.submit(jobs.exit_with, 3)  # so the next job starts a fresh runner
-        concurrent.futures.wait([first], timeout=WAIT)
+        concurrent.futures.wait([first], timeout=RESULT_WAIT)
         time.sleep(0.002)
         a = exe.submit(jobs.exit_with, 3)
         offset = time.perf_counter() + rng.uniform(0, 0.003)
@@ -410,10 +390,10 @@ def test_deadline_racing_job_end_never_kills_the_next_job(make_pool, backend):
         pairs.append((i, a, b))
     kinds = {}
     for i, a, b in pairs:
-        value, _pid = b.result(timeout=WAIT)
+        value, _pid = b.result(timeout=RESULT_WAIT)
         assert value == -i
         try:
-            value, _pid = a.result(timeout=WAIT)
+            value, _pid = a.result(timeout=RESULT_WAIT)
             assert value == i
             kinds["finished"] = kinds.get("finished", 0) + 1
         except ProcessTimeoutError:
@@ -425,50 +405,48 @@ def test_deadline_racing_job_end_never_kills_the_next_job(make_pool, backend):
 # -------------------------------------------------------------------------
 # time limits (A4)
 
-STOP_JOBS = {"sleep": jobs.sleep_job, "spin": jobs.spin_job, "gil_c": jobs.gil_c_job}
-
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("kind", list(STOP_JOBS))
-def test_time_limit_stops_job(make_pool, backend, kind, path):
+@pytest.mark.parametrize("kind", list(jobs.STOP_JOBS))
+def test_time_limit_stops_job(make_pool, backend, kind, record_path):
     limit = 0.2
     exe = make_pool(1)
-    assert_pool_works(exe)  # the runner is up: the limit counts from the job's start
+    procs.assert_pool_works(exe)  # the runner is up: the limit counts from the job's start
     start = time.monotonic()
-    future = exe.submit(STOP_JOBS[kind], path, ProcessTimeout(limit))
+    future = exe.submit(jobs.STOP_JOBS[kind], record_path, ProcessTimeout(limit))
     with pytest.raises(ProcessTimeoutError, match="time limit") as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     elapsed = time.monotonic() - start
     if sys.version_info >= (3, 11):  # where concurrent.futures.TimeoutError is the builtin
         assert isinstance(info.value, TimeoutError)
     assert isinstance(info.value, concurrent.futures.TimeoutError)
     assert limit * 0.9 <= elapsed < limit + SLACK, elapsed
-    assert_gone(jobs.read_record(path, wait=0))
-    assert_pool_works(exe)
+    procs.assert_gone(procs.read_record(record_path, wait=0))
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
-def test_time_limit_other_start_methods(make_pool, method, path):
+def test_time_limit_other_start_methods(make_pool, method, record_path):
     exe = make_pool(1, mp_context=method)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     start = time.monotonic()
-    future = exe.submit(jobs.gil_c_job, path, ProcessTimeout(0.2))
+    future = exe.submit(jobs.gil_c_job, record_path, ProcessTimeout(0.2))
     with pytest.raises(ProcessTimeoutError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 0.2 + SLACK
-    assert_gone(jobs.read_record(path, wait=0))
+    procs.assert_gone(procs.read_record(record_path, wait=0))
 
 
 @pytest.mark.timeout(60)
-def test_time_limit_kills_the_jobs_tree(make_pool, backend, path):
+def test_time_limit_kills_the_jobs_tree(make_pool, backend, record_path):
     exe = make_pool(1)
-    future = exe.submit(jobs.popen_job, path, 2, ProcessTimeout(1.5))
+    future = exe.submit(jobs.popen_job, record_path, 2, ProcessTimeout(1.5))
     with pytest.raises(ProcessTimeoutError):
-        future.result(timeout=WAIT)
-    records = jobs.read_record(path, wait=0)
+        future.result(timeout=RESULT_WAIT)
+    records = procs.read_record(record_path, wait=0)
     assert len(records) == 3, records
-    assert_gone(records)
+    procs.assert_gone(records)
 
 
 @pytest.mark.timeout(30)
@@ -476,19 +454,19 @@ def test_zero_time_limit_stops_at_once(make_pool):
     exe = make_pool(1)
     start = time.monotonic()
     with pytest.raises(ProcessTimeoutError):
-        exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0)).result(timeout=WAIT)
+        exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0)).result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < SLACK
 
 
 @pytest.mark.timeout(30)
 def test_job_within_its_limit_returns_and_its_runner_lives_on(make_pool, backend):
     exe = make_pool(1)
-    pid = exe.submit(jobs.sleep_pid, 0.05, ProcessTimeout(0.4)).result(timeout=WAIT)
+    pid = exe.submit(jobs.sleep_pid, 0.05, ProcessTimeout(0.4)).result(timeout=RESULT_WAIT)
     # the next job runs while the finished job's deadline passes
     follower = exe.submit(jobs.sleep_pid, 0.8)
-    assert follower.result(timeout=WAIT) == pid
+    assert follower.result(timeout=RESULT_WAIT) == pid
     assert exe.stats()["timed_out"] == 0
-    assert exe.submit(jobs.getpid).result(timeout=WAIT) == pid
+    assert exe.submit(jobs.getpid).result(timeout=RESULT_WAIT) == pid
 
 
 @pytest.mark.timeout(30)
@@ -496,22 +474,22 @@ def test_time_limit_counts_from_the_start_not_the_submit(make_pool, backend):
     exe = make_pool(1)
     first = exe.submit(jobs.sleep_return, 0.7, "first")
     queued = exe.submit(jobs.sleep_return, 0.3, "queued", ProcessTimeout(0.6))
-    assert first.result(timeout=WAIT) == "first"
-    assert queued.result(timeout=WAIT) == "queued"
+    assert first.result(timeout=RESULT_WAIT) == "first"
+    assert queued.result(timeout=RESULT_WAIT) == "queued"
 
 
 @pytest.mark.timeout(30)
-def test_time_limit_and_grace_together(make_pool, path):
+def test_time_limit_and_grace_together(make_pool, record_path):
     """A cancel with a long grace does not stop the time limit."""
     exe = make_pool(1)
-    future = exe.submit(jobs.sleep_job, path, ProcessTimeout(0.6), ProcessCancelTimeout(10))
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.sleep_job, record_path, ProcessTimeout(0.6), ProcessCancelTimeout(10))
+    records = procs.read_record(record_path)
     start = time.monotonic()
     assert future.cancel() is False
     with pytest.raises(ProcessTimeoutError):
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 0.6 + SLACK
-    assert_gone(records)
+    procs.assert_gone(records)
 
 
 @pytest.mark.timeout(60)
@@ -521,21 +499,21 @@ def test_many_time_limits_on_two_runners(make_pool, backend):
     futures += [exe.submit(jobs.square, i) for i in range(10)]
     for f in futures[:10]:
         with pytest.raises(ProcessTimeoutError):
-            f.result(timeout=WAIT)
-    assert [f.result(timeout=WAIT) for f in futures[10:]] == [i * i for i in range(10)]
+            f.result(timeout=RESULT_WAIT)
+    assert [f.result(timeout=RESULT_WAIT) for f in futures[10:]] == [i * i for i in range(10)]
     stats = exe.stats()
     assert stats["timed_out"] == 10 and stats["died"] == 0
 
 
 @pytest.mark.timeout(30)
-def test_cancel_with_pool_of_one_keeps_queue_order(make_pool, path):
+def test_cancel_with_pool_of_one_keeps_queue_order(make_pool, record_path):
     exe = make_pool(1)
-    running = exe.submit(jobs.sleep_job, path)
+    running = exe.submit(jobs.sleep_job, record_path)
     queued = [exe.submit(jobs.add, i, 0) for i in range(5)]
-    records = jobs.read_record(path)
+    records = procs.read_record(record_path)
     assert running.cancel()
-    assert [f.result(timeout=WAIT) for f in queued] == list(range(5))
-    assert_gone(records)
+    assert [f.result(timeout=RESULT_WAIT) for f in queued] == list(range(5))
+    procs.assert_gone(records)
 
 
 @pytest.mark.timeout(10)

@@ -22,25 +22,13 @@ import cancelk
 from cancelk import ProcessDiedError
 from cancelk.errors import ResultPicklingError
 
-import executor_jobs as jobs
+import jobs
+import procs
+from jobs import RESULT_WAIT
 
-WAIT = jobs.RESULT_WAIT
 NEEDS_PROC = pytest.mark.skipif(
     not os.path.isdir("/proc/self/fd"), reason="lists descriptors through /proc/self/fd (Linux)"
 )
-
-
-def assert_pool_works(exe):
-    futures = [exe.submit(jobs.add, i, 1) for i in range(3)]
-    assert [f.result(timeout=WAIT) for f in futures] == [1, 2, 3]
-
-
-def cause_chain(exc):
-    chain = []
-    while exc is not None and exc not in chain:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return chain
 
 
 # -------------------------------------------------------------------------
@@ -51,32 +39,32 @@ def cause_chain(exc):
 def test_job_exit_code(make_pool, backend):
     exe = make_pool(2)
     bystander = exe.submit(jobs.sleep_pid, 1.0)
-    bystander_pid = jobs.wait_running(bystander)
+    bystander_pid = procs.wait_running(bystander)
     future = exe.submit(jobs.exit_with, 3)
     with pytest.raises(ProcessDiedError) as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     err = info.value
     assert err.exitcode == 3 and err.signal is None
     assert err.pid is not None and err.pid != bystander_pid
     assert "exited with code 3" in str(err)
     assert not isinstance(err, BrokenProcessPool)
-    assert bystander.result(timeout=WAIT) == bystander_pid  # untouched
-    assert_pool_works(exe)
+    assert bystander.result(timeout=RESULT_WAIT) == bystander_pid  # untouched
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_job_segfault(make_pool, backend):
     exe = make_pool(2)
     bystander = exe.submit(jobs.sleep_pid, 1.0)
-    bystander_pid = jobs.wait_running(bystander)
+    bystander_pid = procs.wait_running(bystander)
     future = exe.submit(jobs.kill_self, signal.SIGSEGV)
     with pytest.raises(ProcessDiedError) as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert info.value.signal == signal.SIGSEGV
     assert info.value.exitcode is None
     assert "SIGSEGV" in str(info.value)
-    assert bystander.result(timeout=WAIT) == bystander_pid
-    assert_pool_works(exe)
+    assert bystander.result(timeout=RESULT_WAIT) == bystander_pid
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -84,32 +72,32 @@ def test_job_sigkill_from_outside(make_pool, backend, tmp_path):
     path = str(tmp_path / "record.json")
     exe = make_pool(2)
     bystander = exe.submit(jobs.sleep_pid, 1.5)
-    bystander_pid = jobs.wait_running(bystander)
+    bystander_pid = procs.wait_running(bystander)
     future = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
-    pid = jobs.wait_running(future)
+    records = procs.read_record(path)
+    pid = procs.wait_running(future)
     assert pid == records[0][0]
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(ProcessDiedError) as info:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     assert time.monotonic() - start < 1.5
     err = info.value
     assert err.signal == signal.SIGKILL and err.pid == pid
     assert "SIGKILL" in str(err) and "OOM" in str(err)
     assert not future.cancelled()
-    assert not jobs.wait_gone(records)
-    assert bystander.result(timeout=WAIT) == bystander_pid
-    assert_pool_works(exe)
+    assert not procs.wait_gone(records)
+    assert bystander.result(timeout=RESULT_WAIT) == bystander_pid
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_job_sigterm_to_itself(make_pool):
     exe = make_pool(1)
     with pytest.raises(ProcessDiedError) as info:
-        exe.submit(jobs.sigterm_self).result(timeout=WAIT)
+        exe.submit(jobs.sigterm_self).result(timeout=RESULT_WAIT)
     assert info.value.signal == signal.SIGTERM
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(60)
@@ -119,11 +107,11 @@ def test_many_deaths_never_break_the_pool(make_pool, backend):
     dying += [exe.submit(jobs.kill_self, signal.SIGSEGV) for _ in range(5)]
     good = [exe.submit(jobs.square, i) for i in range(10)]
     for f in dying:
-        err = f.exception(timeout=WAIT)
+        err = f.exception(timeout=RESULT_WAIT)
         assert isinstance(err, ProcessDiedError), repr(err)
-    assert [f.result(timeout=WAIT) for f in good] == [i * i for i in range(10)]
+    assert [f.result(timeout=RESULT_WAIT) for f in good] == [i * i for i in range(10)]
     assert exe.stats()["died"] == 20
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
@@ -142,66 +130,66 @@ def test_died_error_pickles(make_pool):
 def test_unpicklable_function(make_pool):
     exe = make_pool(1)
     future = exe.submit(lambda: 1)
-    err = future.exception(timeout=WAIT)
+    err = future.exception(timeout=RESULT_WAIT)
     assert isinstance(err, (pickle.PicklingError, AttributeError, TypeError)), repr(err)
     assert "lambda" in str(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_unpicklable_argument(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.echo, threading.Lock())
-    err = future.exception(timeout=WAIT)
+    err = future.exception(timeout=RESULT_WAIT)
     assert isinstance(err, (pickle.PicklingError, TypeError)), repr(err)
     assert "lock" in str(err)
     future = exe.submit(jobs.echo, key=threading.Lock())
-    assert isinstance(future.exception(timeout=WAIT), (pickle.PicklingError, TypeError))
-    assert_pool_works(exe)
+    assert isinstance(future.exception(timeout=RESULT_WAIT), (pickle.PicklingError, TypeError))
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_argument_that_fails_to_unpickle_in_the_runner(make_pool):
     exe = make_pool(1)
     future = exe.submit(jobs.echo, jobs.Unloadable(1, 2))
-    err = future.exception(timeout=WAIT)
+    err = future.exception(timeout=RESULT_WAIT)
     assert isinstance(err, TypeError), repr(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_unpicklable_result(make_pool):
     exe = make_pool(1)
-    err = exe.submit(jobs.return_lock).exception(timeout=WAIT)
+    err = exe.submit(jobs.return_lock).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
     assert "lock" in str(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_result_that_fails_to_unpickle(make_pool):
     exe = make_pool(1)
-    err = exe.submit(jobs.return_unloadable).exception(timeout=WAIT)
+    err = exe.submit(jobs.return_unloadable).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_unpicklable_exception(make_pool):
     exe = make_pool(1)
-    err = exe.submit(jobs.raise_unpicklable, "held a lock").exception(timeout=WAIT)
+    err = exe.submit(jobs.raise_unpicklable, "held a lock").exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
     assert "UnpicklableError" in str(err) and "held a lock" in str(err)
     assert err.__cause__ is not None and "raise_unpicklable" in str(err.__cause__)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 @pytest.mark.timeout(30)
 def test_exception_that_fails_to_unpickle(make_pool):
     exe = make_pool(1)
-    err = exe.submit(jobs.raise_unloadable).exception(timeout=WAIT)
+    err = exe.submit(jobs.raise_unloadable).exception(timeout=RESULT_WAIT)
     assert isinstance(err, ResultPicklingError), repr(err)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
 
 
 # -------------------------------------------------------------------------
@@ -213,7 +201,7 @@ def test_exception_that_fails_to_unpickle(make_pool):
 def test_initializer_failure_is_the_cause_of_the_jobs_error(make_pool, method):
     exe = make_pool(1, mp_context=method, initializer=jobs.init_fail, initargs=("init boom",))
     future = exe.submit(jobs.add, 1, 2)
-    err = future.exception(timeout=WAIT)
+    err = future.exception(timeout=RESULT_WAIT)
     assert err is not None
     assert isinstance(err.__cause__, jobs.InitError), (repr(err), repr(err.__cause__))
     assert "init boom" in str(err.__cause__)
@@ -224,14 +212,14 @@ def test_initializer_failure_before_any_submit(make_pool):
     """The runners' initializer fails while no job is there; a job submitted
     afterwards still fails with an error caused by the initializer's."""
     exe = make_pool(1, initializer=jobs.init_fail, initargs=("early boom",))
-    exe.submit(jobs.add, 0, 0).exception(timeout=WAIT)  # starts the pool
+    exe.submit(jobs.add, 0, 0).exception(timeout=RESULT_WAIT)  # starts the pool
     time.sleep(0.5)
     try:
         future = exe.submit(jobs.add, 1, 2)
     except BrokenProcessPool as err:
-        chain = cause_chain(err)
+        chain = procs.cause_chain(err)
     else:
-        chain = cause_chain(future.exception(timeout=WAIT))
+        chain = procs.cause_chain(future.exception(timeout=RESULT_WAIT))
     assert any(isinstance(e, jobs.InitError) for e in chain), chain
 
 
@@ -239,7 +227,7 @@ def test_initializer_failure_before_any_submit(make_pool):
 def test_repeated_initializer_failures_break_the_pool_without_hanging(make_pool):
     exe = make_pool(2, initializer=jobs.init_fail, initargs=("always",))
     futures = [exe.submit(jobs.add, i, 0) for i in range(20)]
-    _done, not_done = concurrent.futures.wait(futures, timeout=WAIT)
+    _done, not_done = concurrent.futures.wait(futures, timeout=RESULT_WAIT)
     assert not not_done, f"{len(not_done)} futures hang after initializer failures"
     errors = [f.exception(timeout=0) for f in futures]
     assert all(e is not None for e in errors)
@@ -271,7 +259,7 @@ def test_unpicklable_initializer_fails_cleanly(method):
     attempt may fail (as the stdlib's submit does), but it must not leave
     descriptors or processes behind, not even after shutdown."""
     before_fds = set(os.listdir("/proc/self/fd"))
-    before = jobs.descendants()
+    before = procs.descendants()
     exe = cancelk.ProcessPoolExecutor(1, mp_context=method, initializer=lambda: None)
     try:
         for _ in range(3):
@@ -279,10 +267,10 @@ def test_unpicklable_initializer_fails_cleanly(method):
                 future = exe.submit(jobs.add, 1, 2)
             except (pickle.PicklingError, AttributeError, TypeError):
                 continue
-            assert future.exception(timeout=WAIT) is not None
+            assert future.exception(timeout=RESULT_WAIT) is not None
     finally:
         exe.shutdown(wait=True, cancel_futures=True, timeout=5)
-    assert jobs.descendants() <= before
+    assert procs.descendants() <= before
     grown = set(os.listdir("/proc/self/fd")) - before_fds
     leaked = {}
     for name in grown:
@@ -302,14 +290,14 @@ def test_unpicklable_initializer_fails_cleanly(method):
 def test_supervisor_killed(make_pool, backend, method, tmp_path):
     path = str(tmp_path / "record.json")
     exe = make_pool(2, mp_context=method)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     running = exe.submit(jobs.popen_job, path)
     other = exe.submit(jobs.sleep_return, 30)
-    records = jobs.read_record(path)
-    job_pid = jobs.wait_running(running)
-    jobs.wait_running(other)
-    supervisor = jobs.supervisor_of(job_pid)
-    pool_processes = jobs.snapshot(
+    records = procs.read_record(path)
+    job_pid = procs.wait_running(running)
+    procs.wait_running(other)
+    supervisor = procs.supervisor_of(job_pid)
+    pool_processes = procs.snapshot(
         [supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)]
     )
     queued = [exe.submit(jobs.square, i) for i in range(4)]  # both runners are busy
@@ -323,16 +311,16 @@ def test_supervisor_killed(make_pool, backend, method, tmp_path):
         assert "supervisor" in str(info.value)
         assert str(supervisor.pid) in str(info.value)
     # the old supervisor, its runners and the job's children all die
-    left = jobs.wait_gone(pool_processes + records, timeout=2.0, zombies_ok=True)
+    left = procs.wait_gone(pool_processes + records, timeout=2.0, zombies_ok=True)
     assert not left, left
     # queued jobs and new submits run on a new supervisor
-    assert [f.result(timeout=WAIT) for f in queued] == [i * i for i in range(4)]
-    assert exe.submit(jobs.add, 2, 3).result(timeout=WAIT) == 5
+    assert [f.result(timeout=RESULT_WAIT) for f in queued] == [i * i for i in range(4)]
+    assert exe.submit(jobs.add, 2, 3).result(timeout=RESULT_WAIT) == 5
     assert exe.stats()["died"] == 2
     new_job = exe.submit(jobs.sleep_pid, 0.3)
-    new_supervisor = jobs.supervisor_of(jobs.wait_running(new_job))
+    new_supervisor = procs.supervisor_of(procs.wait_running(new_job))
     assert new_supervisor.pid != supervisor.pid
-    new_job.result(timeout=WAIT)
+    new_job.result(timeout=RESULT_WAIT)
     assert exe.stats()["supervisors_started"] == 2
 
 
@@ -340,18 +328,18 @@ def test_supervisor_killed(make_pool, backend, method, tmp_path):
 def test_supervisor_killed_while_idle(make_pool):
     exe = make_pool(1)
     job = exe.submit(jobs.sleep_pid, 0.3)
-    supervisor = jobs.supervisor_of(jobs.wait_running(job))
-    job.result(timeout=WAIT)
-    old = jobs.snapshot([supervisor.pid])
+    supervisor = procs.supervisor_of(procs.wait_running(job))
+    job.result(timeout=RESULT_WAIT)
+    old = procs.snapshot([supervisor.pid])
     supervisor.kill()  # the pool reaps it: do not wait() for it here
-    assert not jobs.wait_gone(old, timeout=5)
+    assert not procs.wait_gone(old, timeout=5)
     # A job dispatched in the moment between the death and the pool seeing it
     # goes to a dead runner and fails with ProcessDiedError, as a running job
     # would; what is submitted once the pool replaced the supervisor runs.
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + RESULT_WAIT
     while exe.stats()["supervisors_started"] < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert_pool_works(exe)
+    procs.assert_pool_works(exe)
     assert exe.stats()["supervisors_started"] == 2
 
 
@@ -362,9 +350,9 @@ def test_supervisor_death_is_not_blamed_on_the_oom_killer(make_pool):
     OOM killer (cancelk's own clean-up killed the runner)."""
     exe = make_pool(1)
     running = exe.submit(jobs.sleep_return, 30)
-    supervisor = jobs.supervisor_of(jobs.wait_running(running))
+    supervisor = procs.supervisor_of(procs.wait_running(running))
     supervisor.kill()
-    err = running.exception(timeout=WAIT)
+    err = running.exception(timeout=RESULT_WAIT)
     assert isinstance(err, ProcessDiedError)
     assert "supervisor" in str(err)
     assert "OOM" not in str(err), str(err)
@@ -379,8 +367,8 @@ def test_supervisor_and_runners_killed_together(make_pool, method):
     exe = make_pool(2, mp_context=method)
     for round_ in range(5):
         running = [exe.submit(jobs.sleep_return, 30) for _ in range(2)]
-        supervisor = jobs.supervisor_of(jobs.wait_running(running[0]))
-        jobs.wait_running(running[1])
+        supervisor = procs.supervisor_of(procs.wait_running(running[0]))
+        procs.wait_running(running[1])
         runners = supervisor.children()
         supervisor.kill()
         for runner in runners:
@@ -404,10 +392,10 @@ def test_supervisor_killed_takes_detached_grandchildren_too(make_pool, backend, 
     path = str(tmp_path / "record.json")
     exe = make_pool(1)
     running = exe.submit(jobs.detached_grandchild_job, path)
-    records = jobs.read_record(path)
-    supervisor = jobs.supervisor_of(jobs.wait_running(running))
+    records = procs.read_record(path)
+    supervisor = procs.supervisor_of(procs.wait_running(running))
     supervisor.kill()
     assert isinstance(running.exception(timeout=5), ProcessDiedError)
-    left = jobs.wait_gone(records, timeout=2.0, zombies_ok=True)
-    jobs.kill_records(records)
+    left = procs.wait_gone(records, timeout=2.0, zombies_ok=True)
+    procs.kill_records(records)
     assert not left, f"processes of a job lost with its supervisor survive: {left}"

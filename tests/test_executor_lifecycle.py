@@ -22,27 +22,23 @@ import pytest
 import cancelk
 from cancelk import ProcessCancelledError, ProcessTimeout
 
-import executor_jobs as jobs
+import jobs
+import procs
+from jobs import RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
 NEEDS_PROC = pytest.mark.skipif(
     not os.path.isdir("/proc/self/fd"), reason="lists descriptors through /proc/self/fd (Linux)"
 )
-START_METHODS = ("fork", "forkserver", "spawn")
 
 
 def pool_processes(future, expect=1):
     """(pid, create_time) of the supervisor and all its descendants, found
     from a running job of the pool (waiting a little for ``expect`` of them)."""
-    supervisor = jobs.supervisor_of(jobs.wait_running(future))
+    supervisor = procs.supervisor_of(procs.wait_running(future))
     deadline = time.monotonic() + 5
     while len(supervisor.children(recursive=True)) < expect and time.monotonic() < deadline:
         time.sleep(0.005)
-    return jobs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
-
-
-def manager_threads():
-    return [t for t in threading.enumerate() if t.name == "cancelk-manager"]
+    return procs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
 
 
 # -------------------------------------------------------------------------
@@ -55,8 +51,8 @@ def test_shutdown_wait_ends_every_future_and_process(make_pool, method, tmp_path
     exe = make_pool(2, mp_context=method)
     # a finished job that left a detached child behind
     detached_path = str(tmp_path / "detached.json")
-    exe.submit(jobs.leave_detached_child, detached_path).result(timeout=WAIT)
-    detached = jobs.read_record(detached_path, wait=0)
+    exe.submit(jobs.leave_detached_child, detached_path).result(timeout=RESULT_WAIT)
+    detached = procs.read_record(detached_path, wait=0)
     probe = exe.submit(jobs.sleep_return, 0.5, "probe")
     processes = pool_processes(probe, expect=2)
     futures = [exe.submit(jobs.sleep_return, 0.05, i) for i in range(10)]
@@ -64,9 +60,9 @@ def test_shutdown_wait_ends_every_future_and_process(make_pool, method, tmp_path
     exe.shutdown(wait=True)
     assert all(f.done() for f in [probe, *futures])
     assert [f.result(timeout=0) for f in futures] == list(range(10))
-    left = jobs.still_there(processes + detached)  # at once: no waiting
+    left = procs.still_there(processes + detached)  # at once: no waiting
     if left:
-        jobs.kill_records(processes + detached)
+        procs.kill_records(processes + detached)
     assert not left, f"shutdown(wait=True) returned while pool processes remain: {left}"
 
 
@@ -74,7 +70,7 @@ def test_shutdown_wait_ends_every_future_and_process(make_pool, method, tmp_path
 def test_shutdown_cancel_futures_with_100_queued_jobs(make_pool):
     exe = make_pool(1)
     running = exe.submit(jobs.sleep_return, 0.5, "running")
-    jobs.wait_running(running)
+    procs.wait_running(running)
     queued = [exe.submit(jobs.add, i, 0) for i in range(100)]
     start = time.monotonic()
     exe.shutdown(wait=True, cancel_futures=True)
@@ -94,7 +90,7 @@ def test_shutdown_timeout_kills_what_still_runs(make_pool, tmp_path):
     path = str(tmp_path / "record.json")
     exe = make_pool(1)
     running = exe.submit(jobs.sleep_job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     queued = [exe.submit(jobs.add, i, 0) for i in range(5)]
     processes = pool_processes(running)
     start = time.monotonic()
@@ -104,9 +100,9 @@ def test_shutdown_timeout_kills_what_still_runs(make_pool, tmp_path):
     with pytest.raises(ProcessCancelledError):
         running.result(timeout=0)
     assert all(f.cancelled() for f in queued)
-    left = jobs.still_there(processes + records)
+    left = procs.still_there(processes + records)
     if left:
-        jobs.kill_records(processes + records)
+        procs.kill_records(processes + records)
     assert not left, left
 
 
@@ -130,24 +126,24 @@ def test_shutdown_without_wait(make_pool):
     assert time.monotonic() - start < 1.0
     with pytest.raises(RuntimeError):
         exe.submit(jobs.add, 1, 1)
-    assert future.result(timeout=WAIT) == "finished anyway"
-    assert not jobs.wait_gone(processes, timeout=5)
+    assert future.result(timeout=RESULT_WAIT) == "finished anyway"
+    assert not procs.wait_gone(processes, timeout=5)
 
 
 @pytest.mark.timeout(30)
 def test_shutdown_twice_and_unused_pool():
-    before = jobs.descendants()
+    before = procs.descendants()
     exe = cancelk.ProcessPoolExecutor(2)
     exe.shutdown(wait=True)
     exe.shutdown(wait=True, cancel_futures=True, timeout=1)
-    assert jobs.descendants() <= before  # an unused pool never started a process
+    assert procs.descendants() <= before  # an unused pool never started a process
     used = cancelk.ProcessPoolExecutor(1)
-    assert used.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert used.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     used.shutdown(wait=True)
     used.shutdown(wait=True)
     cancelk.ProcessPoolExecutor(1).terminate_workers()
     cancelk.ProcessPoolExecutor(1).kill_workers()
-    assert jobs.descendants() <= before
+    assert procs.descendants() <= before
 
 
 @pytest.mark.timeout(30)
@@ -156,7 +152,7 @@ def test_terminate_and_kill_workers(make_pool, how, tmp_path):
     path = str(tmp_path / "record.json")
     exe = make_pool(2)
     running = exe.submit(jobs.popen_job, path)
-    records = jobs.read_record(path)
+    records = procs.read_record(path)
     processes = pool_processes(running, expect=2)
     other = exe.submit(jobs.sleep_return, 20)
     queued = [exe.submit(jobs.add, i, 0) for i in range(5)]
@@ -169,7 +165,7 @@ def test_terminate_and_kill_workers(make_pool, how, tmp_path):
     assert all(f.cancelled() for f in queued)
     with pytest.raises(RuntimeError):
         exe.submit(jobs.add, 1, 1)
-    left = jobs.wait_gone(processes + records, timeout=2)
+    left = procs.wait_gone(processes + records, timeout=2)
     assert not left, left
     exe.shutdown(wait=True)
 
@@ -180,7 +176,7 @@ def test_context_manager(tmp_path):
         futures = [exe.submit(jobs.sleep_return, 0.2, i) for i in range(4)]
         processes = pool_processes(futures[0], expect=2)
     assert [f.result(timeout=0) for f in futures] == list(range(4))
-    assert not jobs.still_there(processes)
+    assert not procs.still_there(processes)
     with pytest.raises(RuntimeError):
         exe.submit(jobs.add, 1, 1)
 
@@ -196,19 +192,19 @@ def test_context_manager_exit_by_exception_waits_for_jobs():
 
 @pytest.mark.timeout(30)
 def test_dropped_executor_goes_away():
-    threads_before = len(manager_threads())
+    threads_before = len(procs.manager_threads())
     exe = cancelk.ProcessPoolExecutor(2)
     probe = exe.submit(jobs.sleep_return, 0.2, "probe")
     processes = pool_processes(probe, expect=2)
-    assert probe.result(timeout=WAIT) == "probe"
+    assert probe.result(timeout=RESULT_WAIT) == "probe"
     del exe, probe
     gc.collect()
-    left = jobs.wait_gone(processes, timeout=5)
+    left = procs.wait_gone(processes, timeout=5)
     assert not left, f"a dropped executor left its processes: {left}"
     deadline = time.monotonic() + 5
-    while len(manager_threads()) > threads_before and time.monotonic() < deadline:
+    while len(procs.manager_threads()) > threads_before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(manager_threads()) == threads_before
+    assert len(procs.manager_threads()) == threads_before
 
 
 # -------------------------------------------------------------------------
@@ -241,7 +237,7 @@ EXIT_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("method", START_METHODS)
 def test_interpreter_exit_with_a_running_job(tmp_path, method):
     start = time.monotonic()
-    proc = jobs.run_script(tmp_path, "exit_script.py", EXIT_SCRIPT, method, timeout=30)
+    proc = procs.run_script(tmp_path, "exit_script.py", EXIT_SCRIPT, method, timeout=30)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert elapsed < 10, elapsed
@@ -250,7 +246,7 @@ def test_interpreter_exit_with_a_running_job(tmp_path, method):
     records = [tuple(r) for r in json.loads(lines[0])]
     assert len(records) >= 3, records  # supervisor and two runners
     assert "job done None" in lines, proc.stdout  # the job ran to its end
-    left = jobs.wait_gone(records, timeout=2, zombies_ok=True)
+    left = procs.wait_gone(records, timeout=2, zombies_ok=True)
     assert not left, left
 
 
@@ -284,7 +280,7 @@ KILLED_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_user_process_sigkilled_takes_every_pool_process_with_it(tmp_path, backend, method):
-    proc = jobs.start_script(tmp_path, "killed_script.py", KILLED_SCRIPT, method)
+    proc = procs.start_script(tmp_path, "killed_script.py", KILLED_SCRIPT, method)
     records = []
     try:
         line = proc.stdout.readline()
@@ -294,7 +290,7 @@ def test_user_process_sigkilled_takes_every_pool_process_with_it(tmp_path, backe
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         start = time.monotonic()
-        left = jobs.wait_gone(records, timeout=5, zombies_ok=True)
+        left = procs.wait_gone(records, timeout=5, zombies_ok=True)
         elapsed = time.monotonic() - start
         print(
             f"[{method}/{backend}] all {len(records)} pool processes gone {elapsed * 1000:.1f} ms "
@@ -303,8 +299,8 @@ def test_user_process_sigkilled_takes_every_pool_process_with_it(tmp_path, backe
         assert not left, left
         assert elapsed < 1.0, f"pool processes outlived the user process by {elapsed:.2f} s"
     finally:
-        jobs.stop_process(proc)
-        jobs.kill_records(records)
+        procs.stop_process(proc)
+        procs.kill_records(records)
 
 
 # -------------------------------------------------------------------------
@@ -320,10 +316,10 @@ def test_pool_inside_a_daemonic_process(context):
     process.start()
     child_conn.close()
     try:
-        assert parent_conn.poll(WAIT), "the daemonic process never reported"
+        assert parent_conn.poll(RESULT_WAIT), "the daemonic process never reported"
         report = parent_conn.recv()
     finally:
-        process.join(WAIT)
+        process.join(RESULT_WAIT)
         if process.is_alive():
             process.kill()
             process.join()
@@ -352,21 +348,21 @@ def _child_uses_parent_pool(exe, conn):
 @pytest.mark.timeout(30)
 def test_forked_child_cannot_use_the_parents_pool_and_does_not_disturb_it(make_pool):
     exe = make_pool(2)
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     long_job = exe.submit(jobs.sleep_return, 0.5, "parent job")
     ctx = multiprocessing.get_context("fork")
     parent_conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=_child_uses_parent_pool, args=(exe, child_conn))
     child.start()
     child_conn.close()
-    assert parent_conn.poll(WAIT)
+    assert parent_conn.poll(RESULT_WAIT)
     answer = parent_conn.recv()
-    child.join(WAIT)
+    child.join(RESULT_WAIT)
     parent_conn.close()
     assert answer.startswith("RuntimeError"), answer
     assert child.exitcode == 0
-    assert long_job.result(timeout=WAIT) == "parent job"
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert long_job.result(timeout=RESULT_WAIT) == "parent job"
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
 
 
 FORK_CHILD_SCRIPT = textwrap.dedent(
@@ -398,7 +394,7 @@ FORK_CHILD_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_forked_child_exiting_normally_leaves_the_parents_pool_alone(tmp_path, method):
-    proc = jobs.run_script(tmp_path, "fork_child_script.py", FORK_CHILD_SCRIPT, method)
+    proc = procs.run_script(tmp_path, "fork_child_script.py", FORK_CHILD_SCRIPT, method)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["child: RuntimeError", "child exit 0", "parent 5"], (
         proc.stdout,
@@ -418,12 +414,12 @@ def test_pool_descriptors_are_not_inherited_by_exec(make_pool):
     not hold a runner's channel open."""
     before = set(os.listdir("/proc/self/fd"))
     exe = make_pool(2)
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     # runners replaced after a kill hand over new channels too
     victim = exe.submit(jobs.sleep_return, 20)
-    jobs.wait_running(victim)
+    procs.wait_running(victim)
     assert victim.cancel()
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
     time.sleep(0.2)
     inheritable = []
     for name in set(os.listdir("/proc/self/fd")) - before:
@@ -450,7 +446,7 @@ def test_descriptors_threads_and_processes_do_not_grow_with_jobs(make_pool):
             f.cancel()
         # (only running futures: a cancelled pending one is never reported to
         # wait(), see test_cancelled_pending_job_is_seen_by_wait_and_as_completed)
-        concurrent.futures.wait(futures + victims, timeout=WAIT)
+        concurrent.futures.wait(futures + victims, timeout=RESULT_WAIT)
         assert all(f.cancelled() for f in cancelled)
         assert [f.result(timeout=0) for f in futures] == [i + 1 for i in range(200)]
         time.sleep(0.2)  # replacement runners are in
@@ -458,12 +454,12 @@ def test_descriptors_threads_and_processes_do_not_grow_with_jobs(make_pool):
     batch()
     fds = len(os.listdir("/proc/self/fd"))
     threads = threading.active_count()
-    procs = len(psutil.Process().children(recursive=True))
+    processes = len(psutil.Process().children(recursive=True))
     for _ in range(3):
         batch()
     assert len(os.listdir("/proc/self/fd")) <= fds
     assert threading.active_count() <= threads
-    assert len(psutil.Process().children(recursive=True)) <= procs
+    assert len(psutil.Process().children(recursive=True)) <= processes
 
 
 @pytest.mark.timeout(120)
@@ -475,11 +471,11 @@ def test_supervisor_memory_does_not_grow_with_time_limited_jobs(make_pool):
     def run(count):
         for _ in range(count // 1000):
             futures = [exe.submit(jobs.add, i, 0) for i in range(1000)]
-            concurrent.futures.wait(futures, timeout=WAIT)
+            concurrent.futures.wait(futures, timeout=RESULT_WAIT)
 
     probe = exe.submit(jobs.sleep_return, 0.2)
-    supervisor = jobs.supervisor_of(jobs.wait_running(probe))
-    probe.result(timeout=WAIT)
+    supervisor = procs.supervisor_of(procs.wait_running(probe))
+    probe.result(timeout=RESULT_WAIT)
     run(3000)
     rss_before = supervisor.memory_info().rss
     run(36000)

@@ -26,7 +26,6 @@ import concurrent.futures
 import random
 import time
 
-import psutil
 import pytest
 
 from cancelk import (
@@ -37,25 +36,14 @@ from cancelk import (
     ProcessTimeoutError,
 )
 
-import executor_jobs as jobs
-import race_jobs as rj
-
-WAIT = jobs.RESULT_WAIT
+import jobs
+import procs
+from jobs import RESULT_WAIT
 
 
 def spin_until(moment):
     while time.perf_counter() < moment:
         pass
-
-
-def wait_pid_gone(pid, timeout=2.0):
-    """True once ``pid`` is reaped (a zombie still counts as there)."""
-    deadline = time.monotonic() + timeout
-    while psutil.pid_exists(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def settled_stats(exe, **expected):
@@ -72,7 +60,7 @@ def settled_stats(exe, **expected):
 def check_bystander(future, token):
     """A job nobody targeted: it must hold its own token."""
     try:
-        value = future.result(timeout=WAIT)
+        value = future.result(timeout=RESULT_WAIT)
     except BaseException as why:  # report which job was hit and how
         raise AssertionError(f"bystander {token} was stopped: {why!r}") from why
     assert value[0] == token, f"bystander {token} got another job's result {value[0]}"
@@ -82,7 +70,7 @@ def check_bystander(future, token):
 def target_outcome(future, token, allowed):
     """'won' (the job's own token) or 'killed' (one of ``allowed``)."""
     try:
-        value = future.result(timeout=WAIT)
+        value = future.result(timeout=RESULT_WAIT)
     except allowed:
         return "killed", None
     except ProcessDiedError as why:
@@ -103,9 +91,11 @@ def _cancel_races(exe, workers, iterations, rng, grace):
         delay = rng.uniform(0, 0.003)
         markers = (ProcessCancelTimeout(grace(length - delay)),) if grace else ()
         start = time.perf_counter()
-        target = exe.submit(rj.token_spin, f"T{i}", length, 0, *markers)
-        beside = exe.submit(rj.token_spin, f"B{i}", rng.uniform(0, 0.003)) if workers > 1 else None
-        after = exe.submit(rj.token_spin, f"S{i}", 0.0005)
+        target = exe.submit(jobs.token_spin, f"T{i}", length, 0, *markers)
+        beside = (
+            exe.submit(jobs.token_spin, f"B{i}", rng.uniform(0, 0.003)) if workers > 1 else None
+        )
+        after = exe.submit(jobs.token_spin, f"S{i}", 0.0005)
         spin_until(start + delay)
         pid = target.pid
         answer = target.cancel()
@@ -129,7 +119,7 @@ def _cancel_races(exe, workers, iterations, rng, grace):
                 f"iteration {i}: the target won, yet its runner {ran_on} was replaced "
                 f"by {successor_pid}"
             )
-    left = [pid for pid in kill_pids if not wait_pid_gone(pid)]
+    left = [pid for pid in kill_pids if not procs.wait_pid_gone(pid)]
     assert not left, f"killed targets' processes still there: {left}"
     return counts
 
@@ -141,8 +131,8 @@ def test_cancel_at_random_offsets_never_stops_another_job(make_pool, backend, wo
     iterations = scale(150, 15000)
     rng = random.Random(f"i1-cancel-{backend}-{workers}")
     exe = make_pool(workers)
-    for f in [exe.submit(rj.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
-        f.result(timeout=WAIT)
+    for f in [exe.submit(jobs.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
+        f.result(timeout=RESULT_WAIT)
     start = time.monotonic()
     counts = _cancel_races(exe, workers, iterations, rng, grace=None)
     elapsed = time.monotonic() - start
@@ -167,7 +157,7 @@ def test_grace_expiring_at_job_end_never_stops_another_job(make_pool, backend, s
     iterations = scale(100, 10000)
     rng = random.Random(f"i1-grace-{backend}")
     exe = make_pool(1)
-    exe.submit(rj.token_spin, "W", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "W", 0).result(timeout=RESULT_WAIT)
 
     def grace(remaining):
         return max(0.0, remaining + rng.uniform(-0.001, 0.001))
@@ -197,8 +187,8 @@ def test_deadline_at_job_end_never_stops_another_job(make_pool, backend, workers
     pairs = scale(120, 12000)
     rng = random.Random(f"i1-deadline-{backend}-{workers}")
     exe = make_pool(workers)
-    for f in [exe.submit(rj.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
-        f.result(timeout=WAIT)
+    for f in [exe.submit(jobs.token_spin, f"W{i}", 0) for i in range(workers * 2)]:
+        f.result(timeout=RESULT_WAIT)
     submitted = []
     start = time.monotonic()
     batch = 20
@@ -209,8 +199,8 @@ def test_deadline_at_job_end_never_stops_another_job(make_pool, backend, workers
             limit = rng.choice([0.001, 0.002, 0.003])
             length = max(0.0, limit + rng.uniform(-0.0015, 0.0015))
             size = rng.choice([0, 0, 400_000])  # larger than the channel's buffer
-            target = exe.submit(rj.token_spin, f"T{i}", length, size, ProcessTimeout(limit))
-            after = exe.submit(rj.token_spin, f"S{i}", rng.uniform(0, 0.002))
+            target = exe.submit(jobs.token_spin, f"T{i}", length, size, ProcessTimeout(limit))
+            after = exe.submit(jobs.token_spin, f"S{i}", rng.uniform(0, 0.002))
             submitted.append((i, size, target, after))
         for i, size, target, after in submitted:
             check_bystander(after, f"S{i}")
@@ -242,7 +232,7 @@ def test_cancel_and_deadline_racing_each_other_settle_once(make_pool, backend, s
     iterations = scale(100, 10000)
     rng = random.Random(f"i1-both-{backend}")
     exe = make_pool(1)
-    exe.submit(rj.token_spin, "W", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "W", 0).result(timeout=RESULT_WAIT)
     counts = {"won": 0, "cancelled": 0, "timed_out": 0}
     calls = {}
 
@@ -254,14 +244,14 @@ def test_cancel_and_deadline_racing_each_other_settle_once(make_pool, backend, s
         limit = rng.uniform(0.0005, 0.003)
         length = rng.uniform(0, 0.003)
         start = time.perf_counter()
-        target = exe.submit(rj.token_spin, f"T{i}", length, 0, ProcessTimeout(limit))
+        target = exe.submit(jobs.token_spin, f"T{i}", length, 0, ProcessTimeout(limit))
         target.add_done_callback(count)
-        after = exe.submit(rj.token_spin, f"S{i}", 0.0005)
+        after = exe.submit(jobs.token_spin, f"S{i}", 0.0005)
         after.add_done_callback(count)
         spin_until(start + limit + rng.uniform(-0.0005, 0.0005))
         answer = target.cancel()
         try:
-            value = target.result(timeout=WAIT)
+            value = target.result(timeout=RESULT_WAIT)
         except ProcessCancelledError:
             counts["cancelled"] += 1
             assert answer, f"iteration {i}: cancel() said False, the future was cancelled"
@@ -276,7 +266,7 @@ def test_cancel_and_deadline_racing_each_other_settle_once(make_pool, backend, s
             counts["won"] += 1
         check_bystander(after, f"S{i}")
         futures += [target, after]
-    concurrent.futures.wait(futures, timeout=WAIT)
+    concurrent.futures.wait(futures, timeout=RESULT_WAIT)
     # callbacks run just after waiters wake, in the manager thread (maybe descheduled)
     deadline = time.monotonic() + 5
     while any(id(f) not in calls for f in futures) and time.monotonic() < deadline:

@@ -33,10 +33,10 @@ import pytest
 
 from cancelk import ProcessCancelledError, ProcessDiedError, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-import race_jobs as rj
+import jobs
+import procs
+from jobs import RESULT_WAIT
 
-WAIT = jobs.RESULT_WAIT
 KINDS = ("cancel", "timeout", "sigkill", "exit", "normal")
 
 
@@ -107,7 +107,7 @@ def present(known: dict[int, float], but: int) -> list[str]:
     for pid, created in known.items():
         if pid == but:
             continue
-        proc = jobs.same_process(pid, created)
+        proc = procs.same_process(pid, created)
         if proc is None:
             continue
         try:
@@ -139,9 +139,9 @@ def check_log(path: str, workers: int) -> int:
 
 def start_pool(make_pool, workers, **kwargs):
     exe = make_pool(workers, **kwargs)
-    probe = exe.submit(rj.token_sleep, "probe", 0.05)
-    supervisor = jobs.supervisor_of(jobs.wait_running(probe))
-    probe.result(timeout=WAIT)
+    probe = exe.submit(jobs.token_sleep, "probe", 0.05)
+    supervisor = procs.supervisor_of(procs.wait_running(probe))
+    probe.result(timeout=RESULT_WAIT)
     return exe, supervisor
 
 
@@ -165,10 +165,10 @@ def test_killed_runners_slot_is_refilled_only_after_the_old_runner_is_reaped(
             futures = []
             for kind in kinds:
                 markers = (ProcessTimeout(rng.uniform(0.002, 0.02)),) if kind == "timeout" else ()
-                futures.append(exe.submit(rj.log_then, path, kind, *markers))
+                futures.append(exe.submit(jobs.log_then, path, kind, *markers))
             for kind, future in zip(kinds, futures):
                 if kind in ("cancel", "sigkill"):
-                    pid = jobs.wait_running(future)
+                    pid = procs.wait_running(future)
                     others = present(known, pid)
                     worst_present = max(worst_present, len(others))
                     assert len(others) <= workers - 1, (
@@ -183,7 +183,7 @@ def test_killed_runners_slot_is_refilled_only_after_the_old_runner_is_reaped(
                         os.kill(pid, signal.SIGKILL)
             for kind, future in zip(kinds, futures):
                 try:
-                    pid = future.result(timeout=WAIT)
+                    pid = future.result(timeout=RESULT_WAIT)
                 except ProcessCancelledError:
                     assert kind == "cancel", kind
                 except ProcessTimeoutError:
@@ -222,8 +222,8 @@ def test_max_tasks_per_child_one_reuses_a_slot_only_after_reaping(
     path = str(tmp_path / "runners.log")
     exe, supervisor = start_pool(make_pool, workers, max_tasks_per_child=1)
     with Sampler(supervisor) as sampler:
-        futures = [exe.submit(rj.log_predecessors, path) for _ in range(count)]
-        pids = [f.result(timeout=WAIT) for f in futures]
+        futures = [exe.submit(jobs.log_predecessors, path) for _ in range(count)]
+        pids = [f.result(timeout=RESULT_WAIT) for f in futures]
         zombies, _live = sampler.settle()
     assert len(set(pids)) == count, "a runner ran more than max_tasks_per_child jobs"
     started = check_log(path, workers)

@@ -35,10 +35,9 @@ import pytest
 
 from cancelk import ProcessCancelledError, ProcessTimeout
 
-import executor_jobs as jobs
-import race_jobs as rj
-
-WAIT = jobs.RESULT_WAIT
+import jobs
+import procs
+from jobs import RESULT_WAIT
 
 
 class Ledger:
@@ -106,7 +105,7 @@ EXPECTED = {
 
 def submit_kind(exe, kind, token, rng):
     markers = (ProcessTimeout(rng.uniform(0.001, 0.02)),) if kind == "timeout" else ()
-    return exe.submit(rj.outcome_job, kind, token, *markers)
+    return exe.submit(jobs.outcome_job, kind, token, *markers)
 
 
 def check_outcome(future, kind, token, also=()):
@@ -154,7 +153,7 @@ def test_shutdown_while_threads_submit_ends_every_future_once(make_pool, method,
     worst_shutdown = 0.0
     for r in range(rounds):
         exe = make_pool(2, mp_context=method)
-        exe.submit(rj.outcome_job, "result", "warm").result(timeout=WAIT)
+        exe.submit(jobs.outcome_job, "result", "warm").result(timeout=RESULT_WAIT)
         ledger = Ledger()
         refused = []
         barrier = threading.Barrier(5)
@@ -186,7 +185,7 @@ def test_shutdown_while_threads_submit_ends_every_future_once(make_pool, method,
         for name, n in ledger.outcomes().items():
             totals[name] = totals.get(name, 0) + n
         with pytest.raises(RuntimeError):
-            exe.submit(rj.outcome_job, "result", "after")
+            exe.submit(jobs.outcome_job, "result", "after")
     print(
         f"I3 shutdown while submitting [{method}]: {rounds} rounds, outcomes {totals}, "
         f"{late} late submits refused, worst shutdown {worst_shutdown * 1e3:.0f} ms"
@@ -223,7 +222,7 @@ def test_submit_from_many_threads_every_outcome_once(make_pool, backend, scale):
                     future.cancel()  # most likely still queued
             for future, kind in mine:
                 if kind == "cancel" and not future.done():
-                    jobs.wait_running(future)
+                    procs.wait_running(future)
                     assert future.cancel()
         except BaseException as why:  # reported by the main thread
             errors.append(why)
@@ -233,10 +232,12 @@ def test_submit_from_many_threads_every_outcome_once(make_pool, backend, scale):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(WAIT * 2)
+        t.join(RESULT_WAIT * 2)
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors
-    _done, not_done = concurrent.futures.wait([f for f, _, _ in ledger.entries], timeout=WAIT)
+    _done, not_done = concurrent.futures.wait(
+        [f for f, _, _ in ledger.entries], timeout=RESULT_WAIT
+    )
     assert not not_done, f"{len(not_done)} futures never ended"
     elapsed = time.monotonic() - start
     ledger.check_once()
@@ -262,7 +263,7 @@ def test_cancel_from_many_threads_on_one_future_gives_one_answer(make_pool, back
     iterations = scale(60, 6000)
     rng = random.Random(f"i3-cancels-{backend}")
     exe = make_pool(1)
-    exe.submit(rj.token_spin, "warm", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "warm", 0).result(timeout=RESULT_WAIT)
     ledger = Ledger()
     workers = 6
     go = threading.Barrier(workers + 1)
@@ -290,7 +291,7 @@ def test_cancel_from_many_threads_on_one_future_gives_one_answer(make_pool, back
     try:
         for i in range(iterations):
             length = rng.uniform(0, 0.003)
-            future = exe.submit(rj.token_spin, f"T{i}", length)
+            future = exe.submit(jobs.token_spin, f"T{i}", length)
             ledger.add(future, "spin", f"T{i}")
             target_box[0] = future
             for n in range(workers):
@@ -298,7 +299,7 @@ def test_cancel_from_many_threads_on_one_future_gives_one_answer(make_pool, back
             go.wait()  # start
             go.wait()  # all answered
             got = list(answers)
-            concurrent.futures.wait([future], timeout=WAIT)
+            concurrent.futures.wait([future], timeout=RESULT_WAIT)
             if future.cancelled():
                 counts["cancelled"] += 1
                 if not all(got):
@@ -332,14 +333,14 @@ def test_concurrent_cancels_of_a_running_job_all_answer_true(make_pool, scale):
     be True, as the future ends cancelled."""
     iterations = scale(150, 15000)
     exe = make_pool(1)
-    exe.submit(rj.token_spin, "warm", 0).result(timeout=WAIT)
+    exe.submit(jobs.token_spin, "warm", 0).result(timeout=RESULT_WAIT)
     workers = 8
     mixed = []
     interval = sys.getswitchinterval()
     try:
         for i in range(iterations):
-            future = exe.submit(rj.token_sleep, i, 60)
-            jobs.wait_running(future)
+            future = exe.submit(jobs.token_sleep, i, 60)
+            procs.wait_running(future)
             answers = []
             barrier = threading.Barrier(workers)
             threads = [
@@ -388,15 +389,15 @@ def test_supervisor_killed_mid_run_every_future_ends_once(make_pool, backend, sc
     totals: dict[str, int] = {}
     worst = 0.0
     for r in range(rounds):
-        probe = exe.submit(rj.token_sleep, "probe", 0.05)
-        supervisor = jobs.supervisor_of(jobs.wait_running(probe))
-        probe.result(timeout=WAIT)
+        probe = exe.submit(jobs.token_sleep, "probe", 0.05)
+        supervisor = procs.supervisor_of(procs.wait_running(probe))
+        probe.result(timeout=RESULT_WAIT)
         batch = []
         for i in range(12):
             kind = rng.choice(["result", "spin", "raise", "sleepy"])
             token = f"{r}-{i}"
             if kind == "sleepy":
-                future = exe.submit(rj.token_sleep, token, rng.uniform(0.005, 0.05))
+                future = exe.submit(jobs.token_sleep, token, rng.uniform(0.005, 0.05))
             else:
                 future = submit_kind(exe, kind, token, rng)
             ledger.add(future, kind, token)
@@ -405,10 +406,10 @@ def test_supervisor_killed_mid_run_every_future_ends_once(make_pool, backend, sc
         running = [f for f, _, _ in batch if f.running()]
         start = time.monotonic()
         supervisor.kill()
-        _done, not_done = concurrent.futures.wait(running, timeout=WAIT)
+        _done, not_done = concurrent.futures.wait(running, timeout=RESULT_WAIT)
         assert not not_done, "running futures hang after the supervisor died"
         worst = max(worst, time.monotonic() - start)
-        _done, not_done = concurrent.futures.wait([f for f, _, _ in batch], timeout=WAIT)
+        _done, not_done = concurrent.futures.wait([f for f, _, _ in batch], timeout=RESULT_WAIT)
         assert not not_done, "queued futures hang after the supervisor died"
         for future, kind, token in batch:
             name = outcome_of(future)
@@ -422,7 +423,7 @@ def test_supervisor_killed_mid_run_every_future_ends_once(make_pool, backend, sc
                 assert "supervisor" in str(future.exception(timeout=0))
         # a job submitted before the pool saw the death would run on the dead
         # supervisor's runner (and fail): the next round starts on the new one
-        deadline = time.monotonic() + WAIT
+        deadline = time.monotonic() + RESULT_WAIT
         while exe.stats()["supervisors_started"] < r + 2 and time.monotonic() < deadline:
             time.sleep(0.002)
     exe.shutdown(wait=True)
@@ -445,7 +446,7 @@ def test_supervisor_killed_mid_run_every_future_ends_once(make_pool, backend, sc
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("initializer", ["always", "half"])
 def test_initializer_failure_with_threads_submitting_ends_every_future_once(make_pool, initializer):
-    fail = rj.init_fail_always if initializer == "always" else rj.init_fail_on_odd_pid
+    fail = jobs.init_fail_always if initializer == "always" else jobs.init_fail_on_odd_pid
     exe = make_pool(2, initializer=fail, initargs=("init boom",))
     ledger = Ledger()
     refused = []
@@ -453,7 +454,7 @@ def test_initializer_failure_with_threads_submitting_ends_every_future_once(make
     def submitter(n):
         for i in range(40):
             try:
-                future = exe.submit(rj.outcome_job, "result", f"{n}-{i}")
+                future = exe.submit(jobs.outcome_job, "result", f"{n}-{i}")
             except BrokenProcessPool as why:
                 refused.append(why)
                 return
@@ -464,9 +465,11 @@ def test_initializer_failure_with_threads_submitting_ends_every_future_once(make
     for t in threads:
         t.start()
     for t in threads:
-        t.join(WAIT)
+        t.join(RESULT_WAIT)
     assert not any(t.is_alive() for t in threads)
-    _done, not_done = concurrent.futures.wait([f for f, _, _ in ledger.entries], timeout=WAIT)
+    _done, not_done = concurrent.futures.wait(
+        [f for f, _, _ in ledger.entries], timeout=RESULT_WAIT
+    )
     assert not not_done, f"{len(not_done)} futures hang after initializer failures"
     ledger.check_once()
     outcomes = ledger.outcomes()
@@ -479,7 +482,7 @@ def test_initializer_failure_with_threads_submitting_ends_every_future_once(make
         assert outcomes.get("result", 0) == 0
         assert refused or outcomes.get("BrokenProcessPool", 0) > 0
         with pytest.raises(BrokenProcessPool):
-            exe.submit(rj.outcome_job, "result", "late")
+            exe.submit(jobs.outcome_job, "result", "late")
     exe.shutdown(wait=True)
     assert all(f.done() for f, _, _ in ledger.entries)
     print(

@@ -23,15 +23,13 @@ import pytest
 
 from cancelk import ProcessCancelledError, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-import fault_jobs
-
-GONE = 2.0  # every process of a stopped job must be dead this long after the stop
-WAIT = jobs.RESULT_WAIT
+import jobs
+import procs
+from jobs import GONE, RESULT_WAIT
 
 
 def _dead(pid, created):
-    proc = jobs.same_process(pid, created)
+    proc = procs.same_process(pid, created)
     if proc is None:
         return True
     try:
@@ -58,15 +56,15 @@ def stop_and_measure(exe, how, path, backend):
     """Run a whole-tree job, stop it (cancel or time limit); return seconds
     from the stop until its whole tree is dead."""
     if how == "cancel":
-        future = exe.submit(fault_jobs.tree_job, path)
+        future = exe.submit(jobs.tree_job, path)
     else:
-        future = exe.submit(fault_jobs.tree_job, path, ProcessTimeout(1.0))
-    records = jobs.read_record(path)
+        future = exe.submit(jobs.tree_job, path, ProcessTimeout(1.0))
+    records = procs.read_record(path)
     try:
-        expected = 1 + sum(fault_jobs.TREE_SIZE.values())
+        expected = 1 + sum(jobs.TREE_SIZE.values())
         assert len(records) == expected, records
         assert all(not _dead(*r) for r in records), "a process of the tree died early"
-        job_pid = jobs.wait_running(future)
+        job_pid = procs.wait_running(future)
         assert job_pid == records[0][0]
         # the processes that left the job's group and session really did
         groups = {psutil.Process(pid).pid: _pgid(pid) for pid, _ in records}
@@ -76,21 +74,21 @@ def stop_and_measure(exe, how, path, backend):
             assert future.cancel()
             elapsed = time_until_dead(records, start)
             with pytest.raises(ProcessCancelledError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
         else:
             with pytest.raises(ProcessTimeoutError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
             start = time.monotonic()
             elapsed = time_until_dead(records, start)
-        left = jobs.wait_gone(records, timeout=0)
+        left = procs.wait_gone(records, timeout=0)
         assert elapsed is not None, (
             f"[{backend}/{how}] processes of the stopped job still alive {GONE} s later: {left}"
         )
-        reaped_left = jobs.wait_gone(records, timeout=GONE)
+        reaped_left = procs.wait_gone(records, timeout=GONE)
         assert not reaped_left, f"dead but never reaped: {reaped_left}"
         return elapsed
     finally:
-        jobs.kill_records(records)
+        procs.kill_records(records)
 
 
 def _pgid(pid):
@@ -107,44 +105,44 @@ def _pgid(pid):
 @pytest.mark.parametrize("how", ["cancel", "time_limit"])
 def test_stopping_a_job_kills_every_process_of_its_tree(make_pool, backend, how, tmp_path, scale):
     exe = make_pool(2)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     runs = scale(3, 200)
     times = []
     for i in range(runs):
         times.append(stop_and_measure(exe, how, str(tmp_path / f"tree{i}.json"), backend))
     futures = [exe.submit(jobs.square, i) for i in range(4)]
-    assert [f.result(timeout=WAIT) for f in futures] == [0, 1, 4, 9]
+    assert [f.result(timeout=RESULT_WAIT) for f in futures] == [0, 1, 4, 9]
     ms = [t * 1000 for t in times]
     label = "cancel()" if how == "cancel" else "time-limit error seen"
     print(
-        f"I4 [{backend}/{how}]: {runs} runs, {len(fault_jobs.TREE_KINDS)} tree shapes, "
-        f"{1 + sum(fault_jobs.TREE_SIZE.values())} processes each; {label} -> all dead: "
+        f"I4 [{backend}/{how}]: {runs} runs, {len(jobs.TREE_KINDS)} tree shapes, "
+        f"{1 + sum(jobs.TREE_SIZE.values())} processes each; {label} -> all dead: "
         f"median {statistics.median(ms):.1f} ms, worst {max(ms):.1f} ms"
     )
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", fault_jobs.TREE_KINDS)
+@pytest.mark.parametrize("kind", jobs.TREE_KINDS)
 def test_each_tree_shape_dies_with_a_cancelled_spinning_job(make_pool, backend, kind, tmp_path):
     """One shape at a time, the job busy in Python when it is cancelled:
     a failure names the shape that survives."""
     exe = make_pool(1)
     path = str(tmp_path / "tree.json")
-    future = exe.submit(fault_jobs.tree_spin_job, path, (kind,))
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.tree_spin_job, path, (kind,))
+    records = procs.read_record(path)
     try:
-        assert len(records) == 1 + fault_jobs.TREE_SIZE[kind], records
-        jobs.wait_running(future)
+        assert len(records) == 1 + jobs.TREE_SIZE[kind], records
+        procs.wait_running(future)
         start = time.monotonic()
         assert future.cancel()
         with pytest.raises(ProcessCancelledError):
-            future.result(timeout=WAIT)
+            future.result(timeout=RESULT_WAIT)
         elapsed = time_until_dead(records, start)
-        assert elapsed is not None, f"{kind}: survived its job: {jobs.wait_gone(records, 0)}"
-        assert not jobs.wait_gone(records, timeout=GONE)
+        assert elapsed is not None, f"{kind}: survived its job: {procs.wait_gone(records, 0)}"
+        assert not procs.wait_gone(records, timeout=GONE)
     finally:
-        jobs.kill_records(records)
-    assert exe.submit(jobs.add, 2, 3).result(timeout=WAIT) == 5
+        procs.kill_records(records)
+    assert exe.submit(jobs.add, 2, 3).result(timeout=RESULT_WAIT) == 5
 
 
 @pytest.mark.timeout(60)
@@ -153,13 +151,13 @@ def test_a_tree_left_behind_by_a_job_that_returned_dies_with_the_pool(make_pool,
     the pool's shutdown must take those processes (nothing outlives the pool)."""
     exe = make_pool(1)
     path = str(tmp_path / "tree.json")
-    future = exe.submit(fault_jobs.tree_then_return, path, 0.1)
-    records = jobs.read_record(path)
+    future = exe.submit(jobs.tree_then_return, path, 0.1)
+    records = procs.read_record(path)
     try:
-        assert future.result(timeout=WAIT) == "returned"
-        assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+        assert future.result(timeout=RESULT_WAIT) == "returned"
+        assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
         exe.shutdown(wait=True)
-        left = jobs.wait_gone(records[1:], timeout=GONE)
+        left = procs.wait_gone(records[1:], timeout=GONE)
         assert not left, f"processes a finished job left behind outlive the pool: {left}"
     finally:
-        jobs.kill_records(records)
+        procs.kill_records(records)

@@ -30,10 +30,10 @@ import pytest
 
 from cancelk import ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-import fault_jobs
+import jobs
+import procs
+from jobs import RESULT_WAIT
 
-WAIT = jobs.RESULT_WAIT
 LIMIT = 0.2  # the job's time limit
 HOLD = 1.5  # how long the user process's main thread holds its GIL in C
 LATE = 1.0  # how late a kill may be on a loaded 2-core machine
@@ -41,7 +41,7 @@ LATE = 1.0  # how late a kill may be on a loaded 2-core machine
 
 def start_watcher(record_path, out_path):
     watcher = subprocess.Popen(
-        [sys.executable, "-c", fault_jobs.WATCHER, record_path, out_path],
+        [sys.executable, "-c", procs.WATCHER, record_path, out_path],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -50,13 +50,13 @@ def start_watcher(record_path, out_path):
 
 
 def read_json(path, timeout=10.0):
-    jobs.wait_for_path(path, timeout, poll=0.002)
+    procs.wait_for_path(path, timeout, poll=0.002)
     with open(path) as handle:
         return json.load(handle)
 
 
 def _alive(stamp):
-    proc = jobs.same_process(stamp["pid"], stamp["created"])
+    proc = procs.same_process(stamp["pid"], stamp["created"])
     if proc is None:
         return None
     try:
@@ -92,7 +92,7 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
     make_pool, backend, kind, tmp_path, scale
 ):
     exe = make_pool(1)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2  # supervisor and runner up
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2  # supervisor and runner up
     usleep = ctypes.PyDLL(None).usleep  # PyDLL: the GIL stays held during the call
     runs = scale(1, 50)
     lateness = []
@@ -102,11 +102,11 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
         watcher = start_watcher(record_path, out_path)
         stamp = None
         try:
-            future = exe.submit(fault_jobs.stamped_job, record_path, kind, ProcessTimeout(LIMIT))
+            future = exe.submit(jobs.stamped_job, record_path, kind, ProcessTimeout(LIMIT))
             usleep(int(HOLD * 1e6))  # the user process's GIL is held from here ...
             returned = time.time()  # ... to here
             with pytest.raises(ProcessTimeoutError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
             stamp = read_json(record_path)
             gone = read_json(out_path)
             assert gone["pid"] == stamp["pid"]
@@ -118,12 +118,12 @@ def test_deadline_fires_while_job_and_user_process_both_hold_their_gil(
             )
             assert late < LATE, f"[{backend}/{kind}] killed {late:.3f} s after its deadline"
         finally:
-            jobs.stop_process(watcher)
+            procs.stop_process(watcher)
             if stamp is None and os.path.exists(record_path):
                 stamp = read_json(record_path)
             if stamp is not None:
                 kill_if_alive(stamp)
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
     ms = [x * 1000 for x in lateness]
     print(
         f"I5 [{backend}/{kind}] user GIL held {HOLD} s in C, job limit {LIMIT} s: {runs} runs, "
@@ -144,17 +144,15 @@ def test_job_holding_its_gil_in_c_is_killed_on_time(make_pool, backend, kind, tm
         batch = []
         for j in (i, i + 1):
             path = str(tmp_path / f"stamp{j}.json")
-            batch.append(
-                (path, exe.submit(fault_jobs.stamped_job, path, kind, ProcessTimeout(0.1)))
-            )
+            batch.append((path, exe.submit(jobs.stamped_job, path, kind, ProcessTimeout(0.1))))
         for path, future in batch:
             with pytest.raises(ProcessTimeoutError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
             stamp = read_json(path)
             dead_at = wait_dead(stamp)
             assert dead_at is not None, f"[{backend}/{kind}] the timed-out job still runs"
             lateness.append(dead_at - (stamp["started"] + 0.1))
-    assert exe.submit(jobs.add, 2, 2).result(timeout=WAIT) == 4
+    assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
     ms = [x * 1000 for x in lateness]
     assert max(lateness) < LATE + 1.0, ms
     print(

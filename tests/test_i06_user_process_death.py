@@ -29,8 +29,7 @@ import textwrap
 
 import pytest
 
-import executor_jobs as jobs
-import fault_jobs
+import procs
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 BOUND = 0.100  # I6: every pool process dead this long after the user process died
@@ -42,16 +41,14 @@ USER_PROGRAM = textwrap.dedent(
     import json, os, sys, time
     sys.path.insert(0, {tests_dir!r})
     import cancelk, psutil
-    import fault_jobs
-    from executor_jobs import read_record
-
-    MARKS = ("multiprocessing.forkserver", "resource_tracker")
+    import jobs
+    from procs import SINGLETON_MARKS as MARKS, read_record
 
     if __name__ == "__main__":
         mode, out, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
         kinds = {kinds!r}
         pools = [
-            cancelk.ProcessPoolExecutor(2, mp_context=m) for m in ("fork", "forkserver", "spawn")
+            cancelk.ProcessPoolExecutor(2, mp_context=m) for m in jobs.START_METHODS
         ]
         paths, futures = [], []
         for i, exe in enumerate(pools):
@@ -59,9 +56,9 @@ USER_PROGRAM = textwrap.dedent(
                 path = os.path.join(tmp, f"tree{{i}}{{j}}.json")
                 paths.append(path)
                 if mode == "exit":
-                    futures.append(exe.submit(fault_jobs.tree_then_return, path, 1.0, kinds))
+                    futures.append(exe.submit(jobs.tree_then_return, path, 1.0, kinds))
                 else:
-                    futures.append(exe.submit(fault_jobs.tree_job, path, kinds))
+                    futures.append(exe.submit(jobs.tree_job, path, kinds))
         trees = [r for path in paths for r in read_record(path, wait=60)]
         time.sleep(0.05)  # the pools start their warm spares, if any
         pool, helpers = [], []
@@ -128,7 +125,7 @@ def watch_deaths(workdir, user, starts, mode):
     spec.write_text(json.dumps({"user": user, "starts": starts}))
     starts[user] = user_start
     watcher = subprocess.Popen(
-        [sys.executable, "-c", fault_jobs.DEATH_WATCHER, str(spec), out, mode],
+        [sys.executable, "-c", procs.DEATH_WATCHER, str(spec), out, mode],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -139,7 +136,7 @@ def watch_deaths(workdir, user, starts, mode):
         watcher.stdin.flush()
         assert watcher.wait(timeout=30) == 0
     finally:
-        jobs.stop_process(watcher)
+        procs.stop_process(watcher)
     with open(out) as handle:
         data = json.load(handle)
     PRIORITY[0] = data["priority"]
@@ -157,7 +154,7 @@ def run_user_program(tmp_path, run, mode):
     workdir.mkdir()
     out = str(workdir / "pids.json")
     program = USER_PROGRAM.format(tests_dir=TESTS_DIR, kinds=KINDS)
-    proc = jobs.start_script(workdir, "user_program.py", program, mode, out, str(workdir))
+    proc = procs.start_script(workdir, "user_program.py", program, mode, out, str(workdir))
     recorded = []
     try:
         line = proc.stdout.readline()
@@ -175,12 +172,13 @@ def run_user_program(tmp_path, run, mode):
         died = watch_deaths(workdir, proc.pid, starts, mode)
         if set(died) != set(starts):
             pytest.fail(
-                f"[{mode}] pool processes outlive the user program by 5 s: {jobs.still_there(pool)}"
+                f"[{mode}] pool processes outlive the user program by 5 s: "
+                f"{procs.still_there(pool)}"
             )
         if mode == "exit":
             assert proc.wait(timeout=30) == 0
         proc.wait(timeout=10)
-        left = jobs.wait_gone(recorded, timeout=2.0)
+        left = procs.wait_gone(recorded, timeout=2.0)
         assert not left, f"[{mode}] left behind (zombies count) 2 s later: {left}"
         shm_left = [name for name in data["shm"] if os.path.exists(name)]
         assert not shm_left, f"[{mode}] the user program's /dev/shm files survive it: {shm_left}"
@@ -195,8 +193,8 @@ def run_user_program(tmp_path, run, mode):
         )
         return max(died.values()), len(pool), data["shm"], breakdown
     finally:
-        jobs.stop_process(proc)
-        jobs.kill_records(recorded)
+        procs.stop_process(proc)
+        procs.kill_records(recorded)
 
 
 @pytest.mark.stress

@@ -32,11 +32,10 @@ import pytest
 
 from cancelk import ProcessCancelledError, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-import race_jobs as rj
+import jobs
+import procs
+from jobs import MB, RESULT_WAIT
 
-WAIT = jobs.RESULT_WAIT
-MB = 2**20
 SUBMIT_P99 = 0.050  # far below the 60 s the blocking jobs would take
 GAP_LIMIT = 0.100
 
@@ -124,21 +123,21 @@ def test_submit_and_cancel_never_wait_for_a_full_channel_or_a_gil_holding_job(
 ):
     count = scale(150, 15000)
     exe = make_pool(2)
-    busy = exe.submit(rj.gil_hold, 60)
-    jobs.wait_running(busy)
-    stopped = exe.submit(rj.runner_pid).result(timeout=WAIT)  # the other runner, idle
+    busy = exe.submit(jobs.gil_hold, 60)
+    procs.wait_running(busy)
+    stopped = exe.submit(jobs.getpid).result(timeout=RESULT_WAIT)  # the other runner, idle
     data = b"x" * (50 * MB)
     submits, cancels, submits_blocked, cancels_blocked = [], [], [], []
     pumping_blocked = []
     small = []
     os.kill(stopped, signal.SIGSTOP)
     try:
-        big, big_submit, _ = in_thread(exe.submit, rj.token_len, "big", data)
-        assert jobs.wait_running(big) == stopped
+        big, big_submit, _ = in_thread(exe.submit, jobs.token_len, "big", data)
+        assert procs.wait_running(big) == stopped
         # phase 1: the channel to the stopped runner is full, the other runner
         # holds its GIL in C; submits queue, cancels of queued jobs end them
         for i in range(count):
-            future, took, blocked = timed(exe.submit, rj.token_spin, f"s{i}", 0)
+            future, took, blocked = timed(exe.submit, jobs.token_spin, f"s{i}", 0)
             submits.append(took)
             submits_blocked.append(blocked)
             small.append(future)
@@ -152,13 +151,13 @@ def test_submit_and_cancel_never_wait_for_a_full_channel_or_a_gil_holding_job(
         os.kill(stopped, signal.SIGCONT)
         pumping = []
         for i in range(count):
-            future, took, blocked = timed(exe.submit, rj.token_spin, f"p{i}", 0)
+            future, took, blocked = timed(exe.submit, jobs.token_spin, f"p{i}", 0)
             pumping.append(took)
             pumping_blocked.append(blocked)
             small.append(future)
     finally:
         resume(stopped)
-    assert big.result(timeout=WAIT) == ("big", 50 * MB, stopped)
+    assert big.result(timeout=RESULT_WAIT) == ("big", 50 * MB, stopped)
     # a running job holding its GIL in C: cancel() is a few bytes to the supervisor
     answer, kill_took, kill_blocked = timed(busy.cancel)
     assert answer
@@ -167,7 +166,7 @@ def test_submit_and_cancel_never_wait_for_a_full_channel_or_a_gil_holding_job(
     for i, future in enumerate(small):
         if future.cancelled():
             continue
-        value = future.result(timeout=WAIT)
+        value = future.result(timeout=RESULT_WAIT)
         assert value[0] in (f"s{i}", f"p{i - count}")
     print(
         f"I7 [{backend}]: 50 MB submit to a stopped runner {big_submit * 1e3:.1f} ms "
@@ -197,19 +196,19 @@ def test_cancel_of_a_job_on_a_stopped_runner_with_a_full_channel_returns_at_once
     """The job's frame cannot even be delivered (its runner is stopped and the
     channel is full): cancel() still returns at once and the job is killed."""
     exe = make_pool(1)
-    pid = exe.submit(rj.runner_pid).result(timeout=WAIT)
+    pid = exe.submit(jobs.getpid).result(timeout=RESULT_WAIT)
     os.kill(pid, signal.SIGSTOP)
     try:
-        big, _, _ = in_thread(exe.submit, rj.token_len, "big", b"y" * (50 * MB))
-        queued = exe.submit(rj.token_spin, "after", 0)
-        jobs.wait_running(big)
+        big, _, _ = in_thread(exe.submit, jobs.token_len, "big", b"y" * (50 * MB))
+        queued = exe.submit(jobs.token_spin, "after", 0)
+        procs.wait_running(big)
         time.sleep(0.05)
         answer, took, blocked = in_thread(big.cancel)
     finally:
         resume(pid)  # killed by now, as a rule
     assert answer and big.cancelled()
-    assert queued.result(timeout=WAIT)[0] == "after"
-    left = jobs.wait_gone(jobs.snapshot([pid]), timeout=2.0)
+    assert queued.result(timeout=RESULT_WAIT)[0] == "after"
+    left = procs.wait_gone(procs.snapshot([pid]), timeout=2.0)
     assert not left, left
     print(
         f"I7 [{backend}]: cancel of a job whose 50 MB frame is stuck: {took * 1e3:.2f} ms "
@@ -233,7 +232,7 @@ def test_event_loop_heartbeat_never_stalls_while_jobs_are_cancelled_and_timed_ou
     count = scale(100, 10000)
     rng = random.Random(f"i7-loop-{backend}")
     exe = make_pool(4)
-    exe.submit(rj.token_spin, "warm", 0).result(timeout=WAIT)  # the manager thread runs
+    exe.submit(jobs.token_spin, "warm", 0).result(timeout=RESULT_WAIT)  # the manager thread runs
     manager = manager_tid()
     assert manager is not None
 
@@ -264,13 +263,13 @@ def test_event_loop_heartbeat_never_stalls_while_jobs_are_cancelled_and_timed_ou
             kind = rng.choice(["cancel", "wait_for", "timeout"])
             if kind == "timeout":
                 limit = ProcessTimeout(rng.uniform(0.002, 0.03))
-                call = loop.run_in_executor(exe, rj.token_sleep, i, 60, limit)
+                call = loop.run_in_executor(exe, jobs.token_sleep, i, 60, limit)
             elif kind == "wait_for":
                 call = asyncio.wait_for(
-                    loop.run_in_executor(exe, rj.token_sleep, i, 60), rng.uniform(0.002, 0.03)
+                    loop.run_in_executor(exe, jobs.token_sleep, i, 60), rng.uniform(0.002, 0.03)
                 )
             else:
-                call = loop.run_in_executor(exe, rj.token_sleep, i, 60)
+                call = loop.run_in_executor(exe, jobs.token_sleep, i, 60)
             task = asyncio.ensure_future(call)
             if kind == "cancel":
                 helpers.append(asyncio.create_task(cancel_later(task, rng.uniform(0, 0.03))))

@@ -28,10 +28,10 @@ import pytest
 
 from cancelk import ProcessDiedError
 
-import executor_jobs as jobs
-import fault_jobs
+import jobs
+import procs
+from jobs import RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
 FAULTS = ("runner_sigkill", "child_sigkill", "segfault", "exit", "abort")
 
 
@@ -39,9 +39,9 @@ def inject(exe, fault, path):
     """Submit a job that meets ``fault``; return (future, check) where
     ``check(exc_or_result)`` asserts the outcome the fault calls for."""
     if fault == "runner_sigkill":
-        future = exe.submit(fault_jobs.record_self_then_sleep, path)
-        records = jobs.read_record(path)
-        assert jobs.wait_running(future) == records[0][0]
+        future = exe.submit(jobs.sleep_job, path)
+        records = procs.read_record(path)
+        assert procs.wait_running(future) == records[0][0]
         os.kill(records[0][0], signal.SIGKILL)
 
         def check(err):
@@ -49,15 +49,15 @@ def inject(exe, fault, path):
             assert err.signal == signal.SIGKILL and err.pid == records[0][0]
 
     elif fault == "child_sigkill":
-        future = exe.submit(fault_jobs.child_then_wait, path)
-        records = jobs.read_record(path)
+        future = exe.submit(jobs.child_then_wait, path)
+        records = procs.read_record(path)
         os.kill(records[1][0], signal.SIGKILL)
 
         def check(result):
             assert result == -signal.SIGKILL, f"the job did not live on: {result!r}"
 
     elif fault == "segfault":
-        future = exe.submit(fault_jobs.segfault_job)
+        future = exe.submit(jobs.segfault_job)
 
         def check(err):
             assert isinstance(err, ProcessDiedError), repr(err)
@@ -65,14 +65,14 @@ def inject(exe, fault, path):
 
     elif fault == "exit":
         code = random.randint(1, 120)
-        future = exe.submit(fault_jobs.exit_job, code)
+        future = exe.submit(jobs.exit_with, code)
 
         def check(err):
             assert isinstance(err, ProcessDiedError), repr(err)
             assert err.exitcode == code and err.signal is None
 
     elif fault == "abort":
-        future = exe.submit(fault_jobs.abort_job)
+        future = exe.submit(jobs.abort_job)
 
         def check(err):
             assert isinstance(err, ProcessDiedError), repr(err)
@@ -85,7 +85,7 @@ def inject(exe, fault, path):
 
 def seen_pid(future):
     """The job's pid once it runs (None if it already ended: a loaded machine)."""
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + RESULT_WAIT
     while time.monotonic() < deadline:
         pid = future.pid
         if pid is not None or future.done():
@@ -96,7 +96,7 @@ def seen_pid(future):
 
 def outcome(future):
     try:
-        return future.result(timeout=WAIT)
+        return future.result(timeout=RESULT_WAIT)
     except BaseException as exc:  # the outcome is what the test checks
         return exc
 
@@ -112,18 +112,18 @@ def test_each_death_fails_only_its_own_future(make_pool, backend, tmp_path, scal
     for i in range(rounds):
         fault = FAULTS[i % len(FAULTS)] if i < len(FAULTS) else rng.choice(FAULTS)
         counts[fault] += 1
-        bystanders = [exe.submit(fault_jobs.pid_after, rng.uniform(0.15, 0.25)) for _ in range(2)]
+        bystanders = [exe.submit(jobs.sleep_pid, rng.uniform(0.15, 0.25)) for _ in range(2)]
         pids = [seen_pid(f) for f in bystanders]
         future, check = inject(exe, fault, str(tmp_path / f"rec{i}.json"))
         check(outcome(future))
         deaths += fault != "child_sigkill"
         # bystanders finish in the process they started in, untouched
         for future, pid in zip(bystanders, pids):
-            result = future.result(timeout=WAIT)
+            result = future.result(timeout=RESULT_WAIT)
             assert isinstance(result, int) and (pid is None or result == pid), (result, pid)
-    assert [f.result(timeout=WAIT) for f in [exe.submit(jobs.square, n) for n in range(6)]] == [
-        n * n for n in range(6)
-    ]
+    assert [
+        f.result(timeout=RESULT_WAIT) for f in [exe.submit(jobs.square, n) for n in range(6)]
+    ] == [n * n for n in range(6)]
     assert exe.stats()["died"] == deaths
     print(f"I8 [{backend}]: {rounds} faults injected among bystanders: {counts}; pool went on")
 
@@ -142,11 +142,11 @@ def test_deaths_in_a_crowd_of_concurrent_jobs(make_pool, backend, scale):
         if kind == "good":
             futures.append(exe.submit(jobs.square, i))
         elif kind == "segfault":
-            futures.append(exe.submit(fault_jobs.segfault_job))
+            futures.append(exe.submit(jobs.segfault_job))
         elif kind == "exit":
-            futures.append(exe.submit(fault_jobs.exit_job, 7))
+            futures.append(exe.submit(jobs.exit_with, 7))
         else:
-            futures.append(exe.submit(fault_jobs.abort_job))
+            futures.append(exe.submit(jobs.abort_job))
     for i, (kind, future) in enumerate(zip(plan, futures)):
         result = outcome(future)
         if kind == "good":
@@ -162,20 +162,20 @@ def test_deaths_in_a_crowd_of_concurrent_jobs(make_pool, backend, scale):
 
 @pytest.mark.stress
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_supervisor_sigkilled_repeatedly(make_pool, backend, method, scale):
     exe = make_pool(2, mp_context=method)
-    assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     rounds = scale(8, 500)
     latencies = []
     supervisors = set()
     for round_ in range(rounds):
         running = [exe.submit(jobs.sleep_return, 60) for _ in range(2)]
-        pids = [jobs.wait_running(f) for f in running]
-        supervisor = jobs.supervisor_of(pids[0])
+        pids = [procs.wait_running(f) for f in running]
+        supervisor = procs.supervisor_of(pids[0])
         assert supervisor.pid not in supervisors, "the killed supervisor came back"
         supervisors.add(supervisor.pid)
-        old = jobs.snapshot([supervisor.pid, *pids])
+        old = procs.snapshot([supervisor.pid, *pids])
         queued = [exe.submit(jobs.square, round_ + k) for k in range(3)]
         done_at = {}
         lock = threading.Lock()
@@ -193,9 +193,11 @@ def test_supervisor_sigkilled_repeatedly(make_pool, backend, method, scale):
             assert isinstance(err, ProcessDiedError), repr(err)
             assert "supervisor" in str(err) and str(supervisor.pid) in str(err), str(err)
         latencies.append(max(done_at.values()) - start)
-        assert [f.result(timeout=WAIT) for f in queued] == [(round_ + k) ** 2 for k in range(3)]
-        assert exe.submit(jobs.add, round_, 1).result(timeout=WAIT) == round_ + 1
-        left = jobs.wait_gone(old, timeout=2.0)
+        assert [f.result(timeout=RESULT_WAIT) for f in queued] == [
+            (round_ + k) ** 2 for k in range(3)
+        ]
+        assert exe.submit(jobs.add, round_, 1).result(timeout=RESULT_WAIT) == round_ + 1
+        left = procs.wait_gone(old, timeout=2.0)
         assert not left, f"round {round_}: old supervisor or runners survive: {left}"
     stats = exe.stats()
     assert stats["supervisors_started"] == rounds + 1

@@ -32,11 +32,10 @@ from cancelk import (
     ProcessTimeoutError,
 )
 
-import executor_jobs as jobs
-import fault_jobs
+import jobs
+import procs
+from jobs import RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
-METHODS = ("fork", "forkserver", "spawn")
 SMALL_TREE = ("child", "setsid")
 
 
@@ -44,37 +43,37 @@ def fault_round(exe, tmp_path, tag):
     """One round of every fault; returns how many jobs were stopped or died."""
     path = str(tmp_path / f"tree{tag}.json")
     futures = {
-        "cancelled": exe.submit(fault_jobs.tree_job, path, SMALL_TREE),
+        "cancelled": exe.submit(jobs.tree_job, path, SMALL_TREE),
         "timeout": exe.submit(jobs.sleep_return, 30, None, ProcessTimeout(0.05)),
     }
-    jobs.read_record(path)
-    jobs.wait_running(futures["cancelled"])
+    procs.read_record(path)
+    procs.wait_running(futures["cancelled"])
     assert futures["cancelled"].cancel()
     with pytest.raises(ProcessCancelledError):
-        futures["cancelled"].result(timeout=WAIT)
+        futures["cancelled"].result(timeout=RESULT_WAIT)
     with pytest.raises(ProcessTimeoutError):
-        futures["timeout"].result(timeout=WAIT)
+        futures["timeout"].result(timeout=RESULT_WAIT)
     dying = [
-        (exe.submit(fault_jobs.sigterm_own_group), signal.SIGTERM),
-        (exe.submit(fault_jobs.child_sigterms_its_parent), signal.SIGTERM),
-        (exe.submit(fault_jobs.segfault_job), signal.SIGSEGV),
-        (exe.submit(fault_jobs.children_then_exit, 2), None),
+        (exe.submit(jobs.sigterm_own_group), signal.SIGTERM),
+        (exe.submit(jobs.child_sigterms_its_parent), signal.SIGTERM),
+        (exe.submit(jobs.segfault_job), signal.SIGSEGV),
+        (exe.submit(jobs.children_then_exit, 2), None),
     ]
     for future, signum in dying:
-        err = future.exception(timeout=WAIT)
+        err = future.exception(timeout=RESULT_WAIT)
         assert isinstance(err, ProcessDiedError), repr(err)
         assert err.signal == signum, repr(err)
     outside = str(tmp_path / f"self{tag}.json")
-    victim = exe.submit(fault_jobs.record_self_then_sleep, outside)
-    os.kill(jobs.read_record(outside)[0][0], signal.SIGKILL)
-    assert isinstance(victim.exception(timeout=WAIT), ProcessDiedError)
-    assert exe.submit(jobs.add, 1, 2).result(timeout=WAIT) == 3
+    victim = exe.submit(jobs.sleep_job, outside)
+    os.kill(procs.read_record(outside)[0][0], signal.SIGKILL)
+    assert isinstance(victim.exception(timeout=RESULT_WAIT), ProcessDiedError)
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     return 2 + len(dying) + 1
 
 
 @pytest.mark.stress
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_killed_jobs_never_run_the_users_handlers_or_wakeup_fd(backend, method, tmp_path, scale):
     calls = []
     receiver, sender = socket.socketpair()
@@ -83,10 +82,10 @@ def test_killed_jobs_never_run_the_users_handlers_or_wakeup_fd(backend, method, 
     old_fd = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
     old_chld = signal.signal(signal.SIGCHLD, lambda signum, frame: calls.append(signum))
     old_term = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
-    factory = jobs.PoolFactory()
+    factory = procs.PoolFactory()
     try:
         exe = factory(2, mp_context=method)  # started after the handlers: a fork inherits them
-        assert exe.submit(jobs.add, 1, 1).result(timeout=WAIT) == 2
+        assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
         rounds = scale(2, 100)
         stopped = sum(fault_round(exe, tmp_path, i) for i in range(rounds))
         time.sleep(0.2)  # a late signal would have arrived by now
@@ -113,18 +112,16 @@ def test_killed_jobs_never_run_the_users_handlers_or_wakeup_fd(backend, method, 
 
 @pytest.mark.stress
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_killed_jobs_never_run_asyncio_signal_handlers(backend, method, tmp_path, scale):
     calls = []
-    factory = jobs.PoolFactory()
+    factory = procs.PoolFactory()
     rounds = scale(2, 100)
 
     async def one_round(loop, exe, tag):
         path = str(tmp_path / f"tree{tag}.json")
-        task = asyncio.ensure_future(
-            loop.run_in_executor(exe, fault_jobs.tree_job, path, SMALL_TREE)
-        )
-        await loop.run_in_executor(None, jobs.read_record, path)
+        task = asyncio.ensure_future(loop.run_in_executor(exe, jobs.tree_job, path, SMALL_TREE))
+        await loop.run_in_executor(None, procs.read_record, path)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -133,18 +130,16 @@ def test_killed_jobs_never_run_asyncio_signal_handlers(backend, method, tmp_path
         with pytest.raises(ProcessTimeoutError):
             await loop.run_in_executor(exe, jobs.sleep_return, 30, None, ProcessTimeout(0.05))
         results = await asyncio.gather(
-            loop.run_in_executor(exe, fault_jobs.sigterm_own_group),
-            loop.run_in_executor(exe, fault_jobs.child_sigterms_its_parent),
-            loop.run_in_executor(exe, fault_jobs.segfault_job),
-            loop.run_in_executor(exe, fault_jobs.children_then_exit, 2),
+            loop.run_in_executor(exe, jobs.sigterm_own_group),
+            loop.run_in_executor(exe, jobs.child_sigterms_its_parent),
+            loop.run_in_executor(exe, jobs.segfault_job),
+            loop.run_in_executor(exe, jobs.children_then_exit, 2),
             return_exceptions=True,
         )
         assert all(isinstance(r, ProcessDiedError) for r in results), results
         outside = str(tmp_path / f"self{tag}.json")
-        victim = asyncio.ensure_future(
-            loop.run_in_executor(exe, fault_jobs.record_self_then_sleep, outside)
-        )
-        records = await loop.run_in_executor(None, jobs.read_record, outside)
+        victim = asyncio.ensure_future(loop.run_in_executor(exe, jobs.sleep_job, outside))
+        records = await loop.run_in_executor(None, procs.read_record, outside)
         os.kill(records[0][0], signal.SIGKILL)
         with pytest.raises(ProcessDiedError):
             await victim

@@ -27,11 +27,10 @@ import pytest
 
 from cancelk import ProcessDiedError, ProcessTimeout, ProcessTimeoutError
 
-import executor_jobs as jobs
-import resource_jobs as rj
+import jobs
+import procs
+from jobs import MB, RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
-MB = 2**20
 RSS_SLACK = 10 * MB
 NEEDS_PROC = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc (Linux)")
 BATCH = 500
@@ -138,31 +137,31 @@ class Mix:
         for i in range(size):
             roll = rng.random()
             if roll < 0.05:
-                f = self.exe.submit(rj.sleep_return, 20, None, ProcessTimeout(0.005))
+                f = self.exe.submit(jobs.sleep_return, 20, None, ProcessTimeout(0.005))
                 submitted.append(("timed_out", i, f))
             elif roll < 0.10:
-                f = self.exe.submit(rj.sleep_return, 8, None)
+                f = self.exe.submit(jobs.sleep_return, 8, None)
                 submitted.append(("cancel", i, f))
                 if rng.random() < 0.5:
                     f.cancel()  # most likely still queued
                 else:
                     to_cancel.append(f)
             elif roll < 0.11:
-                submitted.append(("died", i, self.exe.submit(rj.exit_with, 5)))
+                submitted.append(("died", i, self.exe.submit(jobs.exit_with, 5)))
             elif roll < 0.30:
-                submitted.append(("raised", i, self.exe.submit(rj.raise_mixed, i)))
+                submitted.append(("raised", i, self.exe.submit(jobs.raise_mixed, i)))
             else:
-                submitted.append(("result", i, self.exe.submit(rj.add, i, 1)))
+                submitted.append(("result", i, self.exe.submit(jobs.add, i, 1)))
         # cancel the others once they run (in order: they start in order)
         answers = {}
         for f in to_cancel:
-            deadline = time.monotonic() + WAIT
+            deadline = time.monotonic() + RESULT_WAIT
             while not f.done() and f.pid is None and time.monotonic() < deadline:
                 time.sleep(0.0005)
             state = f._state
             answers[id(f)] = (state, f.cancel())
         futures = [f for _, _, f in submitted]
-        _, not_done = concurrent.futures.wait(futures, timeout=WAIT * 2)
+        _, not_done = concurrent.futures.wait(futures, timeout=RESULT_WAIT * 2)
         assert not not_done, f"{len(not_done)} futures never ended"
         for kind, i, f in submitted:
             self.jobs += 1
@@ -171,7 +170,7 @@ class Mix:
                 self.counts["result"] += 1
             elif kind == "raised":
                 err = f.exception(timeout=0)
-                assert isinstance(err, rj.MixedJobError) and err.args == (i,), repr(err)
+                assert isinstance(err, jobs.MixedJobError) and err.args == (i,), repr(err)
                 self.counts["raised"] += 1
             elif kind == "timed_out":
                 assert isinstance(f.exception(timeout=0), ProcessTimeoutError)
@@ -226,9 +225,9 @@ def test_10000_mixed_jobs_leave_fds_threads_processes_and_memory_flat(make_pool,
     total = scale(10_000, 1_000_000)
     shm_before = dev_shm()
     exe = make_pool(2)
-    probe = exe.submit(rj.sleep_return, 0.2, "probe")
-    supervisor = jobs.supervisor_of(jobs.wait_running(probe))
-    assert probe.result(timeout=WAIT) == "probe"
+    probe = exe.submit(jobs.sleep_return, 0.2, "probe")
+    supervisor = procs.supervisor_of(procs.wait_running(probe))
+    assert probe.result(timeout=RESULT_WAIT) == "probe"
     mix = Mix(exe, seed=f"mix-{backend}")
     for _ in range(2):
         mix.batch(BATCH)  # warm-up: spares, buffers, caches
@@ -266,20 +265,20 @@ def test_10000_mixed_jobs_leave_fds_threads_processes_and_memory_flat(make_pool,
 
 @NEEDS_PROC
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_no_listening_socket_and_nothing_in_dev_shm_for_any_start_method(make_pool, method):
     shm_before = dev_shm()
     exe = make_pool(2, mp_context=method)
-    running = exe.submit(rj.sleep_return, 0.5, "done")
-    supervisor = jobs.supervisor_of(jobs.wait_running(running))
-    victim = exe.submit(rj.sleep_return, 20)
-    jobs.wait_running(victim)
+    running = exe.submit(jobs.sleep_return, 0.5, "done")
+    supervisor = procs.supervisor_of(procs.wait_running(running))
+    victim = exe.submit(jobs.sleep_return, 20)
+    procs.wait_running(victim)
     assert victim.cancel()
-    assert exe.submit(rj.add, 1, 2).result(timeout=WAIT) == 3
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
     pool_pids = [supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)]
     listening = listening_sockets([os.getpid(), *pool_pids])
     new_shm, _ = new_shm_of([os.getpid(), *pool_pids], shm_before)
-    assert running.result(timeout=WAIT) == "done"
+    assert running.result(timeout=RESULT_WAIT) == "done"
     assert not listening, f"listening sockets: {listening}"
     assert not new_shm, f"new in /dev/shm: {new_shm}"
     print(f"[{method}] {len(pool_pids)} pool processes, no listening socket, /dev/shm untouched")

@@ -42,33 +42,28 @@ import pytest
 import cancelk
 from cancelk import ProcessTimeout
 
-import executor_jobs as jobs
-import resource_jobs as rj
+import jobs
+import procs
+from jobs import RESULT_WAIT, START_METHODS
 
-WAIT = jobs.RESULT_WAIT
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-START_METHODS = ("fork", "forkserver", "spawn")
-
-
-def manager_threads():
-    return [t for t in threading.enumerate() if t.name == "cancelk-manager"]
 
 
 def pool_processes(supervisor):
-    return jobs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
+    return procs.snapshot([supervisor.pid] + [p.pid for p in supervisor.children(recursive=True)])
 
 
-def read_pids(path, wait=WAIT):
-    jobs.wait_for_path(path, wait, f"the job never wrote {path}")
+def read_pids(path, wait=RESULT_WAIT):
+    procs.wait_for_path(path, wait, f"the job never wrote {path}")
     with open(path) as handle:
         return [int(x) for x in handle.read().split()]
 
 
 def wait_threads(count, timeout=2.0):
     deadline = time.monotonic() + timeout
-    while len(manager_threads()) > count and time.monotonic() < deadline:
+    while len(procs.manager_threads()) > count and time.monotonic() < deadline:
         time.sleep(0.005)
-    return len(manager_threads())
+    return len(procs.manager_threads())
 
 
 # -------------------------------------------------------------------------
@@ -80,14 +75,14 @@ def wait_threads(count, timeout=2.0):
 def test_executor_collected_while_jobs_run_lets_them_end_then_leaves_nothing(
     tmp_path, backend, keep_futures
 ):
-    threads_before = len(manager_threads())
+    threads_before = len(procs.manager_threads())
     exe = cancelk.ProcessPoolExecutor(2)
     exe.cycle = exe  # only the cyclic garbage collector can free it
     paths = [str(tmp_path / f"job{i}") for i in range(2)]
-    running = [exe.submit(rj.sleep_with_child, 0.5, p) for p in paths]
-    queued = [exe.submit(rj.add, i, 1) for i in range(10)]
+    running = [exe.submit(jobs.sleep_with_child, 0.5, p) for p in paths]
+    queued = [exe.submit(jobs.add, i, 1) for i in range(10)]
     pids = [read_pids(p) for p in paths]
-    supervisor = jobs.supervisor_of(pids[0][0])
+    supervisor = procs.supervisor_of(pids[0][0])
     processes = pool_processes(supervisor)
     assert len(processes) >= 5, processes  # supervisor, two runners, two sleeps
     try:
@@ -98,16 +93,16 @@ def test_executor_collected_while_jobs_run_lets_them_end_then_leaves_nothing(
         dropped = time.monotonic()
         if keep_futures:
             # as with the stdlib (shutdown(wait=False)): what was submitted still runs
-            assert [f.result(timeout=WAIT) for f in running] == [p[0] for p in pids]
-            assert [f.result(timeout=WAIT) for f in queued] == [i + 1 for i in range(10)]
+            assert [f.result(timeout=RESULT_WAIT) for f in running] == [p[0] for p in pids]
+            assert [f.result(timeout=RESULT_WAIT) for f in queued] == [i + 1 for i in range(10)]
             ended = time.monotonic()
         else:
             ended = dropped + 0.5
-        left = jobs.wait_gone(processes, timeout=max(ended - time.monotonic(), 0) + 2.0)
+        left = procs.wait_gone(processes, timeout=max(ended - time.monotonic(), 0) + 2.0)
         gone = time.monotonic() - dropped
         threads = wait_threads(threads_before)
     finally:
-        jobs.kill_records(processes)
+        procs.kill_records(processes)
     print(
         f"collected executor with running jobs [{backend}, {keep_futures=}]: "
         f"{len(processes)} processes gone {gone * 1000:.0f} ms after the drop (jobs: 500 ms)"
@@ -119,26 +114,26 @@ def test_executor_collected_while_jobs_run_lets_them_end_then_leaves_nothing(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", START_METHODS)
 def test_idle_executor_collected_leaves_no_process_and_no_thread(method):
-    threads_before = len(manager_threads())
+    threads_before = len(procs.manager_threads())
     exe = cancelk.ProcessPoolExecutor(2, mp_context=method)
     exe.cycle = exe
-    probe = exe.submit(rj.sleep_return, 0.2, "probe")
-    supervisor = jobs.supervisor_of(jobs.wait_running(probe))
-    assert probe.result(timeout=WAIT) == "probe"
-    victim = exe.submit(rj.sleep_return, 20)  # a replaced runner too
-    jobs.wait_running(victim)
+    probe = exe.submit(jobs.sleep_return, 0.2, "probe")
+    supervisor = procs.supervisor_of(procs.wait_running(probe))
+    assert probe.result(timeout=RESULT_WAIT) == "probe"
+    victim = exe.submit(jobs.sleep_return, 20)  # a replaced runner too
+    procs.wait_running(victim)
     assert victim.cancel()
-    assert exe.submit(rj.add, 1, 1).result(timeout=WAIT) == 2
+    assert exe.submit(jobs.add, 1, 1).result(timeout=RESULT_WAIT) == 2
     processes = pool_processes(supervisor)
     try:
         del exe, probe, victim
         gc.collect()
         start = time.monotonic()
-        left = jobs.wait_gone(processes, timeout=2.0)
+        left = procs.wait_gone(processes, timeout=2.0)
         elapsed = time.monotonic() - start
         threads = wait_threads(threads_before)
     finally:
-        jobs.kill_records(processes)
+        procs.kill_records(processes)
     print(
         f"collected idle executor [{method}]: {len(processes)} processes gone in "
         f"{elapsed * 1000:.0f} ms"
@@ -156,7 +151,7 @@ EXIT_SCRIPT = textwrap.dedent(
     import json, os, sys, time
     sys.path.insert(0, sys.argv[1])
     import cancelk, psutil
-    import resource_jobs as rj
+    import jobs
 
     def report(name):
         def callback(future):
@@ -172,12 +167,12 @@ EXIT_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         method, mode, path = sys.argv[2], sys.argv[3], sys.argv[4]
         exe = cancelk.ProcessPoolExecutor(2, mp_context=method)
-        a = exe.submit(rj.sleep_with_child, 0.5, path)
-        b = exe.submit(rj.sleep_return, 60, None, cancelk.ProcessTimeout(0.5))
+        a = exe.submit(jobs.sleep_with_child, 0.5, path)
+        b = exe.submit(jobs.sleep_return, 60, None, cancelk.ProcessTimeout(0.5))
         a.add_done_callback(report("A"))
         b.add_done_callback(report("B"))
         for i in range(20):
-            exe.submit(rj.add, i, 1).add_done_callback(report("Q"))
+            exe.submit(jobs.add, i, 1).add_done_callback(report("Q"))
         deadline = time.monotonic() + 20
         while not os.path.exists(path) or b.pid is None:
             assert time.monotonic() < deadline, "the jobs never started"
@@ -243,13 +238,13 @@ def test_interpreter_exit_with_running_jobs_is_prompt_and_leaves_nothing(tmp_pat
         out, err = proc.communicate(timeout=30)
         exited = time.monotonic() - recorded
         lines = out.splitlines()
-        left = jobs.wait_gone(records, timeout=2.0, zombies_ok=True)
+        left = procs.wait_gone(records, timeout=2.0, zombies_ok=True)
         gone = time.monotonic() - recorded
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-        jobs.kill_records(records)
+        procs.kill_records(records)
     code, expected = EXIT_MODES[mode]
     print(
         f"exit [{method}/{mode}]: exited {exited * 1000:.0f} ms after the jobs ran "
@@ -279,7 +274,7 @@ def _in_child(exe, running, action, conn_fd):
     try:
         try:
             if action == "submit":
-                exe.submit(rj.add, 1, 1)
+                exe.submit(jobs.add, 1, 1)
                 answer = "submitted"
             elif action == "cancel":
                 answer = f"cancel returned {[f.cancel() for f in running]}"
@@ -308,10 +303,10 @@ def test_forked_child_using_the_parents_pool_never_touches_the_parents_jobs(
     make_pool, backend, action
 ):
     exe = make_pool(2)
-    assert exe.submit(rj.add, 1, 2).result(timeout=WAIT) == 3
-    running = [exe.submit(rj.sleep_return, 1.0, f"parent job {i}") for i in range(2)]
-    job_pids = [jobs.wait_running(f) for f in running]
-    queued = exe.submit(rj.token_pid, "queued")
+    assert exe.submit(jobs.add, 1, 2).result(timeout=RESULT_WAIT) == 3
+    running = [exe.submit(jobs.sleep_return, 1.0, f"parent job {i}") for i in range(2)]
+    job_pids = [procs.wait_running(f) for f in running]
+    queued = exe.submit(jobs.token_pid, "queued")
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -349,9 +344,9 @@ def test_forked_child_using_the_parents_pool_never_touches_the_parents_jobs(
             )
         assert value == f"parent job {i}", value
         assert psutil.pid_exists(job_pids[i])
-    token, queued_pid = queued.result(timeout=WAIT)
+    token, queued_pid = queued.result(timeout=RESULT_WAIT)
     assert token == "queued" and queued_pid in job_pids
-    assert exe.submit(rj.getpid).result(timeout=WAIT) in job_pids
+    assert exe.submit(jobs.getpid).result(timeout=RESULT_WAIT) in job_pids
     assert exe.stats()["died"] == 0 and exe.stats()["cancelled"] == 0
 
 
@@ -371,13 +366,13 @@ def test_shutdown_cancel_futures_with_1000_queued_ends_every_future_once(make_po
         with lock:
             calls[id(future)] = calls.get(id(future), 0) + 1
 
-    running = [exe.submit(rj.sleep_return, 0.3, i) for i in range(2)]
+    running = [exe.submit(jobs.sleep_return, 0.3, i) for i in range(2)]
     for f in running:
-        jobs.wait_running(f)
+        procs.wait_running(f)
     queued = []
     for i in range(queued_count):
         extra = (ProcessTimeout(5),) if i % 3 == 0 else ()
-        queued.append(exe.submit(rj.add, i, 1, *extra))
+        queued.append(exe.submit(jobs.add, i, 1, *extra))
     everything = running + queued
     for f in everything:
         f.add_done_callback(count)
@@ -389,7 +384,7 @@ def test_shutdown_cancel_futures_with_1000_queued_ends_every_future_once(make_po
     def submitter():
         while not stop.is_set():
             try:
-                f = exe.submit(rj.add, 0, 0)
+                f = exe.submit(jobs.add, 0, 0)
             except RuntimeError:
                 refused[0] += 1
                 return

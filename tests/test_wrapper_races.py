@@ -50,12 +50,9 @@ from cancelk import (
     killable_wrapper,
 )
 
-import chaos_jobs as cj
-import helpers
-from helpers import HOST_WORKERS
-
-WAIT = 30.0  # a wrapped call not done this long is a hang
-GONE = 2.0  # job processes must be gone this long after their host worker died
+import jobs
+import procs
+from jobs import GONE, HOST_WORKERS, RESULT_WAIT, START_METHODS
 
 
 def expected(i):
@@ -71,8 +68,8 @@ def seeded(name):
 def assert_host_ok(host):
     """The host pool survived: its workers live and it still runs jobs."""
     assert not host.worker_problems(), host.worker_problems()
-    futures = [host.pool.submit(killable_wrapper, cj.value, i) for i in range(HOST_WORKERS)]
-    got = [f.result(timeout=WAIT)[0] for f in futures]
+    futures = [host.pool.submit(killable_wrapper, jobs.value, i) for i in range(HOST_WORKERS)]
+    got = [f.result(timeout=RESULT_WAIT)[0] for f in futures]
     assert got == [expected(i) for i in range(HOST_WORKERS)]
     assert not host.worker_problems(), host.worker_problems()
 
@@ -105,9 +102,10 @@ class TestRaces:
                     message = "cancel" if grace is None else {"cancel_timeout": grace}
                     future = race_host.pool.submit(
                         killable_wrapper,
-                        cj.spin_value,
+                        jobs.work,
                         seconds,
                         i,
+                        True,  # spin
                         killable_wrapper_cancel_pipe=receiver,
                     )
                     offset = time.perf_counter() + rng.uniform(0.0, 0.02)
@@ -119,7 +117,7 @@ class TestRaces:
                     except (BrokenPipeError, ConnectionResetError):
                         pass  # the job ended and the host closed its end already
                     try:
-                        outcome = future.result(timeout=WAIT)
+                        outcome = future.result(timeout=RESULT_WAIT)
                     except ProcessCancelledError:
                         latencies.append(time.perf_counter() - sent)
                         counts["cancelled"] += 1
@@ -156,13 +154,13 @@ class TestRaces:
             limit = rng.choice([0.002, 0.005, 0.01, 0.02])
             seconds = limit * rng.uniform(0.3, 1.1)
             future = race_host.pool.submit(
-                killable_wrapper, cj.spin_value, seconds, i, killable_wrapper_timeout=limit
+                killable_wrapper, jobs.work, seconds, i, True, killable_wrapper_timeout=limit
             )
             batch.append((i, future))
         counts = collections.Counter()
         for i, future in batch:
             try:
-                outcome = future.result(timeout=WAIT)
+                outcome = future.result(timeout=RESULT_WAIT)
             except ProcessTimeoutError:
                 counts["timed_out"] += 1
             except ProcessDiedError as why:
@@ -188,12 +186,12 @@ class TestRaces:
         escaped = []
         try:
             for i in range(n):
-                marker = f"{int(cj.LONG) - 1}.{nonce:06d}{i:06d}"
+                marker = f"{int(jobs.LONG) - 1}.{nonce:06d}{i:06d}"
                 sender, receiver = multiprocessing.Pipe()
                 try:
                     future = host.pool.submit(
                         killable_wrapper,
-                        cj.marked_children,
+                        jobs.marked_children,
                         marker,
                         2,
                         killable_wrapper_cancel_pipe=receiver,
@@ -201,7 +199,7 @@ class TestRaces:
                     time.sleep(rng.uniform(0.0, 0.03))
                     sender.send("cancel")
                     with pytest.raises(ProcessCancelledError):
-                        future.result(timeout=WAIT)
+                        future.result(timeout=RESULT_WAIT)
                 finally:
                     sender.close()
                     receiver.close()
@@ -242,13 +240,13 @@ def start_host(method, backend):
     pool = concurrent.futures.ProcessPoolExecutor(
         max_workers=HOST_WORKERS,
         mp_context=multiprocessing.get_context(method),
-        initializer=helpers.init_host,
+        initializer=jobs.init_host,
         initargs=(backend, "races"),
     )
     # every worker up before the test begins (spawn starts them on demand)
-    warm = [pool.submit(cj.work, 0.2, 0) for _ in range(2 * HOST_WORKERS)]
+    warm = [pool.submit(jobs.work, 0.2, 0) for _ in range(2 * HOST_WORKERS)]
     for future in warm:
-        future.result(timeout=WAIT)
+        future.result(timeout=RESULT_WAIT)
     pids = set(pool._processes)
     assert len(pids) == HOST_WORKERS
     return pool, pids
@@ -273,7 +271,7 @@ def not_doomed(records):
     and processes about to die of a SIGKILL count as stopped)."""
     alive = []
     for pid, created in records:
-        proc = helpers.same_process(pid, created)
+        proc = procs.same_process(pid, created)
         if proc is None:
             continue  # gone, or the pid names another process now
         try:
@@ -289,24 +287,26 @@ def time_until_gone(records, timeout):
     """Seconds until every recorded process is gone (dead and unreaped by an
     init that never reaps counts as gone), or None with what is left."""
     start = time.perf_counter()
-    left = helpers.wait_gone(records, timeout=timeout)
+    left = procs.wait_gone(records, timeout=timeout, orphaned_zombies_ok=True)
     if left:
         return None, left
     return time.perf_counter() - start, []
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_host_worker_sigkilled_takes_every_wrapped_job_tree_with_it(backend, method, tmp_path):
     pool, worker_pids = start_host(method, backend)
     paths = [str(tmp_path / f"job-{k}.json") for k in range(HOST_WORKERS)]
     records = []
     try:
         futures = [
-            pool.submit(killable_wrapper, cj.wrapped_tree, path, 2, killable_wrapper_timeout=WAIT)
+            pool.submit(
+                killable_wrapper, jobs.wrapped_tree, path, 2, killable_wrapper_timeout=RESULT_WAIT
+            )
             for path in paths
         ]
-        per_job = [helpers.read_record(path, wait=WAIT) for path in paths]
+        per_job = [procs.read_record(path, wait=RESULT_WAIT) for path in paths]
         records = [r for job in per_job for r in job]
         assert all(len(job) == 3 for job in per_job)  # each job and its two children
         jobs_only = [job[0] for job in per_job]
@@ -321,7 +321,7 @@ def test_host_worker_sigkilled_takes_every_wrapped_job_tree_with_it(backend, met
         gone_after, left = time_until_gone(records, GONE)
         for future in futures:
             with pytest.raises(BrokenProcessPool):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
         broken_after = max(ended) - start
         print(
             f"host {method}/{backend}: worker SIGKILLed; BrokenProcessPool after "
@@ -340,7 +340,7 @@ def test_host_worker_sigkilled_takes_every_wrapped_job_tree_with_it(backend, met
         )
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        helpers.kill_records(records)
+        procs.kill_records(records)
 
 
 @pytest.mark.timeout(60)
@@ -355,14 +355,16 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
     records = []
     try:
         running = [
-            pool.submit(killable_wrapper, cj.wrapped_tree, path, 2, killable_wrapper_timeout=limit)
+            pool.submit(
+                killable_wrapper, jobs.wrapped_tree, path, 2, killable_wrapper_timeout=limit
+            )
             for path in paths
         ]
         queued = [
-            pool.submit(killable_wrapper, cj.value, i, killable_wrapper_timeout=limit)
+            pool.submit(killable_wrapper, jobs.value, i, killable_wrapper_timeout=limit)
             for i in range(20)
         ]
-        records = [r for path in paths for r in helpers.read_record(path, wait=WAIT)]
+        records = [r for path in paths for r in procs.read_record(path, wait=RESULT_WAIT)]
         # shutdown(wait=False) drops the pool's references to its manager
         # thread and result queue; keep them to release their fds afterwards
         manager = pool._executor_manager_thread
@@ -376,12 +378,12 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
         # neither psutil nor Process.join, which would race the pool's own
         # manager thread for the exit status.
         pending = {proc.sentinel for proc in workers}
-        deadline = time.monotonic() + WAIT
+        deadline = time.monotonic() + RESULT_WAIT
         while pending and time.monotonic() < deadline:
             pending -= set(mp_connection.wait(list(pending), timeout=1.0))
         assert not pending, "host workers still running after their jobs' time limit"
         exited = time.perf_counter() - start
-        manager.join(WAIT)
+        manager.join(RESULT_WAIT)
         for proc in workers:
             proc.close()  # its sentinel fd
         result_queue.close()
@@ -390,11 +392,11 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
         gone_after, _ = time_until_gone(records, GONE)
         for future in running:
             with pytest.raises(ProcessTimeoutError):
-                future.result(timeout=WAIT)
+                future.result(timeout=RESULT_WAIT)
         cancelled = sum(f.cancelled() for f in queued)
         for future in queued:
             if not future.cancelled():
-                assert future.result(timeout=WAIT)[0] >= 1
+                assert future.result(timeout=RESULT_WAIT)[0] >= 1
         print(
             f"host {method}/{backend} shutdown(wait={wait}, cancel_futures=True): returned "
             f"after {returned * 1e3:.0f} ms, workers exited after {exited * 1e3:.0f} ms, "
@@ -409,4 +411,4 @@ def test_host_shutdown_while_wrapped_jobs_run_leaves_no_job_process(
         assert cancelled >= len(queued) - HOST_WORKERS - 1
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        helpers.kill_records(records)
+        procs.kill_records(records)
