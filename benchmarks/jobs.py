@@ -7,7 +7,7 @@ A job that must tell the benchmark when it started writes one line
 
     <token> <pid> <time.monotonic_ns() at its start>
 
-to a FIFO the benchmark reads (``Reports`` in executor_bench.py).  One line is
+to a FIFO the benchmark reads (``Reports`` in probes.py).  One line is
 a single write shorter than PIPE_BUF, so lines of concurrent jobs never mix.
 CLOCK_MONOTONIC is one clock for every process of the machine.
 """

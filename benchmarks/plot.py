@@ -7,7 +7,7 @@
     P2 throughput: median bars
 
 ``result`` is what benchmarks/run.py collects (``{"executor": ..., "wrapper": ...}``)
-or executor_bench.run()'s dict itself.  Needs matplotlib (imported here only,
+or figures.run()'s dict itself.  Needs matplotlib (imported here only,
 after the measurements, so it never weighs on them).
 """
 

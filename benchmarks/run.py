@@ -5,10 +5,13 @@
                                [--json FILE] [--plot FILE.png]
     python -m benchmarks.run [same options]
 
-Figures: P1-P5, P7, P8 (executor_bench.py: cancelk beside the stdlib pool,
-Pebble, loky and Deadpool) and P6 (wrapper_bench.py: killable_wrapper inside a
-stdlib pool, with its own P3 variant).  Default: all, about 5 minutes on a
-2-core machine; --quick under a minute; --full adds 10^6 jobs to P8.
+Figures: P1-P5, P7, P8 (figures.py: cancelk beside the stdlib pool, Pebble,
+loky and Deadpool) and P6 (wrapper_bench.py: killable_wrapper inside a stdlib
+pool, with its own P3 variant).  Default: all, about 5 minutes on a 2-core
+machine; --quick about a minute; --full adds 10^6 jobs to P8.
+
+This module is the entry point: it measures (figures.py, wrapper_bench.py),
+then prints the reports (report.py, wrapper_report.py).  Nothing imports it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from collections.abc import Sequence
 from typing import Any
 
 try:
-    from benchmarks import executor_bench, stats, wrapper_bench
+    from benchmarks import figures, report, stats, wrapper_bench, wrapper_report
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
-    import executor_bench  # type: ignore[no-redef]
+    import figures  # type: ignore[no-redef]
+    import report  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
     import wrapper_bench  # type: ignore[no-redef]
+    import wrapper_report  # type: ignore[no-redef]
 
 ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
 
@@ -91,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {}
     executor_figures = [name for name in args.figures if name != "P6"]
     if executor_figures:
-        result["executor"] = executor_bench.run(
+        result["executor"] = figures.run(
             figures=executor_figures,
             quick=args.quick,
             full=args.full,
@@ -99,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             progress=_say,
         )
-        print(executor_bench.format_report(result["executor"]), flush=True)
+        print(report.format_report(result["executor"]), flush=True)
     if "P6" in args.figures:
         _say("P6 killable_wrapper benchmark ...")
         result["wrapper"] = wrapper_bench.run(
@@ -110,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if executor_figures:
             print()
-        print(wrapper_bench.format_report(result["wrapper"]), flush=True)
+        print(wrapper_report.format_report(result["wrapper"]), flush=True)
     if args.json:
         stats.dump_json(args.json, result)
         _say(f"results written to {args.json}")
