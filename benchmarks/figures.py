@@ -22,10 +22,11 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 try:
-    from benchmarks import harness, peers, speed, startup, stats, stops
+    from benchmarks import harness, peers, quiet, speed, startup, stats, stops
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import harness  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
+    import quiet  # type: ignore[no-redef]
     import speed  # type: ignore[no-redef]
     import startup  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
@@ -53,8 +54,10 @@ def run(
     start_method: str = "fork",
     workers: int = 2,
     progress: Callable[[str], None] | None = None,
+    capture: quiet.Uncaptured = quiet.UNCAPTURED,
 ) -> dict[str, Any]:
-    """Measure the figures asked for; a JSON-ready dict (see ``report.format_report``)."""
+    """Measure the figures asked for; a JSON-ready dict (see ``report.format_report``).
+    With a ``quiet.Capture``, errors the libraries write go into their rows' notes."""
     try:
         import psutil  # noqa: F401
     except ImportError as why:
@@ -65,7 +68,7 @@ def run(
     plan = harness.make_plan(quick, full)
     machine = stats.machine_info()
     began = time.monotonic()
-    ctx = harness.Context(plan, start_method, workers, say)
+    ctx = harness.Context(plan, start_method, workers, say, capture)
     results: dict[str, Any] = {}
     try:
         for name in figures:

@@ -18,11 +18,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Union
 
 try:
-    from benchmarks import jobs, peers, probes, stats
+    from benchmarks import jobs, peers, probes, quiet, stats
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import jobs  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
     import probes  # type: ignore[no-redef]
+    import quiet  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
 
 START_METHODS = ("fork", "forkserver", "spawn")
@@ -88,13 +89,22 @@ def make_plan(quick: bool = False, full: bool = False) -> Plan:
 
 
 class Context:
-    """What every figure needs: plan, options, the report FIFO, progress output."""
+    """What every figure needs: plan, options, the report FIFO, progress and the
+    capture of what the libraries write."""
 
-    def __init__(self, plan: Plan, method: str, workers: int, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        method: str,
+        workers: int,
+        say: Callable[[str], None],
+        capture: quiet.Uncaptured = quiet.UNCAPTURED,
+    ) -> None:
         self.plan = plan
         self.method = method
         self.workers = workers
         self.say = say
+        self.capture = capture  # the libraries' own output, see quiet.py
         self.reports = probes.Reports()
         self.give_up_ns = int(plan.give_up_s * 1e9)
         self.give_up_ms = int(plan.give_up_s * 1000)
@@ -152,33 +162,30 @@ def warm(library: peers.Library, pool: Any, workers: int) -> None:
 
 
 def run_trials(
-    keeper: Keeper,
-    trial: Trial,
-    n: int,
-    attempts: int,
-    rest_s: float = 0.0,
+    ctx: Context, keeper: Keeper, trial: Trial, n: int, rest_s: float = 0.0
 ) -> dict[str, Any]:
-    """Up to ``n`` good trials, ``rest_s`` apart; stop after ``attempts`` failed ones
-    (the pool is replaced after each)."""
+    """Up to ``n`` good trials, ``rest_s`` apart; stop after ``plan.attempts`` failed
+    ones (the pool is replaced after each)."""
     good: list[dict[str, Any]] = []
     failures: list[str] = []
-    try:
-        while len(good) < n and len(failures) < attempts:
-            try:
-                pool = keeper.get()
-                # Every trial, the first included, starts with the pool at rest.
-                time.sleep(rest_s)
-                outcome = trial(keeper.library, pool)
-            except Exception as why:
-                outcome = f"{type(why).__name__}: {why}"
-            if isinstance(outcome, str):
-                failures.append(outcome)
-                keeper.reset()
-            else:
-                good.append(outcome)
-    finally:
-        keeper.reset()
-    return {"good": good, "failures": failures, "notes": keeper.notes()}
+    with ctx.capture.heard() as heard:
+        try:
+            while len(good) < n and len(failures) < ctx.plan.attempts:
+                try:
+                    pool = keeper.get()
+                    # Every trial, the first included, starts with the pool at rest.
+                    time.sleep(rest_s)
+                    outcome = trial(keeper.library, pool)
+                except Exception as why:
+                    outcome = f"{type(why).__name__}: {why}"
+                if isinstance(outcome, str):
+                    failures.append(outcome)
+                    keeper.reset()
+                else:
+                    good.append(outcome)
+        finally:
+            keeper.reset()
+    return {"good": good, "failures": failures, "notes": keeper.notes() + heard}
 
 
 def summaries(good: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
@@ -191,23 +198,28 @@ def summaries(good: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, 
 
 
 def each_library(
+    ctx: Context,
     libraries: Sequence[peers.Library],
     method: str,
     body: Callable[[peers.Library], dict[str, Any]],
 ) -> list[dict[str, Any]]:
+    """A row per library: ``body``'s figures, or why there are none."""
     rows = []
     for library in libraries:
         row: dict[str, Any] = {"library": library.label, "name": library.name}
         row["notes"] = [library.method_note(method)] if library.method_note(method) else []
         if not library.available:
             row["status"] = library.why_unavailable
-        else:
+            rows.append(row)
+            continue
+        with ctx.capture.heard() as heard:
             try:
                 measured = body(library)
                 measured["notes"] = row["notes"] + measured.get("notes", [])
                 row.update(measured)
             except Exception as why:
                 row["status"] = f"error: {type(why).__name__}: {why}"
+        row["notes"] += heard
         rows.append(row)
     return rows
 

@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from typing import Any
 
 try:
-    from benchmarks import figures, report, stats, wrapper_bench, wrapper_report
+    from benchmarks import figures, quiet, report, stats, wrapper_bench, wrapper_report
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import figures  # type: ignore[no-redef]
+    import quiet  # type: ignore[no-redef]
     import report  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
     import wrapper_bench  # type: ignore[no-redef]
@@ -81,6 +82,12 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _loose(capture: quiet.Capture, what: str) -> None:
+    """Errors the libraries wrote outside any library's row (P6 has no rows)."""
+    for note in capture.loose:
+        _say(f"{what}: {note}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `python -m cancelk bench -- --quick`
@@ -96,23 +103,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {}
     executor_figures = [name for name in args.figures if name != "P6"]
     if executor_figures:
-        result["executor"] = figures.run(
-            figures=executor_figures,
-            quick=args.quick,
-            full=args.full,
-            start_method=args.start_method,
-            workers=args.workers,
-            progress=_say,
-        )
+        with quiet.Capture() as capture:
+            result["executor"] = figures.run(
+                figures=executor_figures,
+                quick=args.quick,
+                full=args.full,
+                start_method=args.start_method,
+                workers=args.workers,
+                progress=capture.say,
+                capture=capture,
+            )
+        _loose(capture, "written while measuring")
         print(report.format_report(result["executor"]), flush=True)
     if "P6" in args.figures:
         _say("P6 killable_wrapper benchmark ...")
-        result["wrapper"] = wrapper_bench.run(
-            quick=args.quick,
-            repeat=5 if args.quick else None,  # keeps --quick under a minute
-            start_method=args.start_method,
-            progress=_say,
-        )
+        with quiet.Capture() as capture:
+            result["wrapper"] = wrapper_bench.run(
+                quick=args.quick,
+                repeat=5 if args.quick else None,  # keeps --quick under a minute
+                start_method=args.start_method,
+                progress=capture.say,
+            )
+        _loose(capture, "written while measuring P6")
         if executor_figures:
             print()
         print(wrapper_report.format_report(result["wrapper"]), flush=True)

@@ -47,7 +47,7 @@ def figure_p1(ctx: harness.Context) -> dict[str, Any]:
                 samples.append(clock() - start)
         return {"summary": stats.summarize(samples), "notes": harness.handle_notes(handle)}
 
-    rows = harness.each_library(peers.LIBRARIES, ctx.method, body)
+    rows = harness.each_library(ctx, peers.LIBRARIES, ctx.method, body)
     harness.ratios(rows, lambda row: row["summary"]["median_ms"])
     return {"workers": ctx.workers, "method": ctx.method, "rows": rows}
 
@@ -108,7 +108,7 @@ def figure_p2(ctx: harness.Context) -> dict[str, Any]:
         )
         return row
 
-    rows = harness.each_library(peers.LIBRARIES, ctx.method, body)
+    rows = harness.each_library(ctx, peers.LIBRARIES, ctx.method, body)
     harness.ratios(rows, lambda row: row["jobs_per_s_median"])
     return {"workers": ctx.workers, "method": ctx.method, "jobs": plan.p2_jobs, "rows": rows}
 
@@ -185,7 +185,7 @@ def figure_p8(ctx: harness.Context) -> dict[str, Any]:
         }
         return row
 
-    rows = harness.each_library(libraries, ctx.method, body)
+    rows = harness.each_library(ctx, libraries, ctx.method, body)
     return {"workers": ctx.workers, "method": ctx.method, "window": 4096, "rows": rows}
 
 

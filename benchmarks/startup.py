@@ -94,6 +94,6 @@ def figure_p7(ctx: harness.Context) -> dict[str, Any]:
         row["notes"] = [f"{leftovers} process(es) left after shutdown, killed"] if leftovers else []
         return row
 
-    rows = harness.each_library(peers.LIBRARIES, "spawn", body)
+    rows = harness.each_library(ctx, peers.LIBRARIES, "spawn", body)
     harness.ratios(rows, lambda row: row["ready"]["median_ms"])
     return {"workers": P7_WORKERS, "method": "spawn", "rows": rows}

@@ -110,9 +110,7 @@ def figure_p3(ctx: harness.Context) -> dict[str, Any]:
             }
             try:
                 keeper = harness.Keeper(library, 1, ctx.method)
-                result = harness.run_trials(
-                    keeper, _timeout_trial(ctx, kind), plan.p3_trials, plan.attempts
-                )
+                result = harness.run_trials(ctx, keeper, _timeout_trial(ctx, kind), plan.p3_trials)
             except Exception as why:
                 row["status"] = f"error: {type(why).__name__}: {why}"
                 rows.append(row)
@@ -244,7 +242,7 @@ def _p4_row(
 ) -> dict[str, Any]:
     try:
         result = harness.run_trials(
-            harness.Keeper(library, 1, ctx.method), trial, plan.p4_trials, plan.attempts
+            ctx, harness.Keeper(library, 1, ctx.method), trial, plan.p4_trials
         )
     except Exception as why:
         return {"status": f"error: {type(why).__name__}: {why}"}
@@ -319,11 +317,7 @@ def figure_p5(ctx: harness.Context) -> dict[str, Any]:
                 try:
                     keeper = harness.Keeper(library, 1, method, initializer)
                     result = harness.run_trials(
-                        keeper,
-                        _restart_trial(ctx),
-                        plan.p5_trials,
-                        plan.attempts,
-                        harness.P5_REST_S,
+                        ctx, keeper, _restart_trial(ctx), plan.p5_trials, harness.P5_REST_S
                     )
                 except Exception as why:
                     rows.append({**base, "status": f"error: {type(why).__name__}: {why}"})
