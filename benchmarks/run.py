@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import multiprocessing
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,25 @@ def _figures(text: str) -> list[str]:
     return [name for name in ALL_FIGURES if name in names]
 
 
+def _output_file(text: str) -> str:
+    """A file to write at the end: not a directory, in a directory we can make."""
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory: name a file")
+    parent = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(parent):  # the nearest existing ancestor decides
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {parent!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {parent!r} is not writable")
+    return text
+
+
+def _made_parent(path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m cancelk bench",
@@ -68,9 +88,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help="start method of every pool (P7 always uses spawn; default fork)",
     )
     parser.add_argument("--workers", type=int, default=2, help="workers for P1, P2, P8 (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
-        "--plot", metavar="FILE.png", help="also draw the distributions (needs matplotlib)"
+        "--json", metavar="FILE", type=_output_file, help="also write the results as JSON"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=_output_file,
+        help="also draw the distributions there, PNG unless the name ends in another "
+        "format matplotlib writes (needs matplotlib)",
     )
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -129,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
         print(wrapper_report.format_report(result["wrapper"]), flush=True)
     if args.json:
-        stats.dump_json(args.json, result)
+        stats.dump_json(_made_parent(args.json), result)
         _say(f"results written to {args.json}")
     if args.plot:
         try:
@@ -137,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             import plot  # type: ignore[no-redef]
 
-        plot.draw(result, args.plot)
-        _say(f"plot written to {args.plot}")
+        kind = plot.draw(result, _made_parent(args.plot))
+        _say(f"plot ({kind}) written to {args.plot}")
     return 0
 
 
