@@ -7,6 +7,8 @@ measured:
 
     speed.py    P1 round trip, P2 throughput, P8 cost per job and map(buffersize=)
     stops.py    P3 time limits, P4 cancel, P5 kill -> next job
+    floor.py    the kernel's floor under P3 and P4 (measured after them, whenever
+                either runs) and cancelk's overhead over it
     startup.py  P7 32 spawned workers ready, and their memory
 
 How the times are taken: see probes.py (the FIFO of job starts, pidfds) and
@@ -22,8 +24,9 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 try:
-    from benchmarks import harness, peers, quiet, speed, startup, stats, stops
+    from benchmarks import floor, harness, peers, quiet, speed, startup, stats, stops
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
+    import floor  # type: ignore[no-redef]
     import harness  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
     import quiet  # type: ignore[no-redef]
@@ -44,7 +47,17 @@ FIGURE_FUNCTIONS: dict[str, Callable[[harness.Context], dict[str, Any]]] = {
     "P5": stops.figure_p5,
     "P7": startup.figure_p7,
     "P8": speed.figure_p8,
+    "floor": floor.figure_floor,
 }
+
+
+def _order(figures: Sequence[str]) -> list[str]:
+    """The figures in the order asked, the floor right after the last of P3 / P4."""
+    order = list(figures)
+    stopping = [index for index, name in enumerate(order) if name in ("P3", "P4")]
+    if stopping:
+        order.insert(stopping[-1] + 1, "floor")
+    return order
 
 
 def run(
@@ -71,10 +84,12 @@ def run(
     ctx = harness.Context(plan, start_method, workers, say, capture)
     results: dict[str, Any] = {}
     try:
-        for name in figures:
+        for name in _order(figures):
             figure_began = time.monotonic()
             results[name] = FIGURE_FUNCTIONS[name](ctx)
             results[name]["elapsed_s"] = round(time.monotonic() - figure_began, 1)
+        if "floor" in results:
+            results["floor"]["over_floor"] = floor.over_floor(results)
     finally:
         ctx.reports.close()
     return {

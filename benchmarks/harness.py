@@ -55,6 +55,7 @@ class Plan:
     p2_repeats: int = 3
     p3_trials: int = 30  # per library and job kind
     p4_trials: int = 50  # per library, sync and asyncio each
+    floor_trials: int = 60  # kills of a runner-sized process (floor.py)
     attempts: int = 2  # failed trials (job not stopped) allowed per row before giving up
     p5_trials: int = 6
     p5_all_methods: bool = True
@@ -75,6 +76,7 @@ def make_plan(quick: bool = False, full: bool = False) -> Plan:
             p2_repeats=1,
             p3_trials=5,
             p4_trials=8,
+            floor_trials=15,
             attempts=1,
             p5_trials=3,
             p5_all_methods=False,

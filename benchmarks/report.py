@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 try:
-    from benchmarks import harness, stats, stop_tables, tables
+    from benchmarks import floor, harness, stats, stop_tables, tables
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
+    import floor  # type: ignore[no-redef]
     import harness  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
     import stop_tables  # type: ignore[no-redef]
@@ -30,6 +31,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "P3": stop_tables.table_p3,
     "P4": stop_tables.table_p4,
     "P5": stop_tables.table_p5,
+    "floor": stop_tables.table_floor,
     "P7": tables.table_p7,
     "P8": tables.table_p8,
 }
@@ -107,6 +109,15 @@ def _verdicts_p7(figure: dict[str, Any]) -> list[str]:
     return [f"{line}; PSS {row['pss_mb']:.0f} MB" for line in lines] if row else []
 
 
+def _verdicts_floor(figure: dict[str, Any]) -> list[str]:
+    return [
+        f"{row['what']}: p50 {fmt(row['cancelk_p50_ms'])} = floor {fmt(row['floor_p50_ms'])} "
+        f"+ overhead {fmt(row['overhead_ms'])} ms (target overhead <= "
+        f"{floor.OVERHEAD_TARGET_MS:g}): {_met(row['met'])}"
+        for row in figure.get("over_floor", [])
+    ]
+
+
 def _verdicts_p8(figure: dict[str, Any]) -> list[str]:
     row = _row(figure["rows"], "cancelk")
     if not row:
@@ -134,6 +145,7 @@ VERDICTS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "P2": lambda figure: _versus_stdlib(figure["rows"], "P2 throughput", 1.5, most=False),
     "P3": _verdicts_p3,
     "P4": _verdicts_p4,
+    "floor": _verdicts_floor,
     "P5": _verdicts_p5,
     "P7": _verdicts_p7,
     "P8": _verdicts_p8,

@@ -1,17 +1,19 @@
-"""The terminal tables of the executor figures that stop jobs: P3, P4, P5."""
+"""The terminal tables of the executor figures that stop jobs: P3, P4, P5, and the
+kernel's floor under P3/P4 with cancelk's overhead over it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 try:
-    from benchmarks import harness
-    from benchmarks.tables import ms_cells, notes_cell, table
+    from benchmarks import floor, harness
+    from benchmarks.tables import fmt, ms_cells, notes_cell, table
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
+    import floor  # type: ignore[no-redef]
     import harness  # type: ignore[no-redef]
-    from tables import ms_cells, notes_cell, table  # type: ignore[no-redef]
+    from tables import fmt, ms_cells, notes_cell, table  # type: ignore[no-redef]
 
-__all__ = ["table_p3", "table_p4", "table_p5"]
+__all__ = ["table_floor", "table_p3", "table_p4", "table_p5"]
 
 
 def table_p3(figure: dict[str, Any]) -> str:
@@ -103,3 +105,39 @@ def table_p5(figure: dict[str, Any]) -> str:
         lambda r: [str(r["next_start"]["n"]), *ms_cells(r["next_start"]), notes_cell(r)],
         lead=("method", "initializer", "library"),
     )
+
+
+def table_floor(figure: dict[str, Any]) -> str:
+    title = "P3/P4 kernel floor"
+    if "status" in figure:
+        return f"{title}: not measured: {figure['status']}"
+    floor_mb = figure["floor_rss_mb"]
+    sizes = f"a cancelk runner {figure['runner_rss_mb']:.1f} MB RSS, " + (
+        f"the killed process {floor_mb:.1f} MB" if floor_mb is not None else "killed process"
+    )
+    wait = "its pidfd is readable (exited)" if figure["clock"] == "pidfd" else "waitpid returns"
+    measured = table(
+        f"{title} ({figure['method']}): fork a process of a runner's size ({sizes}), "
+        f"SIGKILL it, ms until {wait} / until it is reaped",
+        ["measure", "n", "p50 ms", "p99 ms", "notes"],
+        [
+            {"measure": "SIGKILL -> exited", **figure["exit"], "notes": figure["notes"]},
+            {"measure": "SIGKILL -> reaped", **figure["reaped"]},
+        ],
+        lambda r: [str(r["n"]), *ms_cells(r), notes_cell(r)],
+        lead=("measure",),
+    )
+    over = table(
+        "cancelk over the floor: p50 = floor p50 + overhead   target overhead <= "
+        f"{floor.OVERHEAD_TARGET_MS:g} ms at p50",
+        ["figure", "n", "cancelk p50 = floor + overhead", "cancelk p99", "floor p99"],
+        figure.get("over_floor", []),
+        lambda r: [
+            str(r["n"]),
+            f"{fmt(r['cancelk_p50_ms'])} = {fmt(r['floor_p50_ms'])} + {fmt(r['overhead_ms'])}",
+            fmt(r["cancelk_p99_ms"]),
+            fmt(r["floor_p99_ms"]),
+        ],
+        lead=("what",),
+    )
+    return measured + "\n\n" + over
