@@ -1,6 +1,6 @@
 """Measure the executor figures: ``run(...)`` returns a JSON-ready dict.
 
-Design section 5 (P1-P5, P7, P8) for ``cancelk.ProcessPoolExecutor`` beside the
+Design section 5 (P1-P5, P7-P9) for ``cancelk.ProcessPoolExecutor`` beside the
 stdlib pool and its peers, every library driven through its own API (peers.py);
 a library that is not installed is listed as such.  Where each figure is
 measured:
@@ -10,6 +10,7 @@ measured:
     floor.py    the kernel's floor under P3 and P4 (measured after them, whenever
                 either runs) and cancelk's overhead over it
     startup.py  P7 32 spawned workers ready, and their memory
+    payloads.py P9 1 / 10 / 100 MB arguments and results: time, peak memory
 
 How the times are taken: see probes.py (the FIFO of job starts, pidfds) and
 stops.py.  The user process never busy-waits, so on a 2-core machine it does not
@@ -24,10 +25,11 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 try:
-    from benchmarks import floor, harness, peers, quiet, speed, startup, stats, stops
+    from benchmarks import floor, harness, payloads, peers, quiet, speed, startup, stats, stops
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import floor  # type: ignore[no-redef]
     import harness  # type: ignore[no-redef]
+    import payloads  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
     import quiet  # type: ignore[no-redef]
     import speed  # type: ignore[no-redef]
@@ -37,7 +39,7 @@ except ImportError:  # run as a script: the benchmarks directory itself is on sy
 
 __all__ = ["EXECUTOR_FIGURES", "FIGURE_FUNCTIONS", "run"]
 
-EXECUTOR_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P7", "P8")
+EXECUTOR_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P7", "P8", "P9")
 
 FIGURE_FUNCTIONS: dict[str, Callable[[harness.Context], dict[str, Any]]] = {
     "P1": speed.figure_p1,
@@ -47,6 +49,7 @@ FIGURE_FUNCTIONS: dict[str, Callable[[harness.Context], dict[str, Any]]] = {
     "P5": stops.figure_p5,
     "P7": startup.figure_p7,
     "P8": speed.figure_p8,
+    "P9": payloads.figure_p9,
     "floor": floor.figure_floor,
 }
 
@@ -93,7 +96,7 @@ def run(
     finally:
         ctx.reports.close()
     return {
-        "benchmark": "cancelk.ProcessPoolExecutor beside its peers (P1-P5, P7, P8)",
+        "benchmark": "cancelk.ProcessPoolExecutor beside its peers (P1-P5, P7-P9)",
         "machine": machine,
         "libraries": {
             lib.name: lib.version if lib.available else lib.why_unavailable

@@ -62,6 +62,8 @@ class Plan:
     p7_repeats: int = 2
     p8_sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
     p8_map_items: int = 200_000
+    p9_sizes_mb: tuple[int, ...] = (1, 10, 100)
+    p9_calls: tuple[int, ...] = (20, 10, 4)  # timed calls per job and size, in order
     give_up_s: float = 2.0
 
 
@@ -83,6 +85,8 @@ def make_plan(quick: bool = False, full: bool = False) -> Plan:
             p7_repeats=1,
             p8_sizes=(1_000, 10_000),
             p8_map_items=20_000,
+            p9_sizes_mb=(1, 10),
+            p9_calls=(6, 3),
         )
     plan = Plan()
     if full:

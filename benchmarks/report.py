@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 try:
-    from benchmarks import floor, harness, stats, stop_tables, tables
+    from benchmarks import floor, harness, jobs, stats, stop_tables, tables
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import floor  # type: ignore[no-redef]
     import harness  # type: ignore[no-redef]
+    import jobs  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
     import stop_tables  # type: ignore[no-redef]
     import tables  # type: ignore[no-redef]
@@ -34,6 +35,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "floor": stop_tables.table_floor,
     "P7": tables.table_p7,
     "P8": tables.table_p8,
+    "P9": tables.table_p9,
 }
 
 
@@ -140,6 +142,34 @@ def _verdicts_p8(figure: dict[str, Any]) -> list[str]:
     return lines
 
 
+P9_MEASURES = {
+    "time": "time per call (p50)",
+    "user": "user process peak RSS growth",
+    "job": "job process peak RSS growth",
+}
+
+
+def _worst_ratio(rows: Sequence[dict[str, Any]], what: str) -> tuple[float, str] | None:
+    """The largest cancelk / stdlib ratio of one P9 measure, and which series it is."""
+    ratios = [
+        (row["vs_stdlib"][what], f"{row['size_mb']} MB {jobs.PAYLOAD_LABELS[row['variant']]}")
+        for row in rows
+        if row.get("vs_stdlib", {}).get(what) is not None
+    ]
+    return max(ratios) if ratios else None
+
+
+def _verdicts_p9(figure: dict[str, Any]) -> list[str]:
+    worst = {what: _worst_ratio(figure["rows"], what) for what in P9_MEASURES}
+    return [
+        f"P9 {P9_MEASURES[what]}: worst {ratio:.2f}x stdlib ({where}; target <= 1.0): "
+        f"{_met(ratio <= 1.0)}"
+        for what, found in worst.items()
+        if found
+        for ratio, where in [found]
+    ]
+
+
 VERDICTS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "P1": lambda figure: _versus_stdlib(figure["rows"], "P1 round trip", 0.5, most=True),
     "P2": lambda figure: _versus_stdlib(figure["rows"], "P2 throughput", 1.5, most=False),
@@ -149,6 +179,7 @@ VERDICTS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "P5": _verdicts_p5,
     "P7": _verdicts_p7,
     "P8": _verdicts_p8,
+    "P9": _verdicts_p9,
 }
 
 

@@ -5,10 +5,11 @@
                                [--json FILE] [--plot FILE.png]
     python -m benchmarks.run [same options]
 
-Figures: P1-P5, P7, P8 (figures.py: cancelk beside the stdlib pool, Pebble,
-loky and Deadpool) and P6 (wrapper_bench.py: killable_wrapper inside a stdlib
-pool, with its own P3 variant).  Default: all, about 5 minutes on a 2-core
-machine; --quick about a minute; --full adds 10^6 jobs to P8.
+Figures: P1-P5, P7-P9 (figures.py: cancelk beside the stdlib pool, Pebble,
+loky and Deadpool; P3 and P4 with the kernel's floor under them) and P6
+(wrapper_bench.py: killable_wrapper inside a stdlib pool, with its own P3
+variant).  Default: all, about 5 minutes on a 2-core machine; --quick about a
+minute; --full adds 10^6 jobs to P8.
 
 This module is the entry point: it measures (figures.py, wrapper_bench.py),
 then prints the reports (report.py, wrapper_report.py).  Nothing imports it.
@@ -34,7 +35,7 @@ except ImportError:  # run as a script: the benchmarks directory itself is on sy
     import wrapper_bench  # type: ignore[no-redef]
     import wrapper_report  # type: ignore[no-redef]
 
-ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
+ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
 
 
 def _figures(text: str) -> list[str]:

@@ -1,6 +1,7 @@
-"""The terminal tables of the executor figures that measure speed and start-up.
+"""The terminal tables of the executor figures that measure speed, start-up, payloads.
 
-    P1 round trip, P2 throughput, P7 32 workers ready, P8 cost per job and map()
+    P1 round trip, P2 throughput, P7 32 workers ready, P8 cost per job and map(),
+    P9 large payloads
 
 and the cell helpers every table shares (stop_tables.py holds P3-P5).  Each
 table takes the figure's dict as ``figures.run`` left it in ``result["figures"]``.
@@ -14,8 +15,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 try:
-    from benchmarks import stats
+    from benchmarks import jobs, stats
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
+    import jobs  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "table_p2",
     "table_p7",
     "table_p8",
+    "table_p9",
 ]
 
 fmt = stats.format_ms
@@ -182,4 +185,59 @@ def table_p8(figure: dict[str, Any]) -> str:
                 "",
             ],
         )
+    )
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def table_p9(figure: dict[str, Any]) -> str:
+    rows = [
+        {
+            **row,
+            "size": f"{row['size_mb']} MB" if "size_mb" in row else "-",
+            "job": jobs.PAYLOAD_LABELS.get(row.get("variant", ""), "-"),
+        }
+        for row in figure["rows"]
+    ]
+    return table(
+        f"P9  large payloads: n bytes as argument and/or result ({figure['workers']} workers, "
+        f"{figure['method']}; a fresh interpreter per library, a fresh pool per series): ms "
+        "per call; peak RSS and its growth during the series, of the user process and of the "
+        f"job process (memory: {figure['memory']})   target cancelk <= 1.0x stdlib",
+        [
+            "size",
+            "job",
+            "library",
+            "n",
+            "p50 ms",
+            "p99 ms",
+            "vs stdlib",
+            "user peak MB",
+            "user +MB",
+            "vs stdlib",
+            "job peak MB",
+            "job +MB",
+            "vs stdlib",
+            "notes",
+        ],
+        rows,
+        lambda r: [
+            str(r["time"]["n"]),
+            *ms_cells(r["time"]),
+            _times(r.get("vs_stdlib", {}).get("time")),
+            _mb(r["user_peak_mb"]),
+            _mb(r["user_growth_mb"]),
+            _times(r.get("vs_stdlib", {}).get("user")),
+            _mb(r["job_peak_mb"]),
+            _mb(r["job_growth_mb"]),
+            _times(r.get("vs_stdlib", {}).get("job")),
+            notes_cell(r),
+        ],
+        lead=("size", "job", "library"),
     )
