@@ -1,10 +1,12 @@
 """What every figure of the executor benchmark shares: the plan, the context, the trials.
 
     Plan         how many samples each figure gets (``make_plan``: default, quick, full)
-    Context      plan, options, the report FIFO and the progress output of one run
+    Context      plan, options, the report FIFO, the progress output of one run and
+                 the capture of what the libraries write (quiet.py)
     Keeper       one pool of a library, replaced after a trial that left it in doubt
     run_trials   up to n good trials, at most ``attempts`` failed ones
     each_library a figure's body run once per library, its failure kept in the row
+                 (both add the errors the library wrote meanwhile to the row's notes)
 
 The limits below bound every wait: a library that does not stop a job fails
 that trial, it does not hang the benchmark.

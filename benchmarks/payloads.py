@@ -131,7 +131,8 @@ def child(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _run_child(name: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    paths = [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     with tempfile.TemporaryDirectory(prefix="cancelk-bench-p9-") as folder:
         out = os.path.join(folder, "result.json")
         spec = {**spec, "library": name, "out": out}
