@@ -7,7 +7,7 @@ A job that must tell the benchmark when it started writes one line
 
     <token> <pid> <time.monotonic_ns() at its start>
 
-to a FIFO the benchmark reads (``Reports`` in executor_bench.py).  One line is
+to a FIFO the benchmark reads (``Reports`` in probes.py).  One line is
 a single write shorter than PIPE_BUF, so lines of concurrent jobs never mix.
 CLOCK_MONOTONIC is one clock for every process of the machine.
 """
@@ -17,10 +17,14 @@ from __future__ import annotations
 import os
 import select
 import time
+from collections.abc import Callable
 
 __all__ = [
     "KINDS",
+    "PAYLOADS",
+    "PAYLOAD_LABELS",
     "c_sleep",
+    "echo_payload",
     "getpid",
     "hold",
     "identity",
@@ -29,6 +33,8 @@ __all__ = [
     "report",
     "sleep",
     "spin",
+    "take_payload",
+    "zeros",
 ]
 
 
@@ -97,3 +103,27 @@ def hold(path: str, token: str, release_path: str, limit_s: float) -> int:
 
 
 KINDS = {"sleep": sleep, "spin": spin, "c_sleep": c_sleep}
+
+
+def zeros(n: int) -> bytes:
+    """``bytes(n)``'s value with every page written, as a real payload's would be
+    (``bytes(n)`` itself is calloc'ed: untouched zero pages that RSS does not count)."""
+    return b"\0" * n
+
+
+def echo_payload(data: bytes) -> bytes:
+    """P9 argument and result: n bytes in, n bytes back."""
+    return zeros(len(data))
+
+
+def take_payload(data: bytes) -> int:
+    """P9 argument only."""
+    return len(data)
+
+
+PAYLOADS: dict[str, Callable[..., object]] = {
+    "both": echo_payload,
+    "arg": take_payload,
+    "result": zeros,
+}
+PAYLOAD_LABELS = {"both": "arg + result", "arg": "arg only", "result": "result only"}

@@ -1,4 +1,4 @@
-"""Draw the executor benchmark's results: ``draw(result, "bench.png")``.
+"""Draw the executor benchmark's results: ``draw(result, "bench.png")`` writes that file.
 
     P3 timeout overshoot (deadline -> future done and process gone), per library
        and job kind: box plot with every sample on top, log scale
@@ -7,13 +7,14 @@
     P2 throughput: median bars
 
 ``result`` is what benchmarks/run.py collects (``{"executor": ..., "wrapper": ...}``)
-or executor_bench.run()'s dict itself.  Needs matplotlib (imported here only,
+or figures.run()'s dict itself.  Needs matplotlib (imported here only,
 after the measurements, so it never weighs on them).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,10 @@ __all__ = ["draw"]
 FLOOR_MS = 0.001  # log scale: samples at or under zero are drawn here
 
 
-def draw(result: dict[str, Any], path: str) -> None:
+def draw(result: dict[str, Any], path: str) -> str:
+    """Write the plot to exactly ``path``; the format it has (PNG unless the name ends
+    in another format matplotlib writes: savefig itself would add ``.png`` to a name
+    without a suffix and refuse an unknown one)."""
     try:
         import matplotlib
 
@@ -47,8 +51,12 @@ def draw(result: dict[str, Any], path: str) -> None:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=110)
+    suffix = os.path.splitext(path)[1][1:].lower()
+    kind = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
+    with open(path, "wb") as out:
+        fig.savefig(out, format=kind, dpi=110)
     plt.close(fig)
+    return kind
 
 
 def _positive(samples: Sequence[float]) -> list[float]:

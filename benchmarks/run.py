@@ -5,10 +5,14 @@
                                [--json FILE] [--plot FILE.png]
     python -m benchmarks.run [same options]
 
-Figures: P1-P5, P7, P8 (executor_bench.py: cancelk beside the stdlib pool,
-Pebble, loky and Deadpool) and P6 (wrapper_bench.py: killable_wrapper inside a
-stdlib pool, with its own P3 variant).  Default: all, about 5 minutes on a
-2-core machine; --quick under a minute; --full adds 10^6 jobs to P8.
+Figures: P1-P5, P7-P9 (figures.py: cancelk beside the stdlib pool, Pebble,
+loky and Deadpool; P3 and P4 with the kernel's floor under them) and P6
+(wrapper_bench.py: killable_wrapper inside a stdlib pool, with its own P3
+variant).  Default: all, about 5 minutes on a 2-core machine; --quick about a
+minute; --full adds 10^6 jobs to P8.
+
+This module is the entry point: it measures (figures.py, wrapper_bench.py),
+then prints the reports (report.py, wrapper_report.py).  Nothing imports it.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import multiprocessing
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 try:
-    from benchmarks import executor_bench, stats, wrapper_bench
+    from benchmarks import figures, quiet, report, stats, wrapper_bench, wrapper_report
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
-    import executor_bench  # type: ignore[no-redef]
+    import figures  # type: ignore[no-redef]
+    import quiet  # type: ignore[no-redef]
+    import report  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
     import wrapper_bench  # type: ignore[no-redef]
+    import wrapper_report  # type: ignore[no-redef]
 
-ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
+ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
 
 
 def _figures(text: str) -> list[str]:
@@ -38,6 +46,25 @@ def _figures(text: str) -> list[str]:
             f"unknown figure(s) {', '.join(unknown)}; choose from {','.join(ALL_FIGURES)}"
         )
     return [name for name in ALL_FIGURES if name in names]
+
+
+def _output_file(text: str) -> str:
+    """A file to write at the end: not a directory, in a directory we can make."""
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory: name a file")
+    parent = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(parent):  # the nearest existing ancestor decides
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {parent!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {parent!r} is not writable")
+    return text
+
+
+def _made_parent(path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -62,9 +89,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help="start method of every pool (P7 always uses spawn; default fork)",
     )
     parser.add_argument("--workers", type=int, default=2, help="workers for P1, P2, P8 (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
-        "--plot", metavar="FILE.png", help="also draw the distributions (needs matplotlib)"
+        "--json", metavar="FILE", type=_output_file, help="also write the results as JSON"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=_output_file,
+        help="also draw the distributions there, PNG unless the name ends in another "
+        "format matplotlib writes (needs matplotlib)",
     )
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -74,6 +107,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _loose(capture: quiet.Capture, what: str) -> None:
+    """Errors the libraries wrote outside any library's row (P6 has no rows)."""
+    for note in capture.loose:
+        _say(f"{what}: {note}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,28 +130,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {}
     executor_figures = [name for name in args.figures if name != "P6"]
     if executor_figures:
-        result["executor"] = executor_bench.run(
-            figures=executor_figures,
-            quick=args.quick,
-            full=args.full,
-            start_method=args.start_method,
-            workers=args.workers,
-            progress=_say,
-        )
-        print(executor_bench.format_report(result["executor"]), flush=True)
+        with quiet.Capture() as capture:
+            result["executor"] = figures.run(
+                figures=executor_figures,
+                quick=args.quick,
+                full=args.full,
+                start_method=args.start_method,
+                workers=args.workers,
+                progress=capture.say,
+                capture=capture,
+            )
+        _loose(capture, "written while measuring")
+        print(report.format_report(result["executor"]), flush=True)
     if "P6" in args.figures:
         _say("P6 killable_wrapper benchmark ...")
-        result["wrapper"] = wrapper_bench.run(
-            quick=args.quick,
-            repeat=5 if args.quick else None,  # keeps --quick under a minute
-            start_method=args.start_method,
-            progress=_say,
-        )
+        with quiet.Capture() as capture:
+            result["wrapper"] = wrapper_bench.run(
+                quick=args.quick,
+                repeat=5 if args.quick else None,  # keeps --quick under a minute
+                start_method=args.start_method,
+                progress=capture.say,
+            )
+        _loose(capture, "written while measuring P6")
         if executor_figures:
             print()
-        print(wrapper_bench.format_report(result["wrapper"]), flush=True)
+        print(wrapper_report.format_report(result["wrapper"]), flush=True)
     if args.json:
-        stats.dump_json(args.json, result)
+        stats.dump_json(_made_parent(args.json), result)
         _say(f"results written to {args.json}")
     if args.plot:
         try:
@@ -120,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             import plot  # type: ignore[no-redef]
 
-        plot.draw(result, args.plot)
-        _say(f"plot written to {args.plot}")
+        kind = plot.draw(result, _made_parent(args.plot))
+        _say(f"plot ({kind}) written to {args.plot}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
     samples (ns) --summarize--> {"n", "median_ms", "p99_ms", "min_ms", "max_ms"}
     rows of cells --format_table--> aligned text for the terminal
+    machine_info() --machine_line--> the header line; a result --elapsed_line--> the last
     result dict --dump_json--> file
 
 Percentiles use the nearest-rank method: p99 of fewer than 100 samples is the
@@ -20,9 +21,11 @@ from typing import Any
 
 __all__ = [
     "dump_json",
+    "elapsed_line",
     "format_ms",
     "format_table",
     "machine_info",
+    "machine_line",
     "median",
     "percentile",
     "summarize",
@@ -94,6 +97,23 @@ def machine_info() -> dict[str, Any]:
         "executable_bits": 64 if sys.maxsize > 2**32 else 32,
         "load_average": _load_average(),
     }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """``machine_info()`` in one line of a report's header."""
+    return (
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['system']} "
+        f"{machine['kernel']} {machine['machine']}, {machine['python']}"
+    )
+
+
+def elapsed_line(result: dict[str, Any]) -> str:
+    """The last line of a report: how long the run took, how busy the machine was."""
+    return (
+        f"elapsed {result['elapsed_s']} s; load average before "
+        f"{result['machine']['load_average']}, after {result['load_average_after']} "
+        "(other work on the machine widens the tails)"
+    )
 
 
 def _load_average() -> list[float] | None:

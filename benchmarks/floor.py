@@ -1,0 +1,123 @@
+"""The kernel's floor under P3 and P4, measured in the same run, and cancelk over it.
+
+A SIGKILLed process is gone only once the kernel has torn its memory down, and
+that takes longer the larger the process.  So P3 ("deadline -> done and gone")
+and P4 ("cancel -> gone") are reported as the floor plus cancelk's overhead
+(design section 5, "Raised since the first version"):
+
+    1. a cancelk runner's size: a pool like P3's and P4's (1 worker, the run's
+       start method) runs a job, and the runner's RSS is read (psutil);
+    2. the floor: floor_host.py, a fresh small interpreter, grows until a fork of
+       it has that RSS, then forks, SIGKILLs and times the child until its pidfd
+       is readable (exited) and until it is reaped (waitpid elsewhere);
+    3. ``over_floor``: overhead = cancelk p50 - floor p50 (the exit figure: P3
+       and P4 count a zombie as gone), for each P3 job kind and both P4 rows.
+                                                    target overhead <= 0.3 ms at p50
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+try:
+    from benchmarks import floor_host, harness, jobs, peers, stats
+except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
+    import floor_host  # type: ignore[no-redef]
+    import harness  # type: ignore[no-redef]
+    import jobs  # type: ignore[no-redef]
+    import peers  # type: ignore[no-redef]
+    import stats  # type: ignore[no-redef]
+
+__all__ = ["OVERHEAD_TARGET_MS", "figure_floor", "over_floor"]
+
+OVERHEAD_TARGET_MS = 0.3
+HOST_LIMIT_S = 120.0
+WARMUP = 3
+
+
+def _runner_rss(ctx: harness.Context) -> int:
+    """Resident bytes of a cancelk runner that has run a job (1 worker, as in P3/P4)."""
+    import psutil
+
+    library = peers.by_name("cancelk")
+    with peers.opened(library, 1, ctx.method) as handle:
+        harness.warm(library, handle.pool, 1)
+        pid = library.submit(handle.pool, jobs.getpid).result(timeout=harness.RESULT_LIMIT_S)
+        return int(psutil.Process(pid).memory_info().rss)
+
+
+def _measure(ctx: harness.Context) -> dict[str, Any]:
+    if not peers.by_name("cancelk").available:
+        return {"status": peers.by_name("cancelk").why_unavailable}
+    target = _runner_rss(ctx)
+    trials = ctx.plan.floor_trials
+    ctx.say(f"P3/P4 kernel floor: kill a process of {target / 2**20:.0f} MB, {trials} trials")
+    done = subprocess.run(
+        [sys.executable, "-I", floor_host.__file__, str(target), str(trials), str(WARMUP)],
+        stdout=subprocess.PIPE,
+        timeout=HOST_LIMIT_S,
+        check=True,
+    )
+    host = json.loads(done.stdout)
+    sizes = host["child_rss"]
+    return {
+        "runner_rss_mb": target / 2**20,
+        "floor_rss_mb": stats.median(sizes) / 2**20 if sizes else None,
+        "clock": host["clock"],
+        **harness.summaries(
+            [{"exit": e, "reaped": r} for e, r in zip(host["exit_ns"], host["reaped_ns"])],
+            ("exit", "reaped"),
+        ),
+    }
+
+
+def figure_floor(ctx: harness.Context) -> dict[str, Any]:
+    """The floor for the run's start method: see the module's steps 1 and 2."""
+    with ctx.capture.heard() as heard:
+        try:
+            measured = _measure(ctx)
+        except Exception as why:
+            measured = {"status": f"error: {type(why).__name__}: {why}"}
+    return {"method": ctx.method, "trials": ctx.plan.floor_trials, "notes": heard, **measured}
+
+
+def _cancelk_rows(figures: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(what, summary) of cancelk's P3 "both" per job kind and P4 "gone" rows."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for row in figures.get("P3", {}).get("rows", []):
+        if row["name"] == "cancelk" and "kind" in row and "status" not in row:
+            label = harness.KIND_LABELS[row["kind"]]
+            rows.append((f"P3 {label}: deadline -> done and gone", row["all"]))
+    for part, call in (("sync", "cancel()"), ("asyncio", "task.cancel()")):
+        for row in figures.get("P4", {}).get(part, []):
+            if row["name"] == "cancelk" and "status" not in row:
+                rows.append((f"P4 {part} {call} -> gone", row["gone"]))
+    return rows
+
+
+def over_floor(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """cancelk's P3/P4 figures as floor + overhead (overhead = cancelk p50 - floor p50)."""
+    floor = figures.get("floor", {}).get("exit")
+    if not floor or not floor.get("n"):
+        return []
+    out = []
+    for what, summary in _cancelk_rows(figures):
+        if not summary.get("n"):
+            continue
+        overhead = summary["median_ms"] - floor["median_ms"]
+        out.append(
+            {
+                "what": what,
+                "n": summary["n"],
+                "cancelk_p50_ms": summary["median_ms"],
+                "cancelk_p99_ms": summary["p99_ms"],
+                "floor_p50_ms": floor["median_ms"],
+                "floor_p99_ms": floor["p99_ms"],
+                "overhead_ms": overhead,
+                "met": overhead <= OVERHEAD_TARGET_MS,
+            }
+        )
+    return out

@@ -1,0 +1,248 @@
+"""What runs inside the host worker of the killable_wrapper benchmark (P6 and P3).
+
+The host is a stdlib ``ProcessPoolExecutor`` worker (wrapper_bench.py submits
+these functions to it); everything here is timed there, not in the user process.
+
+    jobs            noop, and four jobs a 50 ms time limit stops: (a) time.sleep,
+                    (b) a pure-Python spin, (c) a C call holding the GIL (libc
+                    ``sleep`` through ``ctypes.PyDLL``), (d) a ``sleep`` grandchild;
+                    each reports its pids over a pipe
+    time_calls_in_worker      N x noop(), N x killable_wrapper(noop), N bare forks
+    timeout_trials_in_worker  killable_wrapper(job, timeout=50 ms): deadline ->
+                              ProcessTimeoutError raised, -> every job process gone
+
+A process counts as gone when it no longer exists *or is a zombie*: a zombie
+runs nothing, and a reparented grandchild is reaped by init (or a subreaper) on
+its own schedule, which is not the wrapper's doing.  killable_wrapper counts its
+deadline from just before its fork, slightly after t0, so the figures are
+pessimistic by that much.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Callable, Union
+
+from cancelk import ProcessTimeoutError, killable_wrapper
+
+__all__ = [
+    "JOBS",
+    "KINDS",
+    "KIND_LABELS",
+    "TIMEOUT_NS",
+    "TIMEOUT_S",
+    "noop",
+    "set_backend",
+    "time_calls_in_worker",
+    "timeout_trials_in_worker",
+    "worker_facts",
+]
+
+TIMEOUT_S = 0.05
+TIMEOUT_NS = 50_000_000
+KILLED_JOB_S = 10.0  # long enough never to end on its own before the 50 ms deadline
+GONE_LIMIT_NS = 5_000_000_000
+KINDS = ("sleep", "spin", "gil_c_call", "grandchild")
+KIND_LABELS = {
+    "sleep": "(a) time.sleep",
+    "spin": "(b) pure-Python spin",
+    "gil_c_call": "(c) C call holding the GIL",
+    "grandchild": "(d) sleep grandchild (Popen)",
+}
+
+Sample = Union[tuple[int, int], str]
+
+
+# --------------------------------------------------------------------- jobs
+
+
+def noop() -> None:
+    """The job whose cost is nothing: what is measured is the machinery."""
+    return None
+
+
+def _report_pids(pid_fd: int, *pids: int) -> None:
+    if pid_fd >= 0:
+        os.write(pid_fd, (" ".join(map(str, pids)) + "\n").encode())
+
+
+def sleep_job(pid_fd: int, seconds: float) -> None:
+    _report_pids(pid_fd, os.getpid())
+    time.sleep(seconds)
+
+
+def spin_job(pid_fd: int, seconds: float) -> None:
+    _report_pids(pid_fd, os.getpid())
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def gil_c_call_job(pid_fd: int, seconds: float) -> None:
+    _report_pids(pid_fd, os.getpid())
+    ctypes.PyDLL(None).sleep(math.ceil(seconds))  # PyDLL keeps the GIL during the call
+
+
+def grandchild_job(pid_fd: int, seconds: float) -> None:
+    child = subprocess.Popen(["sleep", str(seconds)])
+    _report_pids(pid_fd, os.getpid(), child.pid)
+    child.wait()
+
+
+JOBS: dict[str, Callable[[int, float], None]] = {
+    "sleep": sleep_job,
+    "spin": spin_job,
+    "gil_c_call": gil_c_call_job,
+    "grandchild": grandchild_job,
+}
+
+
+# ------------------------------------------------------ in the host worker
+
+
+def set_backend(backend: str) -> None:
+    """Pool initializer: the backend every later killable_wrapper loop uses."""
+    os.environ["CANCELK_BACKEND"] = backend
+
+
+def worker_facts() -> dict[str, Any]:
+    """What the host worker looks like; raises if the backend is unavailable."""
+    from cancelk import _core
+
+    return {
+        "backend": _core.selected_backend(),
+        "threads": threading.active_count(),
+        "job_start": "fork" if threading.active_count() == 1 else "clean interpreter",
+    }
+
+
+def _fork_exit_reap() -> None:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def time_calls_in_worker(calls: int, warmup: int) -> dict[str, list[int]]:
+    """Per-call ns of noop(), killable_wrapper(noop) and a bare fork, interleaved."""
+    clock = time.perf_counter_ns
+    for _ in range(warmup):
+        noop()
+        killable_wrapper(noop)
+        _fork_exit_reap()
+    direct: list[int] = []
+    wrapped: list[int] = []
+    forked: list[int] = []
+    for _ in range(calls):
+        t = clock()
+        noop()
+        direct.append(clock() - t)
+        t = clock()
+        killable_wrapper(noop)
+        wrapped.append(clock() - t)
+        t = clock()
+        _fork_exit_reap()
+        forked.append(clock() - t)
+    return {"direct": direct, "wrapped": wrapped, "fork_floor": forked}
+
+
+def _is_gone(pid: int) -> bool:
+    """True once ``pid`` no longer exists or is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return _is_gone_portable(pid)
+    fields = data.rpartition(b")")[2].split()
+    return not fields or fields[0] in (b"Z", b"X")
+
+
+def _is_gone_portable(pid: int) -> bool:
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+_HAVE_PROC = os.path.isdir("/proc/self")
+
+
+def _wait_gone(pids: Sequence[int]) -> int | None:
+    """Tight poll until every pid is gone; monotonic ns then, None past the limit."""
+    check = _is_gone if _HAVE_PROC else _is_gone_portable
+    limit = time.monotonic_ns() + GONE_LIMIT_NS
+    pending = list(pids)
+    while True:
+        pending = [pid for pid in pending if not check(pid)]
+        now = time.monotonic_ns()
+        if not pending:
+            return now
+        if now > limit:
+            return None
+
+
+def _read_pids(read_fd: int) -> list[int]:
+    os.set_blocking(read_fd, False)
+    try:
+        text = os.read(read_fd, 4096).decode()
+    except BlockingIOError:
+        return []
+    return [int(word) for word in text.split()]
+
+
+def _one_timeout_trial(job: Callable[[int, float], None]) -> Sample:
+    """(raised, all gone) in ns past the deadline, or why the trial failed."""
+    read_fd, write_fd = os.pipe()
+    try:
+        t0 = time.monotonic_ns()
+        try:
+            killable_wrapper(job, write_fd, KILLED_JOB_S, killable_wrapper_timeout=TIMEOUT_S)
+        except ProcessTimeoutError:
+            raised = time.monotonic_ns()
+        except Exception as why:
+            return f"{type(why).__name__}: {why}"
+        else:
+            return "the job ended on its own"
+        pids = _read_pids(read_fd)
+        if not pids:
+            return "the job was killed before it reported its pids"
+        gone = _wait_gone(pids)
+        if gone is None:
+            return "a job process was still alive 5 s after the timeout"
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    deadline = t0 + TIMEOUT_NS
+    return raised - deadline, gone - deadline
+
+
+def timeout_trials_in_worker(kind: str, trials: int, warmup: int) -> dict[str, Any]:
+    """Run the timeout trial ``warmup + trials`` times; keep the last ``trials``."""
+    job = JOBS[kind]
+    raised: list[int] = []
+    gone: list[int] = []
+    failures: list[str] = []
+    for index in range(warmup + trials):
+        sample = _one_timeout_trial(job)
+        if isinstance(sample, str):
+            failures.append(sample)
+        elif index >= warmup:
+            raised.append(sample[0])
+            gone.append(sample[1])
+    return {"raised": raised, "gone": gone, "failures": failures}

@@ -1,0 +1,139 @@
+"""The report of the killable_wrapper benchmark: P6 and P3 tables, the stdlib
+contrast and the verdicts, for a ``wrapper_bench.run`` result."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+try:
+    from benchmarks import stats
+    from benchmarks.wrapper_jobs import KIND_LABELS, KINDS
+except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
+    import stats  # type: ignore[no-redef]
+    from wrapper_jobs import KIND_LABELS, KINDS  # type: ignore[no-redef]
+
+__all__ = ["format_report"]
+
+
+def _cells(summary: dict[str, Any]) -> list[str]:
+    return [stats.format_ms(summary["median_ms"]), stats.format_ms(summary["p99_ms"])]
+
+
+def _backend_columns(backends: Sequence[str]) -> list[str]:
+    return [f"{b} {what}" for b in backends for what in ("p50", "p99")]
+
+
+P6_ROWS = (
+    ("p6_in_worker", "noop", "in worker: noop()"),
+    ("p6_in_worker", "killable_wrapper", "in worker: killable_wrapper(noop)"),
+    ("p6_in_worker", "overhead", "in worker: OVERHEAD"),
+    ("p6_in_worker", "fork_exit_reap", "in worker: bare fork+_exit+waitpid"),
+    ("p6_round_trip", "plain", "round trip: submit(noop)"),
+    ("p6_round_trip", "killable_wrapper", "round trip: submit(killable_wrapper, noop)"),
+    ("p6_round_trip", "overhead", "round trip: OVERHEAD"),
+)
+
+
+def _p6_table(measured: dict[str, Any]) -> str:
+    names = list(measured)
+    rows = []
+    for section, key, label in P6_ROWS:
+        row = [label, str(measured[names[0]][section][key]["n"])]
+        for name in names:
+            row += _cells(measured[name][section][key])
+        rows.append(row)
+    return stats.format_table(["figure (ms)", "n", *_backend_columns(names)], rows)
+
+
+def _p3_table(measured: dict[str, Any]) -> str:
+    names = list(measured)
+    rows = []
+    for kind in KINDS:
+        for key, what in (("raised", "raised"), ("gone", "all gone")):
+            row = [KIND_LABELS[kind] if key == "raised" else "", what]
+            row.append(str(measured[names[0]]["p3"][kind][key]["n"]))
+            for name in names:
+                row += _cells(measured[name]["p3"][kind][key])
+            rows.append(row)
+    headers = ["job (killable_wrapper_timeout=0.05)", "deadline ->", "n", *_backend_columns(names)]
+    return stats.format_table(headers, rows)
+
+
+def _stdlib_table(stdlib: dict[str, Any], watch_ms: float) -> str:
+    rows = []
+    for kind in KINDS:
+        figures = stdlib[kind]
+        still = figures["still_running_after_watch"]
+        busy = figures["busy_after_deadline"]
+        if still:
+            verdict = f"still running after {watch_ms:.0f} ms ({still}/{still + busy['n']})"
+        else:
+            verdict = "never stopped: the job ran to its natural end"
+        rows.append(
+            [
+                KIND_LABELS[kind],
+                str(figures["raised"]["n"]),
+                stats.format_ms(figures["raised"]["median_ms"]),
+                stats.format_ms(busy["median_ms"], 1),
+                verdict,
+            ]
+        )
+    headers = ["job (1 s long)", "n", "raised p50", "busy past deadline p50", "what happened"]
+    return stats.format_table(headers, rows)
+
+
+def _verdicts(measured: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, result in measured.items():
+        overhead = result["p6_in_worker"]["overhead"]
+        ok6 = overhead["median_ms"] <= 2.0
+        worst = max(KINDS, key=lambda kind: result["p3"][kind]["gone"]["p99_ms"])
+        gone = result["p3"][worst]["gone"]
+        worst50 = max(result["p3"][kind]["gone"]["median_ms"] for kind in KINDS)
+        ok3 = gone["p99_ms"] <= 2.0 and worst50 <= 0.5
+        failures = sum(len(result["p3"][kind]["failures"]) for kind in KINDS)
+        lines.append(
+            f"{name}: P6 overhead p50 {overhead['median_ms']:.3f} ms (target <= 2) "
+            f"{'MET' if ok6 else 'NOT MET'}; P3 worst all-gone p50 {worst50:.3f} / "
+            f"p99 {gone['p99_ms']:.3f} ms ({KIND_LABELS[worst]}; target 0.5 / 2) "
+            f"{'MET' if ok3 else 'NOT MET'}; failed trials: {failures}"
+        )
+    return lines
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The terminal table for a ``run()`` result."""
+    machine = result["machine"]
+    config = result["config"]
+    measured = {k: v for k, v in result["backends"].items() if "skipped" not in v}
+    skipped = {k: v["skipped"] for k, v in result["backends"].items() if "skipped" in v}
+    head = [
+        f"cancelk {result['cancelk_version']} - {result['benchmark']}",
+        stats.machine_line(machine),
+        f"host pool: stdlib ProcessPoolExecutor(max_workers=1), start method "
+        f"{config['start_method']}; plan {config['plan']}",
+    ]
+    for name, why in skipped.items():
+        head.append(f"backend {name} skipped: {why}")
+    parts = ["\n".join(head)]
+    if measured:
+        facts = ", ".join(
+            f"{name}: job start by {r['worker']['job_start']}" for name, r in measured.items()
+        )
+        parts.append(
+            f"P6  killable_wrapper overhead per call (overhead = call - median "
+            f"baseline); {facts}\n" + _p6_table(measured)
+        )
+        parts.append(
+            "P3  timeout overshoot, ms past the 50 ms deadline (zombie = gone)\n"
+            + _p3_table(measured)
+        )
+    parts.append(
+        "stdlib contrast: pool.submit(job).result(timeout=0.05), ms past the 50 ms "
+        "deadline\n" + _stdlib_table(result["stdlib"], config["stdlib_watch_ms"])
+    )
+    if measured:
+        parts.append("\n".join(_verdicts(measured)))
+    parts.append(stats.elapsed_line(result))
+    return "\n\n".join(parts)
