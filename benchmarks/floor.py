@@ -27,9 +27,10 @@ try:
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import floor_host  # type: ignore[no-redef]
     import harness  # type: ignore[no-redef]
-    import jobs  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
+
+    import jobs  # type: ignore[no-redef]
 
 __all__ = ["OVERHEAD_TARGET_MS", "figure_floor", "over_floor"]
 

@@ -22,11 +22,12 @@ from typing import Any, Callable, Union
 try:
     from benchmarks import jobs, peers, probes, quiet, stats
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
-    import jobs  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
     import probes  # type: ignore[no-redef]
     import quiet  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
+
+    import jobs  # type: ignore[no-redef]
 
 START_METHODS = ("fork", "forkserver", "spawn")
 TIMEOUT_S = 0.05

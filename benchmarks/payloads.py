@@ -38,8 +38,9 @@ try:
     from benchmarks import harness, jobs, peers
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import harness  # type: ignore[no-redef]
-    import jobs  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
+
+    import jobs  # type: ignore[no-redef]
 
 __all__ = ["LIBRARIES", "figure_p9"]
 

@@ -17,10 +17,11 @@ try:
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import floor  # type: ignore[no-redef]
     import harness  # type: ignore[no-redef]
-    import jobs  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
     import stop_tables  # type: ignore[no-redef]
     import tables  # type: ignore[no-redef]
+
+    import jobs  # type: ignore[no-redef]
 
 __all__ = ["format_header", "format_report", "verdicts"]
 

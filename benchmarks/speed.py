@@ -22,9 +22,10 @@ try:
     from benchmarks import harness, jobs, peers, stats
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import harness  # type: ignore[no-redef]
-    import jobs  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
+
+    import jobs  # type: ignore[no-redef]
 
 __all__ = ["figure_p1", "figure_p2", "figure_p8"]
 

@@ -14,10 +14,11 @@ try:
     from benchmarks import harness, jobs, peers, probes, stats
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import harness  # type: ignore[no-redef]
-    import jobs  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
     import probes  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
+
+    import jobs  # type: ignore[no-redef]
 
 __all__ = ["P7_WORKERS", "figure_p7"]
 

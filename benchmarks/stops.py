@@ -32,9 +32,10 @@ try:
     from benchmarks import harness, jobs, peers, probes
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import harness  # type: ignore[no-redef]
-    import jobs  # type: ignore[no-redef]
     import peers  # type: ignore[no-redef]
     import probes  # type: ignore[no-redef]
+
+    import jobs  # type: ignore[no-redef]
 
 __all__ = ["figure_p3", "figure_p4", "figure_p5"]
 

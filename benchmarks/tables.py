@@ -17,8 +17,9 @@ from typing import Any, Callable
 try:
     from benchmarks import jobs, stats
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
-    import jobs  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
+
+    import jobs  # type: ignore[no-redef]
 
 __all__ = [
     "fmt",

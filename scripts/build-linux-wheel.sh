@@ -96,7 +96,7 @@ if [ -d tests ] && [ -n "$(find tests -name 'test_*.py' -print -quit)" ]; then
     step "pytest against the installed wheel"
     (
         cd "$work/run"
-        "$tvenv/python" -c 'import cancelk, cancelk._core as c; print(cancelk.__file__, c.BACKEND)'
+        "$tvenv/python" -c 'import cancelk, cancelk._core as c; print(cancelk.__file__, c.selected_backend())'
         "$tvenv/python" -m pytest tests
     )
 else

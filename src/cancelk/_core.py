@@ -16,7 +16,6 @@ from typing import Any
 from cancelk._cancelk_core import ffi, lib
 
 __all__ = [
-    "BACKEND",
     "DEADLINE",
     "Loop",
     "SharedWords",
@@ -63,9 +62,6 @@ def selected_backend() -> str:
     if wanted:
         raise ValueError(f"CANCELK_BACKEND must be 'pidfd' or 'posix', not {wanted!r}")
     return "pidfd" if supported else "posix"
-
-
-BACKEND = selected_backend()
 
 
 def monotonic_ns() -> int:

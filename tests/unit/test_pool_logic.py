@@ -61,8 +61,9 @@ class Harness:
         self.pool.runner_started(slot, runner_id, 1000 + runner_id)
         return runner_id
 
-    def submit(self, options: JobOptions = JobOptions()) -> Future:
+    def submit(self, options: JobOptions | None = None) -> Future:
         future = Future(self)
+        options = options or JobOptions()
         self.seq += 1
         job = Job(future, self.seq, b"payload", options)
         future._cancelk_job = job
@@ -81,7 +82,7 @@ class Harness:
         self.out.clear()
 
     def runner_finishes(self, slot: int, seq: int, value: object) -> None:
-        kind, outcome = _wire.encode_result(value)
+        _kind, outcome = _wire.encode_result(value)
         self.pool.result_arrived(slot, seq, memoryview(outcome), self.out)
         self.settle()
 
@@ -201,7 +202,7 @@ def test_a_timeout_kill_ends_with_process_timeout_error_once(h):
     assert h.words.decide_kill(0, 1, KILL_TIMEOUT)  # as the supervisor does
     h.pool.job_killed(0, 1, 1, KILL_TIMEOUT, h.out)
     h.settle()
-    with pytest.raises(ProcessTimeoutError, match="time limit of 0.05 s"):
+    with pytest.raises(ProcessTimeoutError, match=r"time limit of 0\.05 s"):
         future.result(0)
     assert h.pool.stats()["running"] == 1, "the runner is still being torn down"
     h.pool.runner_exited(0, 1, signal.SIGKILL, h.words.state(0), h.out)
@@ -243,7 +244,7 @@ def test_the_initializer_failing_three_times_breaks_the_pool():
     h = Harness(size=1)
     try:
         queued = None
-        for attempt in range(3):
+        for _attempt in range(3):
             h.start_runner(0)
             if queued is None:
                 queued = [h.submit(), h.submit()]
@@ -347,7 +348,7 @@ def test_jobs_start_in_the_order_they_were_submitted():
         first, second = h.submit(), h.submit()
         h.words.begin(0, FRESH | 1, 1)
         h.words.finish(0, 1)
-        kind, outcome = _wire.encode_result(1)
+        _kind, outcome = _wire.encode_result(1)
         h.pool.result_arrived(0, 1, memoryview(outcome), h.out)  # runner 0 idle, 1 queued
         third = h.submit()
         assert not third.running(), "a newcomer jumped the queue"

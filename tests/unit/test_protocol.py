@@ -114,7 +114,7 @@ def test_an_exception_outcome_carries_its_remote_traceback():
 
 
 def test_an_unpicklable_result_becomes_an_error_outcome():
-    kind, outcome = _wire.run_and_encode(lambda: (lambda: 1), (), {})
+    kind, outcome = _wire.run_and_encode(lambda: lambda: 1, (), {})
     assert kind == _wire.OUTCOME_ERROR
     error = _wire.decode_outcome(outcome).exception
     assert isinstance(error, ResultPicklingError)

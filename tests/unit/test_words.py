@@ -94,6 +94,11 @@ def test_slots_are_independent(words):
     assert [job_of(words.state(s)) for s in range(4)] == [0, 0, 1, 0]
 
 
+def _begin_after(go, words, before, seq, begun):
+    go.wait()
+    begun.append(words.begin(0, before, seq))
+
+
 def test_decide_kill_between_begins_cas_is_not_lost(words):
     """The fixed race: the runner's begin() lands between the killer's load
     and its CAS; the killer must retry and still win, never lose both."""
@@ -101,8 +106,8 @@ def test_decide_kill_between_begins_cas_is_not_lost(words):
         words.give(0, seq)  # a fresh runner (id seq) for each round
         before = FRESH | seq
         go = threading.Barrier(2)
-        begun = []
-        thread = threading.Thread(target=lambda: (go.wait(), begun.append(words.begin(0, before, seq))))
+        begun: list[bool] = []
+        thread = threading.Thread(target=_begin_after, args=(go, words, before, seq, begun))
         thread.start()
         go.wait()
         killed = words.decide_kill(0, seq, KILL_CANCEL, before)
