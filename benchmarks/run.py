@@ -6,10 +6,11 @@
     python -m benchmarks.run [same options]
 
 Figures: P1-P5, P7-P9 (figures.py: cancelk beside the stdlib pool, Pebble,
-loky and Deadpool; P3 and P4 with the kernel's floor under them) and P6
+loky and Deadpool; P3 and P4 with the kernel's floor under them), P6
 (wrapper_bench.py: killable_wrapper inside a stdlib pool, with its own P3
-variant).  Default: all, about 5 minutes on a 2-core machine; --quick about a
-minute; --full adds 10^6 jobs to P8.
+variant) and L (limits.py: memory limits, queued deadlines; cancelk only).
+Default: all, about 5 minutes on a 2-core machine; --quick about a minute;
+--full adds 10^6 jobs to P8.
 
 This module is the entry point: it measures (figures.py, wrapper_bench.py),
 then prints the reports (report.py, wrapper_report.py).  Nothing imports it.
@@ -26,16 +27,17 @@ from collections.abc import Sequence
 from typing import Any
 
 try:
-    from benchmarks import figures, quiet, report, stats, wrapper_bench, wrapper_report
+    from benchmarks import figures, limits, quiet, report, stats, wrapper_bench, wrapper_report
 except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
     import figures  # type: ignore[no-redef]
+    import limits  # type: ignore[no-redef]
     import quiet  # type: ignore[no-redef]
     import report  # type: ignore[no-redef]
     import stats  # type: ignore[no-redef]
     import wrapper_bench  # type: ignore[no-redef]
     import wrapper_report  # type: ignore[no-redef]
 
-ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
+ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "L")
 
 
 def _figures(text: str) -> list[str]:
@@ -128,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     result: dict[str, Any] = {}
-    executor_figures = [name for name in args.figures if name != "P6"]
+    executor_figures = [name for name in args.figures if name not in ("P6", "L")]
     if executor_figures:
         with quiet.Capture() as capture:
             result["executor"] = figures.run(
@@ -155,6 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if executor_figures:
             print()
         print(wrapper_report.format_report(result["wrapper"]), flush=True)
+    if "L" in args.figures:
+        from cancelk import _core
+
+        if _core.tree_rss([os.getpid()]) is None:
+            _say("L (limits) needs Linux's /proc: skipped")
+        else:
+            with quiet.Capture() as capture:
+                result["limits"] = limits.run(quick=args.quick, progress=capture.say)
+            _loose(capture, "written while measuring L")
+            print()
+            print(limits.format_report(result["limits"]), flush=True)
     if args.json:
         stats.dump_json(_made_parent(args.json), result)
         _say(f"results written to {args.json}")

@@ -69,6 +69,8 @@ int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);
 int cancelk_list_children(int parent, int *out, int max);
 int cancelk_kill_descendants(int root, int max_rounds);
 int cancelk_die_with_parent(int parent);
+/* Resident memory of each root's whole tree (root and descendants), bytes. */
+int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes);
 
 /* loop.c: wait for the first of several events.  Each call returns 0 or
  * the CANCELK_STEP_* that failed; cancelk_loop_wait returns how many tokens

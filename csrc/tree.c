@@ -31,6 +31,7 @@ struct proc_entry {
 	int pid;
 	int ppid;
 	char state;
+	int64_t rss_pages;	/* resident set size, field 24 of stat */
 };
 
 struct proc_table {
@@ -80,6 +81,13 @@ static int read_stat(int proc_fd, const char *name, struct proc_entry *entry)
 	entry->ppid = 0;
 	for (p = close_paren + 4; *p >= '0' && *p <= '9'; p++)
 		entry->ppid = entry->ppid * 10 + (*p - '0');
+	entry->rss_pages = 0;
+	/* From field 4 (ppid) on to field 24 (rss): 20 more separators. */
+	for (i = 0; *p && i < 20; p++)
+		if (*p == ' ')
+			i++;
+	for (; *p >= '0' && *p <= '9'; p++)
+		entry->rss_pages = entry->rss_pages * 10 + (*p - '0');
 	return entry->pid > 0 ? 0 : -1;
 }
 
@@ -199,6 +207,41 @@ static int collect_descendants(const struct proc_table *table, int root, int *tr
 		}
 	}
 	return n;
+}
+
+static int64_t rss_of(const struct proc_table *table, int pid)
+{
+	int i;
+
+	for (i = 0; i < table->count; i++)
+		if (table->entries[i].pid == pid)
+			return table->entries[i].rss_pages;
+	return 0; /* exited between the listing and now */
+}
+
+int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes)
+{
+	struct proc_table table = { NULL, 0, 0 };
+	int tree[4096];
+	int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
+	int r, i, n;
+
+	/* One scan of /proc serves every root: the supervisor samples all the
+	 * jobs with a memory limit at once. */
+	if (scan_proc(&table) != 0) {
+		free(table.entries);
+		return -1;
+	}
+	for (r = 0; r < nroots; r++) {
+		int64_t pages = rss_of(&table, roots[r]);
+
+		n = collect_descendants(&table, roots[r], tree, 4096);
+		for (i = 0; i < n; i++)
+			pages += rss_of(&table, tree[i]);
+		rss_bytes[r] = pages * page;
+	}
+	free(table.entries);
+	return 0;
 }
 
 int cancelk_kill_descendants(int root, int max_rounds)
@@ -337,10 +380,54 @@ int cancelk_list_children(int parent, int *out, int max)
 	return -1;
 }
 
+static int64_t rss_of(const struct proc_table *table, int pid)
+{
+	int i;
+
+	for (i = 0; i < table->count; i++)
+		if (table->entries[i].pid == pid)
+			return table->entries[i].rss_pages;
+	return 0; /* exited between the listing and now */
+}
+
+int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes)
+{
+	struct proc_table table = { NULL, 0, 0 };
+	int tree[4096];
+	int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
+	int r, i, n;
+
+	/* One scan of /proc serves every root: the supervisor samples all the
+	 * jobs with a memory limit at once. */
+	if (scan_proc(&table) != 0) {
+		free(table.entries);
+		return -1;
+	}
+	for (r = 0; r < nroots; r++) {
+		int64_t pages = rss_of(&table, roots[r]);
+
+		n = collect_descendants(&table, roots[r], tree, 4096);
+		for (i = 0; i < n; i++)
+			pages += rss_of(&table, tree[i]);
+		rss_bytes[r] = pages * page;
+	}
+	free(table.entries);
+	return 0;
+}
+
 int cancelk_kill_descendants(int root, int max_rounds)
 {
 	(void)root;
 	(void)max_rounds;
+	errno = ENOSYS;
+	return -1;
+}
+
+int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes)
+{
+	(void)roots;
+	(void)nroots;
+	(void)rss_bytes;
 	errno = ENOSYS;
 	return -1;
 }

@@ -1022,3 +1022,46 @@ def daemon_target(method, conn):
         report["error"] = repr(exc)
     conn.send(report)
     conn.close()
+
+
+# --------------------------------------------------------------------------
+# memory and deadlines (test_limits)
+
+
+def grow(step_mb, steps, pause):
+    """Touch ``step_mb`` more MB every ``pause`` seconds; the total reached."""
+    held = []
+    for _ in range(steps):
+        held.append(b"\x01" * (step_mb * MB))  # written: resident, not just reserved
+        time.sleep(pause)
+    return sum(len(block) for block in held) // MB
+
+
+def grow_in_child(step_mb, steps, pause):
+    """The growth happens in a child process of the job: its tree counts."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=grow, args=(step_mb, steps, pause))
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def reserve_untouched(gigabytes):
+    """Map ``gigabytes`` of address space without touching it; its length."""
+    import mmap
+
+    area = mmap.mmap(-1, gigabytes << 30)
+    try:
+        time.sleep(0.3)  # long enough for the memory watch to look
+        return len(area) >> 30
+    finally:
+        area.close()
+
+
+def mark_then_sleep(path, seconds):
+    """Write ``path`` (proof that the job ran), then sleep."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds

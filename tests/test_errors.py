@@ -17,7 +17,9 @@ from cancelk.errors import (
     ProcessTimeoutError,
     RemoteTraceback,
     ResultPicklingError,
+    died_error,
     format_remote,
+    oom_detail,
     signal_name,
 )
 
@@ -63,10 +65,15 @@ def test_died_by_signal():
     assert "OOM" not in str(error)
 
 
-def test_died_by_sigkill_names_the_oom_killer():
+def test_died_by_sigkill_blames_the_oom_killer_only_with_evidence():
     error = ProcessDiedError(5, signal=signal.SIGKILL)
     assert "SIGKILL" in str(error)
-    assert "OOM" in str(error)
+    assert "OOM" not in str(error)
+    assert "outside cancelk" in str(error)
+    assert oom_detail(0) is None and oom_detail(-1) is None
+    evidenced = died_error(5, signal.SIGKILL, oom_detail(2))
+    assert evidenced.signal == signal.SIGKILL
+    assert "OOM killer killed 2 process(es)" in str(evidenced)
 
 
 def test_died_by_exit_code():

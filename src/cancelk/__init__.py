@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
-from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError
+from cancelk.errors import (
+    PoolFullError,
+    ProcessCancelledError,
+    ProcessDiedError,
+    ProcessMemoryError,
+    ProcessTimeoutError,
+)
 from cancelk.executor import ExecutorOptions, ProcessPoolExecutor
 from cancelk.futures import Future
-from cancelk.options import ProcessCancelTimeout, ProcessTimeout
+from cancelk.options import (
+    ProcessCancelTimeout,
+    ProcessDeadline,
+    ProcessMemoryLimit,
+    ProcessTimeout,
+)
 from cancelk.wrapper import killable_wrapper
 
 __all__ = [
     "ExecutorOptions",
     "Future",
+    "PoolFullError",
     "ProcessCancelTimeout",
     "ProcessCancelledError",
+    "ProcessDeadline",
     "ProcessDiedError",
+    "ProcessMemoryError",
+    "ProcessMemoryLimit",
     "ProcessPoolExecutor",
     "ProcessTimeout",
     "ProcessTimeoutError",

@@ -35,6 +35,7 @@ __all__ = [
     "set_child_subreaper",
     "signal_dispositions",
     "signals_in",
+    "tree_rss",
 ]
 
 DEADLINE = int(lib.CANCELK_TOKEN_DEADLINE)
@@ -210,6 +211,20 @@ def kill_descendants(root: int) -> int | None:
             return None
         raise _fail(f"killing the descendants of {root}")
     return n
+
+
+def tree_rss(roots: list[int]) -> list[int] | None:
+    """Resident bytes of each root's whole process tree, from one scan of
+    /proc; None where the OS has no /proc to scan."""
+    if not roots:
+        return []
+    pids = ffi.new("int[]", roots)
+    out = ffi.new("int64_t[]", len(roots))
+    if lib.cancelk_tree_rss(pids, len(roots), out) != 0:
+        if ffi.errno == _errno.ENOSYS:
+            return None
+        raise _fail(f"reading the resident memory of the trees of {roots}")
+    return [int(out[i]) for i in range(len(roots))]
 
 
 # What each step of the C loop attempted, for the OSError when it fails.

@@ -1,6 +1,7 @@
 """The supervisor's book of deadlines: when each job must be killed.
 
     SetTimeLimit(slot, seq, t) ─► add_time_limit: ends t after the job's start
+    SetDeadline(slot, seq, at) ─► add_deadline: ends at ``at``, whatever happened
     GraceCancel(slot, seq, g)  ─► add_grace: ends g from now
     the C loop sleeps until next_ns()
     decided_kills(now) ─► for each deadline passed: the job has not begun yet?
@@ -21,6 +22,8 @@ from typing import NamedTuple, Protocol
 
 from cancelk._slots import KILL_CANCEL, KILL_TIMEOUT, job_of
 
+_RETRY_NS = 1_000_000  # a fixed deadline whose job has not begun is tried again 1 ms on
+
 
 class Words(Protocol):
     """The part of ``_slots.SlotWords`` the book reads and decides through."""
@@ -37,7 +40,7 @@ class Deadline:
     at_ns: int
     seq: int = field(compare=False)
     flag: int = field(compare=False)  # KILL_TIMEOUT or KILL_CANCEL
-    span_ns: int = field(compare=False)  # the limit or grace it was set with
+    span_ns: int | None = field(compare=False)  # the limit or grace; None: a fixed time
 
 
 class DecidedKill(NamedTuple):
@@ -63,6 +66,10 @@ class DeadlineBook:
         else:
             at = now + limit_ns  # moved to its start when it comes due (_moved)
         self._add(slot, Deadline(at, seq, KILL_TIMEOUT, limit_ns))
+
+    def add_deadline(self, slot: int, seq: int, at_ns: int) -> None:
+        """Job ``seq`` must be gone at ``at_ns``, queue time included."""
+        self._add(slot, Deadline(at_ns, seq, KILL_TIMEOUT, None))
 
     def add_grace(self, slot: int, seq: int, grace_ns: int, now: int) -> None:
         """Job ``seq`` was cancelled: kill it ``grace_ns`` from now if it still runs."""
@@ -105,8 +112,12 @@ class DeadlineBook:
         """Move a deadline whose job has not begun, or (time limits) began later."""
         state = self.words.state(slot)
         if job_of(state) < deadline.seq:
-            deadline.at_ns = now + deadline.span_ns  # not begun yet
+            # Not begun yet: a kill cannot be decided before it begins.  A
+            # fixed deadline is tried again at once, a span counts from then.
+            deadline.at_ns = now + (deadline.span_ns or _RETRY_NS)
             return True
+        if deadline.span_ns is None:
+            return False
         if deadline.flag == KILL_TIMEOUT and state == deadline.seq:
             ends = self.words.started_ns(slot) + deadline.span_ns
             if ends > now:

@@ -142,6 +142,25 @@ def freeze_and_kill_tree(pid: int) -> None:
     kill_group(pid)
 
 
+def oom_kills() -> int:
+    """How many processes the kernel's OOM killer has killed since boot
+    (/proc/vmstat, Linux >= 4.13); -1 where the OS does not tell."""
+    try:
+        with open("/proc/vmstat", "rb") as vmstat:
+            for line in vmstat:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def oom_kills_since(before: int) -> int:
+    """OOM kills since a reading of ``oom_kills()``; -1 if unknown."""
+    now = oom_kills()
+    return now - before if before >= 0 and now >= 0 else -1
+
+
 def _wait_stopped(pid: int) -> None:
     # kill() returns before the signal takes effect: until the job has
     # stopped it may still fork.  WNOWAIT: it stays ours to reap.

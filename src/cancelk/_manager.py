@@ -24,13 +24,16 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import sys
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures.process import BrokenProcessPool
 
 from cancelk._manager_thread import Command, ManagerThread, PoolLock, run_completions
 from cancelk._pool import Completion, Job, fail
+from cancelk.errors import PoolFullError
 from cancelk.futures import Future
 from cancelk.supervisor import SupervisorConfig
 
@@ -38,10 +41,12 @@ from cancelk.supervisor import SupervisorConfig
 class Manager:
     """Everything an executor owns at run time; its ``options()`` views share it."""
 
-    def __init__(self, method: str, config: SupervisorConfig) -> None:
+    def __init__(
+        self, method: str, config: SupervisorConfig, max_pending: int | None = None
+    ) -> None:
         self.intake: deque[Command] = deque()
         self.lock = PoolLock()
-        self.io = ManagerThread(self.lock, self.intake, method, config)
+        self.io = ManagerThread(self.lock, self.intake, method, config, max_pending)
         self.pool = self.io.pool
         self._start_lock = threading.RLock()
         self._starting = False
@@ -52,27 +57,36 @@ class Manager:
 
     # -- submitting -------------------------------------------------------------------
     def submit(self, job: Job, module: str | None) -> None:
-        """Queue or dispatch a job; raises if the pool takes no more jobs."""
+        """Queue or dispatch a job; raises if the pool takes no more jobs.
+
+        If the command runs later (this thread already held the lock), a
+        refusal reaches the caller as the future's exception instead."""
         self.check_usable()
         self._ensure_started()
-        refused: list[bool] = []
+        refused: list[Exception] = []
+
+        def refuse(why: Exception, out: list[Completion]) -> None:
+            refused.append(why)
+            out.append(functools.partial(fail, job.future, why))
 
         def accept(out: list[Completion]) -> None:
             if self.io.stopped:
-                refused.append(True)
-                out.append(functools.partial(fail, job.future, _after_shutdown()))
+                refuse(_after_shutdown(), out)
                 return
             if module is not None:
                 self.io.note_module(module)
-            self.pool.accept(job, out)
+            try:
+                self.pool.accept(job, out)
+            except PoolFullError as why:
+                refuse(why, out)
 
         self._run(accept)
         if refused:
-            raise _after_shutdown()
+            raise refused[0]
 
     def count_refused_submit(self) -> None:
         """A submit whose arguments did not pickle still counts as submitted."""
-        self._run(lambda out: self.pool.count_submitted())
+        self._run(lambda out: self.pool.count_refused())
 
     def check_usable(self) -> None:
         self._check_not_forked()
@@ -111,10 +125,17 @@ class Manager:
         job: Job | None = getattr(future, "_cancelk_job", None)
         if job is None or not self.pool.cancel_running(job):
             return future.cancelled()
+        self._run(lambda out: self.pool.count_cancelled(job))
         # Another cancel, or the job's exit seen by the manager thread, may
         # have marked it already: every caller gets the same True.
         reason = "the job was cancelled; its processes were killed"
         return future.mark_cancelled(reason) or future.cancelled()
+
+    def cancelled_in_queue(self, future: Future) -> None:
+        """Future.cancel() took a queued job: count it now."""
+        job: Job | None = getattr(future, "_cancelk_job", None)
+        if job is not None and not self.forked_away:
+            self._run(lambda out: self.pool.queued_job_cancelled(job))
 
     def shutdown(self, wait: bool, cancel_futures: bool, timeout: float | None) -> None:
         if self.forked_away:
@@ -123,14 +144,28 @@ class Manager:
         self._run(functools.partial(self.pool.begin_shutdown, cancel_futures))
         if not self.started:
             return
-        self.io.wake()
-        if not wait or self.io is threading.current_thread():
-            return
         if timeout is not None:
-            self.io.join(timeout)
-            if self.io.is_alive():
-                self.kill_everything("shutdown timeout")
-        self.io.join()
+            # Kept by the manager thread, so it holds with wait=False too.
+            at = time.monotonic() + timeout
+            kill = functools.partial(self.pool.kill_everything, "shutdown timeout")
+            self._run(lambda out: self.io.add_timer(at, kill))
+        self.io.wake()
+        if wait and self.io is not threading.current_thread():
+            self._join()
+
+    def _join(self) -> None:
+        """Wait for the manager thread to stop the pool.  Ctrl-C meanwhile
+        kills every job and waits only for the teardown; a second Ctrl-C
+        does not wait at all (the processes die with this one anyway)."""
+        try:
+            self.io.join()
+        except KeyboardInterrupt:
+            self.kill_everything("KeyboardInterrupt")
+            try:
+                self.io.join(_TEARDOWN_WAIT)
+            except KeyboardInterrupt:
+                pass
+            raise
 
     def kill_everything(self, reason: str) -> None:
         """Cancel what is queued and kill what runs; the pool then stops."""
@@ -173,6 +208,9 @@ class Manager:
         self.lock = PoolLock()  # the parent's may have been held at the fork
 
 
+_TEARDOWN_WAIT = 5.0  # seconds a Ctrl-C'd shutdown waits for killed jobs to be reaped
+
+
 def _after_shutdown() -> RuntimeError:
     return RuntimeError("cannot schedule new futures after shutdown")
 
@@ -186,7 +224,11 @@ def _after_fork_in_child() -> None:
 
 
 def _shutdown_at_exit() -> None:
+    # A program ended by Ctrl-C does not wait for its jobs: they are killed.
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     for manager in list(_live_managers):
+        if interrupted and manager.started and not manager.forked_away:
+            manager.kill_everything("KeyboardInterrupt")
         manager.shutdown(wait=True, cancel_futures=False, timeout=None)
 
 

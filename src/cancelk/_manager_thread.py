@@ -21,11 +21,14 @@ It is also the pool logic's ``PoolIO``: ``send_job``, ``send_control`` and
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import logging
 import os
 import selectors
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -34,6 +37,7 @@ from cancelk import _kill, _protocol, _slots
 from cancelk._channels import RunnerLink, SupervisorLink, Waker, close_quietly
 from cancelk._pool import Completion, Placement, Pool, fail
 from cancelk._wire import SMALL
+from cancelk.errors import oom_detail
 from cancelk.supervisor import PRELOAD_LIMIT, SupervisorConfig, SupervisorProcess, SupervisorStart
 
 log = logging.getLogger("cancelk")
@@ -61,10 +65,15 @@ class ManagerThread(threading.Thread):
     """Runs a pool's I/O; see the module docstring."""
 
     def __init__(
-        self, lock: PoolLock, intake: deque[Command], method: str, config: SupervisorConfig
+        self,
+        lock: PoolLock,
+        intake: deque[Command],
+        method: str,
+        config: SupervisorConfig,
+        max_pending: int | None = None,
     ) -> None:
         super().__init__(name="cancelk-manager", daemon=True)
-        self.pool = Pool(config.slots, config.max_tasks_per_child, self)
+        self.pool = Pool(config.slots, config.max_tasks_per_child, self, max_pending)
         self.lock = lock
         self.intake = intake
         self.method = method
@@ -76,6 +85,8 @@ class ManagerThread(threading.Thread):
         self.runners: list[RunnerLink | None] = [None] * config.slots
         self.want_write: set[int] = set()
         self.preload: list[str] = []
+        self.timers: list[tuple[float, int, Command]] = []  # (monotonic time, tie, command)
+        self._timer_order = itertools.count()
         self.stopped = False  # every process and descriptor is gone
 
     # -- PoolIO: never blocks, any thread -----------------------------------------
@@ -105,6 +116,12 @@ class ManagerThread(threading.Thread):
         waker = self.waker
         if waker is not None:
             waker.wake()
+
+    def add_timer(self, at: float, command: Command) -> None:
+        """Run ``command`` under the lock at ``time.monotonic()`` ``at``; with
+        the lock held."""
+        heapq.heappush(self.timers, (at, next(self._timer_order), command))
+        self.wake()  # the loop's wait must end sooner
 
     def note_module(self, name: str) -> None:
         """Tell the supervisor a job's module once, for its spares to import."""
@@ -149,7 +166,7 @@ class ManagerThread(threading.Thread):
     def _loop(self) -> None:
         assert self.selector is not None
         while not self.stopped:
-            events = self.selector.select()
+            events = self.selector.select(self._until_next_timer())
             self._locked(functools.partial(self._handle, events))
         self._locked(self._run_intake)  # submits that raced the end: refused
 
@@ -167,11 +184,22 @@ class ManagerThread(threading.Thread):
         while self.intake:
             self.intake.popleft()(out)
 
+    def _until_next_timer(self) -> float | None:
+        if not self.timers:
+            return None
+        return max(0.0, self.timers[0][0] - time.monotonic())
+
+    def _run_due_timers(self, out: list[Completion]) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            heapq.heappop(self.timers)[2](out)
+
     def _handle(
         self, events: list[tuple[selectors.SelectorKey, int]], out: list[Completion]
     ) -> None:
         for key, mask in events:
             self._on_event(key, mask, out)
+        self._run_due_timers(out)
         self.pool.fill_idle()  # first: queued jobs go before those in the intake
         self._run_intake(out)
         self._register_writes()  # last: dispatching may have queued bytes
@@ -250,17 +278,18 @@ class ManagerThread(threading.Thread):
         if isinstance(message, _protocol.RunnerStarted):
             channel = link.received_fds.popleft()
             pidfd = link.received_fds.popleft() if message.with_pidfd else -1
-            self._runner_started(message, channel, pidfd)
+            self._runner_started(message, channel, pidfd, out)
         elif isinstance(message, _protocol.RunnerExited):
             runner = self.runners[message.slot]
             if runner is not None and runner.runner_id == message.runner_id:
                 self._read_channel(runner, out)  # a result written just before death counts
                 self._close_runner(runner)
+            detail = oom_detail(message.oom_kills)
             self.pool.runner_exited(
-                message.slot, message.runner_id, message.status, message.state, out
+                message.slot, message.runner_id, message.status, message.state, detail, out
             )
         elif isinstance(message, _protocol.JobKilled):
-            self.pool.job_killed(message.slot, message.runner_id, message.seq, message.flag, out)
+            self.pool.job_killed(*message, out)
         else:
             raise _protocol.ProtocolError(f"unexpected message from the supervisor: {message!r}")
 
@@ -280,21 +309,24 @@ class ManagerThread(threading.Thread):
         self.pool.supervisor_lost(link.process.pid, status, out)
         if self.pool.shutting_down and not self.pool.pending:
             return
-        if status and not self.pool.shutting_down:
+        if status != 0 and not self.pool.shutting_down:
             pid = link.process.pid
-            log.warning("cancelk supervisor %d died (status %d); starting a new one", pid, status)
+            log.warning("cancelk supervisor %d died (status %s); starting a new one", pid, status)
         try:
             self._start_supervisor()
         except OSError as why:
             self.pool.break_pool(why, out)
 
     # -- runners ----------------------------------------------------------------------
-    def _runner_started(self, message: _protocol.RunnerStarted, channel: int, pidfd: int) -> None:
+    def _runner_started(
+        self, message: _protocol.RunnerStarted, channel: int, pidfd: int, out: list[Completion]
+    ) -> None:
         assert self.selector is not None
         link = RunnerLink(message.slot, message.runner_id, message.pid, channel, pidfd)
         self.selector.register(link.sock, selectors.EVENT_READ, link)
         self.runners[message.slot] = link
         self.pool.runner_started(message.slot, message.runner_id, message.pid)
+        self._read_channel(link, out)  # a spare said it is ready before it got the slot
 
     def _read_channel(self, link: RunnerLink, out: list[Completion]) -> None:
         while self.runners[link.slot] is link:
@@ -309,13 +341,13 @@ class ManagerThread(threading.Thread):
                 return
             for body in link.reader.feed(data):
                 try:
-                    seq, _kind, outcome = _protocol.parse_result(body)
+                    seq, kind, outcome = _protocol.parse_result(body)
                 except _protocol.ProtocolError as why:
                     log.error("cancelk runner %d sent a bad frame, killing it: %s", link.pid, why)
                     self._close_runner(link)
                     self.send_control(_protocol.KillRunner(link.slot, link.runner_id))
                     return
-                self.pool.result_arrived(link.slot, seq, outcome, out)
+                self.pool.result_arrived(link.slot, seq, kind, outcome, out)
 
     def _close_runner(self, link: RunnerLink) -> None:
         if self.runners[link.slot] is not link:
@@ -389,7 +421,13 @@ class ManagerThread(threading.Thread):
 
 def run_completions(out: list[Completion]) -> None:
     """Run them, then let go: the manager must not hold the last result (a
-    100 MB one, say) while it waits for the next event."""
+    100 MB one, say) while it waits for the next event.
+
+    A done-callback of the user's may raise anything (the stdlib passes only
+    an Exception's to the log): on the manager thread that is logged, since
+    no signal can raise there; on a caller's thread a KeyboardInterrupt
+    still reaches the caller, once every future has been settled."""
+    on_manager_thread = isinstance(threading.current_thread(), ManagerThread)
     try:
         for index, complete in enumerate(out):
             try:
@@ -397,6 +435,9 @@ def run_completions(out: list[Completion]) -> None:
             except Exception:
                 log.exception("cancelk: settling a future failed")
             except BaseException:
+                if on_manager_thread:
+                    log.exception("cancelk: settling a future raised")
+                    continue
                 run_completions(out[index + 1 :])  # every future still ends
                 raise
     finally:

@@ -24,14 +24,21 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple, Protocol
 
-from cancelk import _protocol, _slots, _wire
-from cancelk.errors import ProcessDiedError, ProcessTimeoutError, died_error
+from cancelk import _core, _protocol, _slots, _wire
+from cancelk.errors import (
+    PoolFullError,
+    ProcessDiedError,
+    ProcessMemoryError,
+    ProcessTimeoutError,
+    died_error,
+)
 from cancelk.futures import Future
 from cancelk.options import JobOptions, seconds_to_ns
 
@@ -40,13 +47,14 @@ log = logging.getLogger("cancelk")
 Completion = Callable[[], object]
 
 INIT_FAILURES_TO_BREAK = 3
+# Every submitted job is, at every moment, in exactly one of: pending,
+# running, or one of the endings below (stats() adds the first two).
+ENDINGS = ("finished", "failed", "timed_out", "cancelled", "memory_exceeded", "died")
 _COUNTERS = (
     "submitted",
     "started",
-    "finished",
-    "timed_out",
-    "cancelled",
-    "died",
+    *ENDINGS,
+    "refused",  # by max_pending: never submitted
     "processes_started",
     "supervisors_started",
 )
@@ -64,24 +72,33 @@ class Placement(NamedTuple):
 class Job:
     __slots__ = (
         "cancel_requested",
+        "counted",
+        "deadline_at",
         "future",
         "killed_by_cancel",
         "options",
         "payload",
         "placement",
         "seq",
-        "settled",
     )
 
-    def __init__(self, future: Future, seq: int, payload: bytes, options: JobOptions) -> None:
+    def __init__(
+        self,
+        future: Future,
+        seq: int,
+        payload: bytes,
+        options: JobOptions,
+        deadline_at: float | None = None,
+    ) -> None:
         self.future = future
         self.seq = seq
         self.payload = payload
         self.options = options
+        self.deadline_at = deadline_at  # time.monotonic() by which it must be gone
         self.placement: Placement | None = None
         self.cancel_requested = False  # a graceful cancel was sent to the supervisor
         self.killed_by_cancel = False  # a cancel won the job's word: it ends cancelled
-        self.settled = False  # its ending is decided; the runner may still be dying
+        self.counted = False  # its ending is decided and counted; its runner may still be dying
 
 
 class Slot:
@@ -92,6 +109,7 @@ class Slot:
         "index",
         "job",
         "pid",
+        "ready",
         "retiring",
         "runner_id",
         "state_before",
@@ -103,6 +121,7 @@ class Slot:
         self.runner_id = 0
         self.pid = 0
         self.connected = False  # the manager holds an open channel to the runner
+        self.ready = False  # the runner's initializer has run: it can take a job now
         self.job: Job | None = None
         self.state_before = 0  # the shared word before the current job began
         self.tasks = 0
@@ -118,6 +137,8 @@ class PoolIO(Protocol):
 
     def kill_now(self, placement: Placement) -> None: ...
 
+    def add_timer(self, at: float, command: Callable[[list[Completion]], None]) -> None: ...
+
 
 class Pool:
     """Runner slots, queued jobs and counters of one executor.
@@ -126,9 +147,12 @@ class Pool:
     manager's lock held.
     """
 
-    def __init__(self, size: int, max_tasks: int | None, io: PoolIO) -> None:
+    def __init__(
+        self, size: int, max_tasks: int | None, io: PoolIO, max_pending: int | None = None
+    ) -> None:
         self.slots = [Slot(i) for i in range(size)]
         self.max_tasks = max_tasks
+        self.max_pending = max_pending
         self.io = io
         self.words: _slots.SlotWords | None = None
         self.idle: list[Slot] = []
@@ -137,46 +161,97 @@ class Pool:
         self.broken: BaseException | None = None
         self.init_failures = 0
         self.counts = dict.fromkeys(_COUNTERS, 0)
+        self.running = 0  # dispatched, ending not counted yet
+        self.ended_in_queue = 0  # in ``pending``, but already counted (cancelled, deadline)
 
     # -- jobs in ----------------------------------------------------------------
     def accept(self, job: Job, out: list[Completion]) -> None:
+        """Take a job, or raise PoolFullError (it is then not submitted)."""
+        if self.broken is None and self.full():
+            self.counts["refused"] += 1
+            raise PoolFullError(
+                f"{self.max_pending} jobs already wait for a runner (max_pending): job refused"
+            )
         self.counts["submitted"] += 1
         if self.broken is not None:
+            self._count_end(job, "failed")
             out.append(functools.partial(fail, job.future, self.broken))
-        elif self.pending or not self._dispatch_to_idle(job):
+            return
+        if self.pending or not self._dispatch_to_idle(job):
             self.pending.append(job)  # behind those queued first: jobs start in order
+            if job.deadline_at is not None:
+                self.io.add_timer(job.deadline_at, functools.partial(self._queue_deadline, job))
 
-    def count_submitted(self) -> None:
+    def full(self) -> bool:
+        waiting = len(self.pending) - self.ended_in_queue
+        return self.max_pending is not None and waiting >= self.max_pending
+
+    def _queue_deadline(self, job: Job, out: list[Completion]) -> None:
+        """A queued job's deadline passed: it never starts."""
+        if job.placement is None and self._count_end(job, "timed_out"):
+            self.ended_in_queue += 1
+            error = ProcessTimeoutError("the job's deadline passed while it waited for a runner")
+            out.append(functools.partial(fail, job.future, error))
+
+    def count_refused(self) -> None:
         """A job that failed before it could be accepted (its arguments did not pickle)."""
         self.counts["submitted"] += 1
+        self.counts["failed"] += 1
 
     def fill_idle(self) -> None:
         while self.idle and self.pending:
-            self._dispatch_to_idle(self.pending.popleft())
+            self._dispatch_to_idle(self._pop_pending())
+
+    def _pop_pending(self) -> Job:
+        job = self.pending.popleft()
+        if job.counted:
+            self.ended_in_queue -= 1
+        return job
+
+    def queued_job_cancelled(self, job: Job) -> None:
+        """Future.cancel() took a queued job: count it now, not when it is reached."""
+        if job.placement is None and self._count_end(job, "cancelled"):
+            self.ended_in_queue += 1
 
     def _dispatch_to_idle(self, job: Job) -> bool:
         """True once the job is placed or needs no placing (cancelled meanwhile)."""
         if not self.idle:
             return False
+        if job.future.done():
+            self._count_end(job, "cancelled")  # no-op if its ending was counted
+            return True
         slot = self.idle.pop()
         if not self._dispatch(slot, job):
             self.idle.append(slot)
+            self._count_end(job, "cancelled")  # no-op if its cancel was counted
         return True
 
     def _dispatch(self, slot: Slot, job: Job) -> bool:
         # Placed before it turns RUNNING: a cancel that sees RUNNING sees where.
         job.placement = Placement(slot.index, slot.runner_id, slot.pid, slot.state_before)
         if not job.future.start_running(slot.pid):
+            job.placement = None
             return False
+        self.running += 1
         slot.job = job
         head = _protocol.job_frame_head(job.seq, slot.index, len(job.payload))
         self.io.send_job(slot.index, head, job.payload)
         job.payload = b""
-        if job.options.timeout is not None:
-            limit = seconds_to_ns(job.options.timeout)
-            self.io.send_control(_protocol.SetTimeLimit(slot.index, slot.runner_id, job.seq, limit))
+        self._send_limits(slot, job)
         self.counts["started"] += 1
         return True
+
+    def _send_limits(self, slot: Slot, job: Job) -> None:
+        options, where = job.options, (slot.index, slot.runner_id, job.seq)
+        if options.timeout is not None:
+            limit = seconds_to_ns(options.timeout)
+            self.io.send_control(_protocol.SetTimeLimit(*where, limit))
+        if job.deadline_at is not None:
+            # The supervisor keeps CLOCK_MONOTONIC in ns, as the C core reads it.
+            left = seconds_to_ns(max(0.0, job.deadline_at - time.monotonic()))
+            self.io.send_control(_protocol.SetDeadline(*where, _core.monotonic_ns() + left))
+        if options.memory_limit is not None:
+            self.io.send_control(_protocol.SetMemoryLimit(*where, options.memory_limit))
 
     # -- cancelling (any thread, no lock) ----------------------------------------
     def cancel_running(self, job: Job) -> bool:
@@ -218,13 +293,12 @@ class Pool:
 
     # -- runners ----------------------------------------------------------------
     def runner_started(self, index: int, runner_id: int, pid: int) -> None:
+        """A runner took the slot; it takes jobs once it says it is ready."""
         slot = self.slots[index]
         slot.runner_id, slot.pid, slot.connected = runner_id, pid, True
         slot.state_before = _slots.FRESH | runner_id
-        slot.tasks, slot.retiring, slot.job = 0, False, None
+        slot.tasks, slot.retiring, slot.ready, slot.job = 0, False, False, None
         self.counts["processes_started"] += 1
-        if self.broken is None:
-            self.idle.append(slot)
 
     def channel_closed(self, index: int) -> None:
         """The runner's channel reached its end: no job may go there any more."""
@@ -234,11 +308,11 @@ class Pool:
             self.idle.remove(slot)
 
     def result_arrived(
-        self, index: int, seq: int, outcome: memoryview, out: list[Completion]
+        self, index: int, seq: int, kind: int, outcome: memoryview, out: list[Completion]
     ) -> None:
         slot = self.slots[index]
-        if seq == _protocol.INIT_FAILED_SEQ:
-            self._initializer_failed(slot, bytes(outcome), out)
+        if seq == _protocol.INIT_SEQ:
+            self._initialized(slot, kind, outcome, out)
             return
         job = slot.job
         if job is None or job.seq != seq:
@@ -247,58 +321,83 @@ class Pool:
         slot.state_before = seq | _slots.DONE
         slot.tasks += 1
         self.init_failures = 0
-        self.counts["finished"] += 1
+        self._count_end(job, "failed" if kind == _wire.OUTCOME_ERROR else "finished")
         out.append(functools.partial(settle_from_outcome, job.future, bytes(outcome)))
         if self.max_tasks is not None and slot.tasks >= self.max_tasks:
             slot.retiring = True  # it exits by itself; a fresh runner replaces it
-        elif slot.connected and slot not in self.idle:
+        else:
+            self._now_idle(slot)
+
+    def _now_idle(self, slot: Slot) -> None:
+        if slot.connected and slot.ready and self.broken is None and slot not in self.idle:
             self.idle.append(slot)
 
-    def _initializer_failed(self, slot: Slot, outcome: bytes, out: list[Completion]) -> None:
+    def _initialized(
+        self, slot: Slot, kind: int, outcome: memoryview, out: list[Completion]
+    ) -> None:
+        if kind == _wire.OUTCOME_VALUE:
+            slot.ready = True
+            self._now_idle(slot)
+            return
+        error = _wire.decode_outcome(bytes(outcome)).exception
+        self._initializer_failed(slot, f"the pool's initializer failed: {error!r}", error, out)
+
+    def _initializer_failed(
+        self, slot: Slot, message: str, cause: BaseException | None, out: list[Completion]
+    ) -> None:
+        """The runner will never take a job; a third such runner in a row breaks
+        the pool, rather than forking runners for ever."""
         self.channel_closed(slot.index)  # the runner exits; nothing more may go there
         slot.retiring = True
         self.init_failures += 1
-        error = _wire.decode_outcome(outcome).exception
-        broken = BrokenProcessPool(f"the pool's initializer failed: {error!r}")
-        broken.__cause__ = error
-        job, slot.job = slot.job, None
-        if job is not None:
-            job.settled = True
-            out.append(functools.partial(fail, job.future, broken))
         if self.init_failures >= INIT_FAILURES_TO_BREAK and self.broken is None:
+            broken = BrokenProcessPool(message)
+            broken.__cause__ = cause
             self.break_pool(broken, out)
 
     def runner_exited(
-        self, index: int, runner_id: int, status: int, state: int, out: list[Completion]
+        self,
+        index: int,
+        runner_id: int,
+        status: int | None,
+        state: int,
+        detail: str | None,
+        out: list[Completion],
     ) -> None:
         slot = self.slots[index]
         if slot.runner_id != runner_id:
             return  # a runner of an earlier supervisor
+        if not slot.ready and not slot.retiring and status is not None:
+            died = died_error(slot.pid, status, detail)
+            message = f"a runner exited before the pool's initializer returned: {died}"
+            self._initializer_failed(slot, message, died, out)
         self.channel_closed(index)
+        slot.ready = False
         job, slot.job = slot.job, None
         if job is not None:
-            self._settle_stopped(slot, job, state, status, out)
+            self._settle_stopped(slot, job, state, status, out, detail)
 
     def job_killed(
-        self, index: int, runner_id: int, seq: int, flag: int, out: list[Completion]
+        self, index: int, runner_id: int, seq: int, flag: int, peak: int, out: list[Completion]
     ) -> None:
-        """A deadline's kill is final: settle now, before the runner's teardown."""
+        """The supervisor's kill is final: settle now, before the runner's teardown."""
         slot = self.slots[index]
         job = slot.job
         if slot.runner_id == runner_id and job is not None and job.seq == seq:
-            self._settle_stopped(slot, job, seq | flag, 0, out)
+            self._settle_stopped(slot, job, seq | flag, None, out, peak=peak)
 
-    def supervisor_lost(self, pid: int, status: int, out: list[Completion]) -> None:
+    def supervisor_lost(self, pid: int, status: int | None, out: list[Completion]) -> None:
         """The supervisor died, and every runner with it."""
         assert self.words is not None
-        detail = f"the cancelk supervisor (pid {pid}) died, status {status}"
+        how = "status unknown" if status is None else f"status {status}"
+        detail = f"the cancelk supervisor (pid {pid}) died, {how}"
         for slot in self.slots:
             job, slot.job = slot.job, None
             if job is not None:
                 state = self.words.state(slot.index)
-                self._settle_stopped(slot, job, state, -1, out, detail)
+                self._settle_stopped(slot, job, state, None, out, detail)
             slot.pid = slot.runner_id = slot.state_before = 0
-            slot.connected = False
+            slot.connected = slot.ready = False
         self.idle.clear()
 
     def _settle_stopped(
@@ -306,17 +405,29 @@ class Pool:
         slot: Slot,
         job: Job,
         state: int,
-        status: int,
+        status: int | None,
         out: list[Completion],
         detail: str | None = None,
+        peak: int = 0,
     ) -> None:
         """End the future of a job that was killed or died, once."""
-        if job.settled:
-            return
-        job.settled = True
-        ending = _ending(job, state, status, slot.pid, detail)
-        self.counts[ending.counter] += 1
-        out.append(functools.partial(ending.settle, job.future))
+        ending = _ending(job, state, status, slot.pid, detail, peak)
+        if self._count_end(job, ending.counter):
+            out.append(functools.partial(ending.settle, job.future))
+
+    def count_cancelled(self, job: Job) -> None:
+        """A cancel decided the running job's kill: it no longer counts as running."""
+        self._count_end(job, "cancelled")
+
+    def _count_end(self, job: Job, counter: str) -> bool:
+        """Count the job's ending once; False if it was counted already."""
+        if job.counted:
+            return False
+        job.counted = True
+        self.counts[counter] += 1
+        if job.placement is not None:
+            self.running -= 1
+        return True
 
     # -- the pool as a whole ------------------------------------------------------
     def break_pool(self, error: BaseException, out: list[Completion]) -> None:
@@ -325,7 +436,9 @@ class Pool:
         self.shutting_down = True
         self.idle.clear()
         while self.pending:
-            out.append(functools.partial(fail, self.pending.popleft().future, error))
+            job = self._pop_pending()
+            if self._count_end(job, "failed"):
+                out.append(functools.partial(fail, job.future, error))
 
     def begin_shutdown(self, cancel_pending: bool, out: list[Completion]) -> None:
         self.shutting_down = True
@@ -338,23 +451,26 @@ class Pool:
         self._cancel_pending(out)
         for slot in self.slots:
             job = slot.job
-            if job is not None and not job.settled and self.kill(job, _slots.KILL_CANCEL, reason):
+            if job is not None and not job.counted and self.kill(job, _slots.KILL_CANCEL, reason):
+                self._count_end(job, "cancelled")
                 out.append(functools.partial(job.future.mark_cancelled, f"killed: {reason}"))
 
     def _cancel_pending(self, out: list[Completion]) -> None:
         while self.pending:
-            out.append(self.pending.popleft().future.cancel)
+            job = self._pop_pending()
+            self._count_end(job, "cancelled")
+            out.append(job.future.cancel)
 
     def finished(self) -> bool:
         """Shut down, and nothing is left to run or to end."""
-        if not self.shutting_down or self.pending:
+        if not self.shutting_down or len(self.pending) > self.ended_in_queue:
             return False
         return all(slot.job is None for slot in self.slots)
 
     def stats(self) -> dict[str, int]:
         counts = dict(self.counts)
-        counts["running"] = sum(1 for slot in self.slots if slot.job is not None)
-        counts["pending"] = len(self.pending)
+        counts["running"] = self.running
+        counts["pending"] = len(self.pending) - self.ended_in_queue
         return counts
 
 
@@ -365,23 +481,43 @@ class Ending(NamedTuple):
     settle: Callable[[Future], object]
 
 
-def _ending(job: Job, state: int, status: int, pid: int, detail: str | None) -> Ending:
+def _ending(
+    job: Job, state: int, status: int | None, pid: int, detail: str | None, peak: int = 0
+) -> Ending:
     if state == job.seq | _slots.KILL_TIMEOUT:
-        timeout = job.options.timeout
-        log.info("killed job %d (pid %d): timeout after %s s", job.seq, pid, timeout)
+        log.info("killed job %d (pid %d): %s", job.seq, pid, _limit_passed(job))
         error: BaseException = ProcessTimeoutError(
-            f"job process {pid} ran past its time limit of {timeout} s and was killed"
+            f"job process {pid} ran past {_limit_passed(job)} and was killed"
         )
         return Ending("timed_out", functools.partial(fail, exception=error))
+    if state == job.seq | _slots.KILL_MEMORY:
+        limit = job.options.memory_limit
+        seen = f"{peak} bytes were seen" if peak else "its peak was not seen"
+        log.info("killed job %d (pid %d): memory over %s bytes", job.seq, pid, limit)
+        error = ProcessMemoryError(
+            f"job process {pid} and its children held more than {limit} bytes resident "
+            f"and were killed ({seen})",
+            limit,
+            peak or None,
+        )
+        return Ending("memory_exceeded", functools.partial(fail, exception=error))
     if state == job.seq | _slots.KILL_CANCEL:
         message = "the job was cancelled; its processes were killed"
         return Ending("cancelled", functools.partial(Future.mark_cancelled, reason=message))
-    if detail is not None:
+    if status is None:  # the supervisor died, or somebody else reaped the runner
         error = ProcessDiedError(pid, signal=signal.SIGKILL, detail=detail)
     else:
-        error = died_error(pid, status)
+        error = died_error(pid, status, detail)
     log.info("job %d died: %s", job.seq, error)
     return Ending("died", functools.partial(fail, exception=error))
+
+
+def _limit_passed(job: Job) -> str:
+    """Which of the job's time limits it ran past: the earlier one."""
+    deadline, timeout = job.deadline_at, job.options.timeout
+    if deadline is not None and (timeout is None or time.monotonic() >= deadline - 0.001):
+        return "its deadline"
+    return f"its time limit of {timeout} s"
 
 
 def settle_from_outcome(future: Future, outcome: bytes) -> None:

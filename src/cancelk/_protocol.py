@@ -1,6 +1,7 @@
 """Every message that crosses a process boundary inside cancelk, in both directions.
 
-    user process ──control socket──► supervisor     SetTimeLimit, GraceCancel,
+    user process ──control socket──► supervisor     SetTimeLimit, SetDeadline,
+                                                     SetMemoryLimit, GraceCancel,
                                                      KillRunner, Preload, Shutdown
     user process ◄──control socket── supervisor     RunnerStarted (+ channel fd,
                                                      pidfd), RunnerExited, JobKilled
@@ -23,7 +24,7 @@ from typing import NamedTuple, Union
 from cancelk._wire import HEADER, OUTCOME_ERROR, OUTCOME_VALUE
 
 __all__ = [
-    "INIT_FAILED_SEQ",
+    "INIT_SEQ",
     "OUTCOME_ERROR",
     "OUTCOME_VALUE",
     "ControlMessage",
@@ -34,6 +35,8 @@ __all__ = [
     "ProtocolError",
     "RunnerExited",
     "RunnerStarted",
+    "SetDeadline",
+    "SetMemoryLimit",
     "SetTimeLimit",
     "Shutdown",
     "decode",
@@ -57,6 +60,24 @@ class SetTimeLimit(NamedTuple):
     runner_id: int
     seq: int
     timeout_ns: int
+
+
+class SetDeadline(NamedTuple):
+    """Kill job ``seq`` if it still runs at CLOCK_MONOTONIC ``at_ns``."""
+
+    slot: int
+    runner_id: int
+    seq: int
+    at_ns: int
+
+
+class SetMemoryLimit(NamedTuple):
+    """Kill job ``seq`` once its process tree holds more than ``nbytes`` resident."""
+
+    slot: int
+    runner_id: int
+    seq: int
+    nbytes: int
 
 
 class GraceCancel(NamedTuple):
@@ -96,26 +117,33 @@ class RunnerStarted(NamedTuple):
 
 
 class RunnerExited(NamedTuple):
-    """A runner was reaped; ``state`` is its slot's shared word at that moment."""
+    """A runner was reaped; ``state`` is its slot's shared word at that moment;
+    ``oom_kills`` how many processes the kernel's OOM killer killed while the
+    runner lived (-1: unknown)."""
 
     slot: int
     runner_id: int
     pid: int
     status: int
     state: int
+    oom_kills: int
 
 
 class JobKilled(NamedTuple):
-    """A deadline killed job ``seq`` (``flag``: its KILL_* bit), before the reap."""
+    """The supervisor killed job ``seq`` (``flag``: its KILL_* bit), before the
+    reap; ``peak``: the most resident memory seen of its tree (memory kills)."""
 
     slot: int
     runner_id: int
     seq: int
     flag: int
+    peak: int
 
 
 ControlMessage = Union[
     SetTimeLimit,
+    SetDeadline,
+    SetMemoryLimit,
     GraceCancel,
     KillRunner,
     Preload,
@@ -134,8 +162,10 @@ _LAYOUTS: dict[int, tuple[type, struct.Struct]] = {
     4: (Preload, struct.Struct("")),
     5: (Shutdown, struct.Struct("")),
     6: (RunnerStarted, struct.Struct("<QQq?")),
-    7: (RunnerExited, struct.Struct("<QQqiQ")),
-    8: (JobKilled, struct.Struct("<QQQQ")),
+    7: (RunnerExited, struct.Struct("<QQqiQq")),
+    8: (JobKilled, struct.Struct("<QQQQq")),
+    9: (SetDeadline, struct.Struct("<QQQq")),
+    10: (SetMemoryLimit, struct.Struct("<QQQq")),
 }
 _KINDS = {cls: kind for kind, (cls, _) in _LAYOUTS.items()}
 _TEXT = {Preload}
@@ -175,7 +205,7 @@ def decode(body: bytes) -> ControlMessage:
 # -- runner channels ------------------------------------------------------------
 JOB_HEAD = struct.Struct("<QQ")  # seq, slot: a spare learns its slot from its first job
 RESULT_HEAD = struct.Struct("<QB")  # seq, outcome kind
-INIT_FAILED_SEQ = 0  # a result frame for no job: the initializer raised
+INIT_SEQ = 0  # a result frame for no job: the initializer ran (value) or raised (error)
 
 
 def job_frame_head(seq: int, slot: int, payload_size: int) -> bytes:

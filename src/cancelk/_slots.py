@@ -7,7 +7,8 @@
     STATE       FRESH|rid    runner rid was given the slot, no job yet
                 seq          job seq is running
                 seq|DONE     job seq finished (its result is being sent)
-                seq|KILL_*   a kill of job seq was decided (by timeout or cancel)
+                seq|KILL_*   a kill of job seq was decided (time limit or deadline,
+                             cancel, memory limit)
     STARTED_NS  CLOCK_MONOTONIC when the running job began (time limits count from it)
 
 Every transition is a compare-and-swap from a value that names the job (or,
@@ -28,6 +29,7 @@ FRESH = 1 << 58
 DONE = 1 << 59
 KILL_TIMEOUT = 1 << 60
 KILL_CANCEL = 1 << 61
+KILL_MEMORY = 1 << 62
 SEQ_MASK = (1 << 48) - 1
 
 _STATE, _STARTED_NS = 0, 1

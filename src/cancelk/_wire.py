@@ -163,9 +163,12 @@ class Outcome:
 
 
 def decode_outcome(payload: bytes) -> Outcome:
+    """What a job's encoded outcome holds.  Unpickling runs code of the job's
+    classes; whatever that raises, SystemExit included, is this outcome's
+    error and nobody else's."""
     try:
         kind, *rest = pickle.loads(payload)
-    except Exception as why:
+    except BaseException as why:
         classes = ", ".join(_classes_named(payload)) or "no class"
         error = ResultPicklingError(
             f"the job's result or exception could not be unpickled: {type(why).__name__}: "

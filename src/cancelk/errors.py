@@ -15,8 +15,10 @@ import traceback
 from typing import Any
 
 __all__ = [
+    "PoolFullError",
     "ProcessCancelledError",
     "ProcessDiedError",
+    "ProcessMemoryError",
     "ProcessTimeoutError",
     "RemoteTraceback",
     "ResultPicklingError",
@@ -29,6 +31,24 @@ class ProcessTimeoutError(concurrent.futures.TimeoutError):
 
 class ProcessCancelledError(concurrent.futures.CancelledError):
     """The job was cancelled; if it was running, every process of it was killed."""
+
+
+class ProcessMemoryError(MemoryError):
+    """The job's process tree held more resident memory than its limit; every
+    process of the job was killed.  ``limit`` and ``peak`` are in bytes
+    (``peak``: the most seen, None if unknown)."""
+
+    def __init__(self, message: str, limit: int | None = None, peak: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.peak = peak
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.limit, self.peak))
+
+
+class PoolFullError(RuntimeError):
+    """``submit`` refused a job: ``max_pending`` jobs already wait for a runner."""
 
 
 def signal_name(signum: int) -> str:
@@ -64,7 +84,7 @@ class ProcessDiedError(Exception):
                 f"(signal {self.signal})"
             )
             if self.signal == _signal.SIGKILL and not self.detail:
-                what += "; cancelk did not send it, so the kernel's OOM killer is a likely cause"
+                what += "; cancelk did not send it: it came from outside cancelk"
         elif self.exitcode is not None:
             what = f"job process {self.pid} exited with code {self.exitcode} without a result"
         else:
@@ -75,6 +95,14 @@ class ProcessDiedError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.pid, self.exitcode, self.signal, self.detail))
+
+
+def oom_detail(kills: int) -> str | None:
+    """What to say of the OOM killer, given how many processes it killed
+    meanwhile (-1: unknown): only evidence makes it a likely cause."""
+    if kills <= 0:
+        return None
+    return f"the kernel's OOM killer killed {kills} process(es) meanwhile: the likely cause"
 
 
 def died_error(pid: int, status: int, detail: str | None = None) -> ProcessDiedError:

@@ -19,6 +19,7 @@ views and ``map``.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import multiprocessing
@@ -27,13 +28,20 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from cancelk import _wire
 from cancelk._manager import Manager
 from cancelk._pool import Job
 from cancelk.futures import Future
-from cancelk.options import JobOptions, check_seconds, split_markers
+from cancelk.options import (
+    JobOptions,
+    check_bytes,
+    check_count,
+    check_seconds,
+    deadline_option,
+    split_markers,
+)
 from cancelk.supervisor import SupervisorConfig
 
 __all__ = ["ExecutorOptions", "ProcessPoolExecutor"]
@@ -53,6 +61,9 @@ def _start_method(mp_context: Any) -> str:
     if method not in ("fork", "forkserver", "spawn"):
         raise ValueError(f"unsupported start method {method!r}")
     return str(method)
+
+
+_MEMORY_LIMITS_WORK = os.path.isdir("/proc/self")
 
 
 def _process_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
@@ -84,7 +95,12 @@ class _Submitter:
     ) -> Future:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
+        submitted = time.monotonic()
         args, kwargs, options = split_markers(args, kwargs, defaults)
+        if options.memory_limit is not None and not _MEMORY_LIMITS_WORK:
+            raise NotImplementedError(
+                "memory limits need Linux's /proc to sample a job's resident memory"
+            )
         future = Future(self.manager)
         try:
             payload = _wire.dumps((fn, args, kwargs))
@@ -93,7 +109,7 @@ class _Submitter:
             self.manager.count_refused_submit()
             future.set_exception(why)
             return future
-        job = Job(future, next(self.seqs), payload, options)
+        job = Job(future, next(self.seqs), payload, options, options.deadline_at(submitted))
         future._cancelk_job = job  # type: ignore[attr-defined]
         self.manager.submit(job, _module_of(fn))
         return future
@@ -133,6 +149,8 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
         max_tasks_per_child: int | None = None,
         timeout: float | None = None,
         cancel_timeout: float | None = 0.0,
+        memory_limit: int | None = None,
+        max_pending: int | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = _default_workers()
@@ -146,11 +164,14 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         self._defaults = JobOptions(
-            check_seconds(timeout, "timeout"), check_seconds(cancel_timeout, "cancel_timeout")
+            check_seconds(timeout, "timeout"),
+            check_seconds(cancel_timeout, "cancel_timeout"),
+            memory_limit=check_bytes(memory_limit, "memory_limit"),
         )
         self._max_workers = max_workers
         config = SupervisorConfig(max_workers, initializer, tuple(initargs), max_tasks_per_child)
-        self._manager = Manager(_start_method(mp_context), config)
+        pending = check_count(max_pending, "max_pending")
+        self._manager = Manager(_start_method(mp_context), config, pending)
         self._submitter = _Submitter(self._manager)
         weakref.finalize(self, self._manager.shutdown, False, False, None)
 
@@ -162,6 +183,13 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
     ) -> None:
         self._manager.shutdown(wait, cancel_futures, check_seconds(timeout, "timeout"))
 
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> Literal[False]:
+        # Ctrl-C out of the with block stops the jobs instead of waiting for them.
+        if isinstance(exc_value, KeyboardInterrupt):
+            self._manager.kill_everything("KeyboardInterrupt")
+        self.shutdown(wait=True)
+        return False
+
     def terminate_workers(self) -> None:
         """Stop every job now (SIGKILL of each job's tree) and shut the pool down."""
         self._manager.kill_everything("terminate_workers()")
@@ -171,22 +199,33 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
         """The same as ``terminate_workers()``: cancelk's only stop is SIGKILL."""
         self.terminate_workers()
 
-    def options(self, *, timeout: Any = ..., cancel_timeout: Any = ...) -> ExecutorOptions:
-        """A light view of this pool whose jobs get other default options."""
-        return ExecutorOptions(self, _merge(self._defaults, timeout, cancel_timeout))
+    def options(
+        self,
+        *,
+        timeout: Any = ...,
+        cancel_timeout: Any = ...,
+        deadline: Any = ...,
+        memory_limit: Any = ...,
+    ) -> ExecutorOptions:
+        """A light view of this pool whose jobs get other default options;
+        ``deadline`` is seconds from each submit (or a ProcessDeadline)."""
+        changes = _changes(timeout, cancel_timeout, deadline, memory_limit)
+        return ExecutorOptions(self, dataclasses.replace(self._defaults, **changes))
 
     def stats(self) -> dict[str, int]:
         """Counts of jobs submitted, started, finished, timed out, cancelled, died."""
         return self._manager.stats()
 
 
-def _merge(defaults: JobOptions, timeout: Any, cancel_timeout: Any) -> JobOptions:
-    return JobOptions(
-        defaults.timeout if timeout is ... else check_seconds(timeout, "timeout"),
-        defaults.cancel_timeout
-        if cancel_timeout is ...
-        else check_seconds(cancel_timeout, "cancel_timeout"),
-    )
+def _changes(timeout: Any, cancel_timeout: Any, deadline: Any, memory_limit: Any) -> dict[str, Any]:
+    """The options given (``...``: not given), checked."""
+    checks: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+        "timeout": (timeout, lambda value: check_seconds(value, "timeout")),
+        "cancel_timeout": (cancel_timeout, lambda value: check_seconds(value, "cancel_timeout")),
+        "deadline": (deadline, deadline_option),
+        "memory_limit": (memory_limit, lambda value: check_bytes(value, "memory_limit")),
+    }
+    return {name: check(value) for name, (value, check) in checks.items() if value is not ...}
 
 
 class ExecutorOptions(_MapsBySubmit, concurrent.futures.Executor):
@@ -204,8 +243,22 @@ class ExecutorOptions(_MapsBySubmit, concurrent.futures.Executor):
     ) -> None:
         self._executor.shutdown(wait, cancel_futures=cancel_futures, timeout=timeout)
 
-    def options(self, *, timeout: Any = ..., cancel_timeout: Any = ...) -> ExecutorOptions:
-        return ExecutorOptions(self._executor, _merge(self._defaults, timeout, cancel_timeout))
+    def options(
+        self,
+        *,
+        timeout: Any = ...,
+        cancel_timeout: Any = ...,
+        deadline: Any = ...,
+        memory_limit: Any = ...,
+    ) -> ExecutorOptions:
+        changes = _changes(timeout, cancel_timeout, deadline, memory_limit)
+        return ExecutorOptions(self._executor, dataclasses.replace(self._defaults, **changes))
+
+    def __enter__(self) -> ExecutorOptions:
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> Literal[False]:
+        return False  # a view does not own the pool: leaving it shuts nothing down
 
 
 def _map(

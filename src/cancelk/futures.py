@@ -27,6 +27,8 @@ __all__ = ["Future"]
 class _Owner(Protocol):
     def cancel_running(self, future: Future) -> bool: ...
 
+    def cancelled_in_queue(self, future: Future) -> None: ...
+
 
 class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     """A future of a cancelk job; ``pid`` is the job's process while it runs."""
@@ -54,7 +56,10 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             return self._owner.cancel_running(self)
         # Queued: cancelled and notified at once, so wait() and as_completed()
         # see it now rather than when the pool would have reached it.
-        return self.mark_cancelled("the job was cancelled before it started") or self.cancelled()
+        if self.mark_cancelled("the job was cancelled before it started"):
+            self._owner.cancelled_in_queue(self)
+            return True
+        return self.cancelled()
 
     def start_running(self, pid: int) -> bool:
         """The pool starts the job in process ``pid``: PENDING -> RUNNING,

@@ -4,6 +4,8 @@
                          together with its tree, child subreaper for its jobs
                          initializer(*initargs) once
                          (a warm spare waits here until a slot needs it)
+    user process ◄══channel══ ready frame (INIT_SEQ, value), or the
+                              initializer's exception (INIT_SEQ, error)
     user process ══channel══► job frame (seq, slot, pickled fn/args/kwargs)
                               words.begin(slot, seq)   (lost race: wait to be killed)
                               run, encode the outcome
@@ -47,6 +49,7 @@ def run(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner pr
             code = 3
             return
         _preload(setup.preload)
+        _send(setup.channel_fd, _protocol.INIT_SEQ, _wire.OUTCOME_VALUE, _READY)
         _serve(setup)
     except BaseException:
         code = 70
@@ -70,13 +73,16 @@ def _initialize(setup: RunnerSetup) -> bool:  # pragma: no cover - runs in the r
         setup.initializer(*setup.initargs)
     except BaseException as exc:
         outcome = _wire.encode_exception(exc)
-        _send(setup.channel_fd, _protocol.INIT_FAILED_SEQ, _wire.OUTCOME_ERROR, outcome)
+        _send(setup.channel_fd, _protocol.INIT_SEQ, _wire.OUTCOME_ERROR, outcome)
         return False
     return True
 
 
+_READY = _wire.dumps(("ok", None))
+
+
 def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner process
-    words, done = setup.words, 0
+    words, done, me = setup.words, 0, os.getpid()
     before = FRESH | setup.runner_id
     frames = _incoming_frames(setup.channel_fd)
     while setup.max_tasks is None or done < setup.max_tasks:
@@ -87,6 +93,9 @@ def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner
         if not words.begin(slot, before, seq):
             _await_kill()
         kind, outcome = _run_job(job)
+        if os.getpid() != me:  # a child the job forked returned here: not the runner
+            _child.flush_std_streams()
+            os._exit(0)
         _child.flush_std_streams()
         if not words.finish(slot, seq):
             _await_kill()

@@ -31,7 +31,8 @@ from typing import Any
 
 from cancelk import _child, _core, _kill, _protocol, _wire, runner
 from cancelk._deadlines import DeadlineBook
-from cancelk._slots import SlotWords
+from cancelk._memwatch import MemoryWatch
+from cancelk._slots import KILL_MEMORY, SlotWords
 
 log = logging.getLogger("cancelk")
 
@@ -68,6 +69,7 @@ class _Runner:
     runner_id: int
     pid: int
     user_end: socket.socket | None  # held until the runner is handed to the user
+    oom_kills_at_start: int  # evidence, should the runner die of SIGKILL
 
 
 class Supervisor:
@@ -84,6 +86,7 @@ class Supervisor:
         self.reader = _wire.FrameReader()
         self.runners: dict[int, _Runner] = {}
         self.deadlines = DeadlineBook(self.words)
+        self.memory = MemoryWatch(self.words)
         self.next_runner_id = start.first_runner_id
         self.wake_fd = -1
         # A warm spare (already initialized) replaces a dead runner at once.
@@ -123,7 +126,8 @@ class Supervisor:
         self.loop.add_fd(read_fd, _WAKE)
 
     def _step(self) -> bool:
-        for token in self.loop.wait(self.deadlines.next_ns()):
+        wake_at = [t for t in (self.deadlines.next_ns(), self.memory.next_ns()) if t is not None]
+        for token in self.loop.wait(min(wake_at) if wake_at else None):
             if token == _CONTROL and not self._read_control():
                 return False
             if token == _WAKE:
@@ -146,7 +150,7 @@ class Supervisor:
             os._exit(self._become_runner(me, runner_id, user_end, runner_end, preload))
         runner_end.close()
         _kill.join_own_group(pid)
-        return _Runner(runner_id, pid, user_end)
+        return _Runner(runner_id, pid, user_end, _kill.oom_kills())
 
     def _assign(self, slot: int, fresh: _Runner) -> None:
         """Give a runner a slot and its channel to the user process."""
@@ -244,7 +248,9 @@ class Supervisor:
         self.loop.remove_child(dead.pid)
         state = self.words.state(slot)
         self.deadlines.drop_slot(slot)
-        self._send(_protocol.RunnerExited(slot, dead.runner_id, dead.pid, status, state))
+        self.memory.drop_slot(slot)
+        oom = _kill.oom_kills_since(dead.oom_kills_at_start) if os.WIFSIGNALED(status) else -1
+        self._send(_protocol.RunnerExited(slot, dead.runner_id, dead.pid, status, state, oom))
         self._replace(slot)
         _kill.sweep_orphans(self._known_pids())
 
@@ -301,6 +307,13 @@ class Supervisor:
             if self._is_current(message.slot, message.runner_id):
                 now = _core.monotonic_ns()
                 self.deadlines.add_time_limit(message.slot, message.seq, message.timeout_ns, now)
+        elif isinstance(message, _protocol.SetDeadline):
+            if self._is_current(message.slot, message.runner_id):
+                self.deadlines.add_deadline(message.slot, message.seq, message.at_ns)
+        elif isinstance(message, _protocol.SetMemoryLimit):
+            if self._is_current(message.slot, message.runner_id):
+                now = _core.monotonic_ns()
+                self.memory.add(message.slot, message.seq, message.nbytes, now)
         elif isinstance(message, _protocol.GraceCancel):
             if self._is_current(message.slot, message.runner_id):
                 now = _core.monotonic_ns()
@@ -334,12 +347,19 @@ class Supervisor:
             self.ctrl.setblocking(False)
 
     def _kill_overdue(self) -> None:
-        for slot, seq, flag in self.deadlines.decided_kills(_core.monotonic_ns()):
-            runner_id = self.runners[slot].runner_id
-            self._kill(slot, runner_id)
-            # The outcome is final now: report it before the kernel has torn
-            # the runner down (its exit follows as usual).
-            self._send(_protocol.JobKilled(slot, runner_id, seq, flag))
+        now = _core.monotonic_ns()
+        for slot, seq, flag in self.deadlines.decided_kills(now):
+            self._kill_decided(slot, seq, flag, 0)
+        pids = {slot: runner.pid for slot, runner in self.runners.items()}
+        for slot, seq, peak in self.memory.decided_kills(now, pids):
+            self._kill_decided(slot, seq, KILL_MEMORY, peak)
+
+    def _kill_decided(self, slot: int, seq: int, flag: int, peak: int) -> None:
+        runner_id = self.runners[slot].runner_id
+        self._kill(slot, runner_id)
+        # The outcome is final now: report it before the kernel has torn the
+        # runner down (its exit follows as usual).
+        self._send(_protocol.JobKilled(slot, runner_id, seq, flag, peak))
 
 
 def _drain(fd: int) -> None:
@@ -407,15 +427,22 @@ class SupervisorProcess:
         finally:
             sup_end.close()
         self.ctrl = user_end
-        self.status: int | None = None
+        self.reaped = False
+        self.status: int | None = None  # None once reaped: somebody else reaped it
 
-    def reap(self) -> int:
-        if self.status is None:
-            status = _core.reap(self.pid)
-            assert status is not None
-            self.status = status
+    def reap(self) -> int | None:
+        """Wait for it to exit; its wait status, or None if a handler of the
+        user's (a SIGCHLD handler calling waitpid(-1)) reaped it first."""
+        if not self.reaped:
+            try:
+                self.status = _core.reap(self.pid)
+            except ChildProcessError:
+                self.status = None
+            self.reaped = True
             if self._popen is not None:
-                self._popen.returncode = os.waitstatus_to_exitcode(status)
+                # Known to the Popen, so it neither polls a recycled pid nor warns.
+                code = -1 if self.status is None else os.waitstatus_to_exitcode(self.status)
+                self._popen.returncode = code
         return self.status
 
 

@@ -118,3 +118,20 @@ def test_slots_come_due_independently(words, book):
         DecidedKill(1, 11, KILL_TIMEOUT),
     ]
     assert book.next_ns() == 30 * MS
+
+
+def test_a_fixed_deadline_does_not_move_with_the_jobs_start(words, book):
+    book.add_deadline(0, 5, 100 * MS)
+    assert book.decided_kills(100 * MS) == []  # not begun: tried again 1 ms on
+    assert book.next_ns() == 101 * MS
+    words.begin(0, 5, at=100 * MS)
+    assert book.decided_kills(101 * MS) == [DecidedKill(0, 5, KILL_TIMEOUT)]
+
+
+def test_a_deadline_and_a_time_limit_the_earlier_wins(words, book):
+    words.begin(0, 5, at=0)
+    book.add_time_limit(0, 5, 500 * MS, now=0)
+    book.add_deadline(0, 5, 200 * MS)
+    assert book.next_ns() == 200 * MS
+    assert book.decided_kills(200 * MS) == [DecidedKill(0, 5, KILL_TIMEOUT)]
+    assert book.decided_kills(500 * MS) == []

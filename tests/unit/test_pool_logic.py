@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from cancelk import _protocol, _slots, _wire
-from cancelk._pool import Job, Pool
-from cancelk._slots import FRESH, KILL_CANCEL, KILL_TIMEOUT, SlotWords
-from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError
+from cancelk import _core, _protocol, _slots, _wire
+from cancelk._pool import ENDINGS, Job, Pool
+from cancelk._slots import FRESH, KILL_CANCEL, KILL_MEMORY, KILL_TIMEOUT, SlotWords
+from cancelk.errors import (
+    PoolFullError,
+    ProcessCancelledError,
+    ProcessDiedError,
+    ProcessMemoryError,
+    ProcessTimeoutError,
+)
 from cancelk.futures import Future
 from cancelk.options import JobOptions
 
@@ -24,6 +31,7 @@ class FakeIO:
         self.jobs: list[tuple[int, int, bytes]] = []  # (slot, seq, payload)
         self.control: list[_protocol.ControlMessage] = []
         self.killed: list[int] = []  # slots killed through a pidfd
+        self.timers: list = []  # (time.monotonic() time, command)
 
     def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
         seq, job_slot, body = _protocol.parse_job((head + payload)[8:])
@@ -35,6 +43,9 @@ class FakeIO:
 
     def kill_now(self, placement) -> None:
         self.killed.append(placement.slot)
+
+    def add_timer(self, at, command) -> None:
+        self.timers.append((at, command))
 
 
 class Harness:
@@ -54,12 +65,24 @@ class Harness:
     def close(self) -> None:
         self.words.close()
 
-    def start_runner(self, slot: int) -> int:
+    def start_runner(self, slot: int, ready: bool = True) -> int:
         runner_id = self.next_runner
         self.next_runner += 1
         self.words.give(slot, runner_id)
         self.pool.runner_started(slot, runner_id, 1000 + runner_id)
+        if ready:
+            self.runner_ready(slot)
         return runner_id
+
+    def runner_ready(self, slot: int) -> None:
+        _kind, ready = _wire.encode_result(None)
+        self.pool.result_arrived(
+            slot, _protocol.INIT_SEQ, _wire.OUTCOME_VALUE, memoryview(ready), self.out
+        )
+
+    def exited(self, slot: int, runner_id: int, status: int) -> None:
+        self.pool.runner_exited(slot, runner_id, status, self.words.state(slot), None, self.out)
+        self.settle()
 
     def submit(self, options: JobOptions | None = None) -> Future:
         future = Future(self)
@@ -74,7 +97,17 @@ class Harness:
     def cancel_running(self, future: Future) -> bool:
         if not self.pool.cancel_running(future._cancelk_job):
             return future.cancelled()
+        self.pool.count_cancelled(future._cancelk_job)
         return future.mark_cancelled("cancelled") or future.cancelled()
+
+    def cancelled_in_queue(self, future: Future) -> None:
+        self.pool.queued_job_cancelled(future._cancelk_job)
+
+    def check_counts(self) -> dict:
+        stats = self.pool.stats()
+        parts = ("pending", "running", *ENDINGS)
+        assert stats["submitted"] == sum(stats[k] for k in parts), stats
+        return stats
 
     def settle(self) -> None:
         for complete in self.out:
@@ -82,8 +115,8 @@ class Harness:
         self.out.clear()
 
     def runner_finishes(self, slot: int, seq: int, value: object) -> None:
-        _kind, outcome = _wire.encode_result(value)
-        self.pool.result_arrived(slot, seq, memoryview(outcome), self.out)
+        kind, outcome = _wire.encode_result(value)
+        self.pool.result_arrived(slot, seq, kind, memoryview(outcome), self.out)
         self.settle()
 
 
@@ -155,7 +188,7 @@ def test_cancel_of_a_running_job_decides_its_kill(h):
     assert future.cancel() is True, "a second cancel agrees"
     assert h.io.killed == [0], "and kills nothing more"
     # the runner's exit reports the cancel
-    h.pool.runner_exited(0, 1, signal.SIGKILL, h.words.state(0), h.out)
+    h.pool.runner_exited(0, 1, signal.SIGKILL, h.words.state(0), None, h.out)
     h.settle()
     assert h.pool.stats()["cancelled"] == 1 and h.pool.stats()["running"] == 0
 
@@ -200,12 +233,12 @@ def test_a_timeout_kill_ends_with_process_timeout_error_once(h):
     future = h.submit(JobOptions(timeout=0.05))
     h.words.begin(0, FRESH | 1, 1)
     assert h.words.decide_kill(0, 1, KILL_TIMEOUT)  # as the supervisor does
-    h.pool.job_killed(0, 1, 1, KILL_TIMEOUT, h.out)
+    h.pool.job_killed(0, 1, 1, KILL_TIMEOUT, 0, h.out)
     h.settle()
     with pytest.raises(ProcessTimeoutError, match=r"time limit of 0\.05 s"):
         future.result(0)
-    assert h.pool.stats()["running"] == 1, "the runner is still being torn down"
-    h.pool.runner_exited(0, 1, signal.SIGKILL, h.words.state(0), h.out)
+    assert h.pool.stats()["running"] == 0, "killed: no longer running, though being torn down"
+    h.pool.runner_exited(0, 1, signal.SIGKILL, h.words.state(0), None, h.out)
     h.settle()
     stats = h.pool.stats()
     assert stats["timed_out"] == 1 and stats["running"] == 0 and stats["died"] == 0
@@ -216,7 +249,7 @@ def test_a_runner_death_fails_only_its_job(h):
     h.start_runner(1)
     doomed, fine = h.submit(), h.submit()
     h.words.begin(1, FRESH | 2, 1)  # idle.pop() took slot 1 first
-    h.pool.runner_exited(1, 2, signal.SIGSEGV, h.words.state(1), h.out)
+    h.pool.runner_exited(1, 2, signal.SIGSEGV, h.words.state(1), None, h.out)
     h.settle()
     error = doomed.exception(0)
     assert isinstance(error, ProcessDiedError) and error.signal == signal.SIGSEGV
@@ -228,7 +261,7 @@ def test_an_exit_code_death_names_the_code(h):
     h.start_runner(0)
     future = h.submit()
     status = 3 << 8  # exited with code 3
-    h.pool.runner_exited(0, 1, status, h.words.state(0), h.out)
+    h.pool.runner_exited(0, 1, status, h.words.state(0), None, h.out)
     h.settle()
     assert future.exception(0).exitcode == 3
 
@@ -236,7 +269,7 @@ def test_an_exit_code_death_names_the_code(h):
 def test_an_exit_of_an_older_runner_is_ignored(h):
     h.start_runner(0)
     future = h.submit()
-    h.pool.runner_exited(0, 77, signal.SIGKILL, 0, h.out)
+    h.pool.runner_exited(0, 77, signal.SIGKILL, 0, None, h.out)
     assert not h.out and future.running()
 
 
@@ -245,13 +278,16 @@ def test_the_initializer_failing_three_times_breaks_the_pool():
     try:
         queued = None
         for _attempt in range(3):
-            h.start_runner(0)
+            h.start_runner(0, ready=False)
             if queued is None:
                 queued = [h.submit(), h.submit()]
+            assert not queued[0].running(), "no job runs before its runner is initialized"
             outcome = _wire.encode_exception(ZeroDivisionError("init"))
-            h.pool.result_arrived(0, _protocol.INIT_FAILED_SEQ, memoryview(outcome), h.out)
+            h.pool.result_arrived(
+                0, _protocol.INIT_SEQ, _wire.OUTCOME_ERROR, memoryview(outcome), h.out
+            )
             h.settle()
-            h.pool.runner_exited(0, h.next_runner - 1, 3 << 8, h.words.state(0), h.out)
+            h.pool.runner_exited(0, h.next_runner - 1, 3 << 8, h.words.state(0), None, h.out)
             h.settle()
         first, second = queued
         assert isinstance(first.exception(0), BrokenProcessPool)
@@ -292,7 +328,7 @@ def test_max_tasks_retires_a_runner_after_its_jobs():
         h.runner_finishes(0, 1, "one")
         assert first.result(0) == "one"
         assert not second.running(), "the retiring runner takes no second job"
-        h.pool.runner_exited(0, 1, 0, h.words.state(0), h.out)
+        h.pool.runner_exited(0, 1, 0, h.words.state(0), None, h.out)
         h.start_runner(0)
         h.pool.fill_idle()
         assert second.running()
@@ -349,12 +385,148 @@ def test_jobs_start_in_the_order_they_were_submitted():
         h.words.begin(0, FRESH | 1, 1)
         h.words.finish(0, 1)
         _kind, outcome = _wire.encode_result(1)
-        h.pool.result_arrived(0, 1, memoryview(outcome), h.out)  # runner 0 idle, 1 queued
+        h.pool.result_arrived(0, 1, _kind, memoryview(outcome), h.out)  # runner 0 idle
         third = h.submit()
         assert not third.running(), "a newcomer jumped the queue"
         h.pool.fill_idle()
         assert second.running() and not third.running()
         h.settle()
         assert first.result(0) == 1
+    finally:
+        h.close()
+
+
+def test_counts_add_up_at_every_step():
+    """submitted = pending + running + finished + failed + timed out +
+    cancelled + died, after every event."""
+    h = Harness(size=2)
+    try:
+        h.start_runner(0)
+        h.start_runner(1)
+        _fine, _raising, killed, timed, queued_cancel, queued = (h.submit() for _ in range(6))
+        assert h.check_counts()["pending"] == 4
+        assert queued_cancel.cancel(), "queued: cancelled at once"
+        s = h.check_counts()
+        assert s["cancelled"] == 1 and s["pending"] == 3, "a queued cancel counts at once"
+        # slot 1 got `fine` (idle.pop), slot 0 `raising`
+        h.words.begin(1, FRESH | 2, 1)
+        h.words.finish(1, 1)
+        h.runner_finishes(1, 1, "ok")
+        h.words.begin(0, FRESH | 1, 2)
+        h.words.finish(0, 2)
+        kind, outcome = _wire.run_and_encode(int, ("x",), {})
+        h.pool.result_arrived(0, 2, kind, memoryview(outcome), h.out)
+        h.settle()
+        h.pool.fill_idle()  # as the manager thread does after each event
+        s = h.check_counts()
+        assert (s["finished"], s["failed"], s["running"]) == (1, 1, 2)
+        assert killed.running() and timed.running()
+        killed_slot = killed._cancelk_job.placement.slot
+        timed_slot = timed._cancelk_job.placement.slot
+        h.words.begin(killed_slot, h.words.state(killed_slot), 3)
+        assert killed.cancel()
+        s = h.check_counts()
+        assert s["cancelled"] == 2 and s["running"] == 1, "a killed job no longer runs"
+        h.words.begin(timed_slot, h.words.state(timed_slot), 4)
+        h.words.decide_kill(timed_slot, 4, KILL_TIMEOUT)
+        h.pool.job_killed(
+            timed_slot, timed._cancelk_job.placement.runner_id, 4, KILL_TIMEOUT, 0, h.out
+        )
+        h.settle()
+        s = h.check_counts()
+        assert s["timed_out"] == 1 and s["running"] == 0
+        for slot in (killed_slot, timed_slot):
+            h.exited(slot, h.pool.slots[slot].runner_id, signal.SIGKILL)
+        s = h.check_counts()
+        assert s["cancelled"] == 2 and s["timed_out"] == 1, "the exits count nothing twice"
+        assert s["pending"] == 1 and not queued.running()
+    finally:
+        h.close()
+
+
+def test_a_pool_whose_runners_never_got_ready_finishes_once_its_queue_is_cancelled():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0, ready=False)  # an initializer that never returns
+        future = h.submit()
+        assert not future.running()
+        assert future.cancel()
+        h.pool.begin_shutdown(False, h.out)
+        assert h.pool.finished(), "a cancelled job must not keep the pool waiting"
+        assert h.check_counts()["cancelled"] == 1
+    finally:
+        h.close()
+
+
+def test_a_queued_job_past_its_deadline_never_starts():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        blocker = h.submit()
+        future = Future(h)
+        job = Job(future, 99, b"payload", JobOptions(), deadline_at=123.0)
+        future._cancelk_job = job
+        h.pool.accept(job, h.out)
+        ((at, command),) = h.io.timers
+        assert at == 123.0
+        command(h.out)  # the manager thread runs it at that time
+        h.settle()
+        with pytest.raises(ProcessTimeoutError, match="waited for a runner"):
+            future.result(0)
+        assert h.check_counts()["timed_out"] == 1
+        h.words.begin(0, FRESH | 1, 1)
+        h.words.finish(0, 1)
+        h.runner_finishes(0, 1, "done")
+        h.pool.fill_idle()
+        assert blocker.result(0) == "done"
+        assert [seq for _, seq, _ in h.io.jobs] == [1], "the late job was never sent"
+        assert h.check_counts()["pending"] == 0
+    finally:
+        h.close()
+
+
+def test_limits_are_sent_with_the_job(h):
+    h.start_runner(0)
+    future = Future(h)
+    options = JobOptions(timeout=1.0, memory_limit=300 << 20)
+    job = Job(future, 7, b"payload", options, deadline_at=time.monotonic() + 0.5)
+    future._cancelk_job = job
+    h.pool.accept(job, h.out)
+    kinds = [type(m).__name__ for m in h.io.control]
+    assert kinds == ["SetTimeLimit", "SetDeadline", "SetMemoryLimit"]
+    deadline = h.io.control[1]
+    left_ns = deadline.at_ns - _core.monotonic_ns()
+    assert 0.3e9 < left_ns <= 0.5e9
+    assert h.io.control[2].nbytes == 300 << 20
+
+
+def test_a_memory_kill_ends_with_process_memory_error(h):
+    h.start_runner(0)
+    future = h.submit(JobOptions(memory_limit=1000))
+    h.words.begin(0, FRESH | 1, 1)
+    assert h.words.decide_kill(0, 1, KILL_MEMORY)
+    h.pool.job_killed(0, 1, 1, KILL_MEMORY, 4096, h.out)
+    h.settle()
+    error = future.exception(0)
+    assert isinstance(error, ProcessMemoryError) and isinstance(error, MemoryError)
+    assert (error.limit, error.peak) == (1000, 4096)
+    assert h.check_counts()["memory_exceeded"] == 1
+
+
+def test_max_pending_refuses_at_once_and_accepts_once_drained():
+    h = Harness(size=1)
+    h.pool.max_pending = 2
+    try:
+        h.start_runner(0)
+        first, second, third = h.submit(), h.submit(), h.submit()
+        with pytest.raises(PoolFullError):
+            h.submit()
+        stats = h.check_counts()
+        assert (stats["submitted"], stats["refused"], stats["pending"]) == (3, 1, 2)
+        assert second.cancel()  # a cancelled job no longer waits
+        fourth = h.submit()
+        assert not fourth.done()
+        assert h.check_counts()["pending"] == 2
+        del first, third
     finally:
         h.close()

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from cancelk import _protocol, _wire
-from cancelk._slots import KILL_TIMEOUT
+from cancelk._slots import KILL_MEMORY, KILL_TIMEOUT
 from cancelk.errors import RemoteTraceback, ResultPicklingError
 
 pytestmark = pytest.mark.timeout(10)
@@ -20,8 +20,11 @@ MESSAGES = [
     _protocol.Preload("package.módulo"),
     _protocol.Shutdown(),
     _protocol.RunnerStarted(2, 9, 4242, True),
-    _protocol.RunnerExited(2, 9, 4242, 9, 17 | KILL_TIMEOUT),
-    _protocol.JobKilled(1, 2, 3, KILL_TIMEOUT),
+    _protocol.RunnerExited(2, 9, 4242, 9, 17 | KILL_TIMEOUT, -1),
+    _protocol.JobKilled(1, 2, 3, KILL_TIMEOUT, 0),
+    _protocol.JobKilled(1, 2, 3, KILL_MEMORY, 300 << 20),
+    _protocol.SetDeadline(4, 5, 6, 123_456_789_000),
+    _protocol.SetMemoryLimit(4, 5, 6, 300 << 20),
 ]
 
 
