@@ -127,6 +127,10 @@ def _executor_names(dask_worker: Any) -> list[str]:
     return sorted(dask_worker.executors)
 
 
+def _thread_names() -> list[str]:
+    return [t.name for t in threading.enumerate()]
+
+
 # --------------------------------------------------------------------------
 # the pytest side
 
@@ -522,6 +526,8 @@ def _scenario_pass_through(client: Any) -> dict[str, Any]:
         array = client.submit(np.multiply, np.arange(5), 3, pure=False)
         failing = client.submit(dask_jobs.raise_task_error, "boom", 7, pure=False)
         dying = client.submit(os._exit, 3, pure=False)
+        big = client.submit(bytes, 3 << 20, pure=False)
+        size = client.submit(len, big, pure=False)  # over 1 MiB: pickled off the loop
         facts = client.submit(dask_jobs.job_facts, pure=False)
     assert pid.result(timeout=20) not in workers.values()
     assert first.result(timeout=20) == {"x": 7, "more": (1, 2.5, None)}
@@ -539,6 +545,9 @@ def _scenario_pass_through(client: Any) -> dict[str, Any]:
         assert error.exitcode == 3, error
     else:
         raise AssertionError("no ProcessDiedError")
+    assert size.result(timeout=20) == 3 << 20
+    threads = client.run(_thread_names)
+    assert any("cancelk-dask-submit" in names for names in threads.values()), threads
     seen = facts.result(timeout=20)
     assert seen["pid"] not in workers.values(), seen
     return seen

@@ -70,8 +70,6 @@ CANCEL_TIMEOUT_ANNOTATION = "cancelk_cancel_timeout"
 # so that the worker's event loop, which calls submit(), never stalls on it.
 _INLINE_LIMIT = 1 << 20
 
-_UNSET: Any = ...  # "keep the pool's default" for ProcessPoolExecutor.options()
-
 
 # -------------------------------------------------------------------------
 # what the worker hands to its executor
