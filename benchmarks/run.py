@@ -8,7 +8,8 @@
 Figures: P1-P5, P7-P9 (figures.py: cancelk beside the stdlib pool, Pebble,
 loky and Deadpool; P3 and P4 with the kernel's floor under them), P6
 (wrapper_bench.py: killable_wrapper inside a stdlib pool, with its own P3
-variant) and L (limits.py: memory limits, queued deadlines; cancelk only).
+variant), L (limits.py: memory limits, queued deadlines; cancelk only) and D
+(dask_bench.py: per-task cost and cancel on Dask, when Dask is installed).
 Default: all, about 5 minutes on a 2-core machine; --quick about a minute;
 --full adds 10^6 jobs to P8.
 
@@ -37,7 +38,7 @@ except ImportError:  # run as a script: the benchmarks directory itself is on sy
     import wrapper_bench  # type: ignore[no-redef]
     import wrapper_report  # type: ignore[no-redef]
 
-ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "L")
+ALL_FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "L", "D")
 
 
 def _figures(text: str) -> list[str]:
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     result: dict[str, Any] = {}
-    executor_figures = [name for name in args.figures if name not in ("P6", "L")]
+    executor_figures = [name for name in args.figures if name not in ("P6", "L", "D")]
     if executor_figures:
         with quiet.Capture() as capture:
             result["executor"] = figures.run(
@@ -168,6 +169,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             _loose(capture, "written while measuring L")
             print()
             print(limits.format_report(result["limits"]), flush=True)
+    if "D" in args.figures:
+        if importlib.util.find_spec("distributed") is None:
+            _say("D (Dask) needs dask[distributed]: pip install 'cancelk[dask]'; skipped")
+        else:
+            from benchmarks import dask_bench
+
+            with quiet.Capture() as capture:
+                result["dask"] = dask_bench.run(
+                    quick=args.quick, workers=args.workers, progress=capture.say
+                )
+            _loose(capture, "written while measuring D")
+            print()
+            print(dask_bench.format_report(result["dask"]), flush=True)
     if args.json:
         stats.dump_json(_made_parent(args.json), result)
         _say(f"results written to {args.json}")

@@ -68,6 +68,8 @@ int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);
 /* tree.c: process trees (Linux; ENOSYS elsewhere) */
 int cancelk_list_children(int parent, int *out, int max);
 int cancelk_kill_descendants(int root, int max_rounds);
+/* The same for every root at once: one scan of /proc per round serves all. */
+int cancelk_kill_trees(const int *roots, int nroots, int max_rounds);
 int cancelk_die_with_parent(int parent);
 /* Resident memory of each root's whole tree (root and descendants), bytes. */
 int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes);

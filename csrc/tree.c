@@ -10,10 +10,12 @@
  * Elsewhere these report ENOSYS and callers fall back to process groups.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -219,50 +221,157 @@ static int64_t rss_of(const struct proc_table *table, int pid)
 	return 0; /* exited between the listing and now */
 }
 
-int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes)
+/* The whole tree by one scan of /proc: used where children files are missing. */
+static int tree_rss_by_scan(const int *roots, int nroots, int64_t *rss_pages)
 {
 	struct proc_table table = { NULL, 0, 0 };
 	int tree[4096];
-	int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
 	int r, i, n;
 
-	/* One scan of /proc serves every root: the supervisor samples all the
-	 * jobs with a memory limit at once. */
 	if (scan_proc(&table) != 0) {
 		free(table.entries);
 		return -1;
 	}
 	for (r = 0; r < nroots; r++) {
-		int64_t pages = rss_of(&table, roots[r]);
-
+		rss_pages[r] = rss_of(&table, roots[r]);
 		n = collect_descendants(&table, roots[r], tree, 4096);
 		for (i = 0; i < n; i++)
-			pages += rss_of(&table, tree[i]);
-		rss_bytes[r] = pages * page;
+			rss_pages[r] += rss_of(&table, tree[i]);
 	}
 	free(table.entries);
 	return 0;
 }
 
-int cancelk_kill_descendants(int root, int max_rounds)
+/* Resident pages of one process (statm, second field); 0 once it is gone. */
+static int64_t statm_pages(int pid)
+{
+	char path[64], buf[128];
+	int64_t pages = 0;
+	ssize_t n;
+	char *p;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/statm", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	p = strchr(buf, ' ');
+	if (!p)
+		return 0;
+	for (p++; *p >= '0' && *p <= '9'; p++)
+		pages = pages * 10 + (*p - '0');
+	return pages;
+}
+
+/* Append the children of every thread of pid to tree[] (from /proc/pid/task/
+ * <tid>/children); the new count, or -1 with errno ENOSYS when the kernel has
+ * no children files.  A child forked meanwhile is found at the next sample. */
+static int append_children(int pid, int *tree, int n, int max)
+{
+	char path[96], buf[4096], *p;
+	struct dirent *task;
+	ssize_t got;
+	DIR *tasks;
+	int fd, child, seen = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", pid);
+	tasks = opendir(path);
+	if (!tasks)
+		return n; /* it exited: no children left to count */
+	while ((task = readdir(tasks)) != NULL && n < max) {
+		int tid = parse_pid(task->d_name);
+
+		if (tid <= 0)
+			continue;
+		snprintf(path, sizeof(path), "/proc/%d/task/%d/children", pid, tid);
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0) {
+			if (errno == ENOENT && !seen) {
+				closedir(tasks);
+				errno = ENOSYS;
+				return -1;
+			}
+			continue;
+		}
+		seen = 1;
+		got = read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		if (got <= 0)
+			continue;
+		buf[got] = '\0';
+		for (p = buf; *p && n < max;) {
+			for (child = 0; *p >= '0' && *p <= '9'; p++)
+				child = child * 10 + (*p - '0');
+			if (child > 0)
+				tree[n++] = child;
+			while (*p && (*p < '0' || *p > '9'))
+				p++;
+		}
+	}
+	closedir(tasks);
+	return n;
+}
+
+/* Resident memory of each root's tree.  A job's tree is walked down from its
+ * root through the children files, so the cost follows the size of the jobs'
+ * trees, not the number of processes on the host; without children files,
+ * one scan of the whole of /proc serves every root. */
+int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes)
+{
+	int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
+	int tree[4096];
+	int r, i, n;
+
+	for (r = 0; r < nroots; r++) {
+		tree[0] = roots[r];
+		rss_bytes[r] = 0;
+		for (i = 0, n = 1; i < n; i++) {
+			rss_bytes[r] += statm_pages(tree[i]);
+			n = append_children(tree[i], tree, n, 4096);
+			if (n < 0)
+				break;
+		}
+		if (n < 0)
+			break;
+		rss_bytes[r] *= page;
+	}
+	if (r == nroots)
+		return 0;
+	if (tree_rss_by_scan(roots, nroots, rss_bytes) != 0)
+		return -1;
+	for (r = 0; r < nroots; r++)
+		rss_bytes[r] *= page;
+	return 0;
+}
+
+int cancelk_kill_trees(const int *roots, int nroots, int max_rounds)
 {
 	struct proc_table table = { NULL, 0, 0 };
 	int tree[4096], killed[4096];
-	int nkilled = 0, round, n, i, fresh;
+	int nkilled = 0, round, n, i, r, fresh;
 
-	if (root <= 1) {
-		errno = EINVAL;
-		return -1;
+	for (r = 0; r < nroots; r++) {
+		if (roots[r] <= 1) {
+			errno = EINVAL;
+			return -1;
+		}
 	}
 	/* Each round kills what it finds that was not killed yet.  A process
 	 * with SIGKILL pending can no longer fork, so the rounds converge;
-	 * children forked just before a kill are found through their parent. */
+	 * children forked just before a kill are found through their parent.
+	 * One scan per round serves every root. */
 	for (round = 0; round < max_rounds; round++) {
 		if (scan_proc(&table) != 0) {
 			free(table.entries);
 			return -1;
 		}
-		n = collect_descendants(&table, root, tree, 4096);
+		for (r = 0, n = 0; r < nroots && n < 4096; r++)
+			n += collect_descendants(&table, roots[r], tree + n, 4096 - n);
 		fresh = 0;
 		for (i = 0; i < n; i++) {
 			if (contains(killed, nkilled, tree[i]))
@@ -276,6 +385,11 @@ int cancelk_kill_descendants(int root, int max_rounds)
 	}
 	free(table.entries);
 	return nkilled;
+}
+
+int cancelk_kill_descendants(int root, int max_rounds)
+{
+	return cancelk_kill_trees(&root, 1, max_rounds);
 }
 
 /*
@@ -380,39 +494,13 @@ int cancelk_list_children(int parent, int *out, int max)
 	return -1;
 }
 
-static int64_t rss_of(const struct proc_table *table, int pid)
+int cancelk_kill_trees(const int *roots, int nroots, int max_rounds)
 {
-	int i;
-
-	for (i = 0; i < table->count; i++)
-		if (table->entries[i].pid == pid)
-			return table->entries[i].rss_pages;
-	return 0; /* exited between the listing and now */
-}
-
-int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes)
-{
-	struct proc_table table = { NULL, 0, 0 };
-	int tree[4096];
-	int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
-	int r, i, n;
-
-	/* One scan of /proc serves every root: the supervisor samples all the
-	 * jobs with a memory limit at once. */
-	if (scan_proc(&table) != 0) {
-		free(table.entries);
-		return -1;
-	}
-	for (r = 0; r < nroots; r++) {
-		int64_t pages = rss_of(&table, roots[r]);
-
-		n = collect_descendants(&table, roots[r], tree, 4096);
-		for (i = 0; i < n; i++)
-			pages += rss_of(&table, tree[i]);
-		rss_bytes[r] = pages * page;
-	}
-	free(table.entries);
-	return 0;
+	(void)roots;
+	(void)nroots;
+	(void)max_rounds;
+	errno = ENOSYS;
+	return -1;
 }
 
 int cancelk_kill_descendants(int root, int max_rounds)

@@ -26,6 +26,7 @@ __all__ = [
     "kill_descendants",
     "kill_group",
     "kill_pid",
+    "kill_trees",
     "list_children",
     "monotonic_ns",
     "pidfd_kill",
@@ -210,6 +211,20 @@ def kill_descendants(root: int) -> int | None:
         if ffi.errno == _errno.ENOSYS:
             return None
         raise _fail(f"killing the descendants of {root}")
+    return n
+
+
+def kill_trees(roots: list[int]) -> int | None:
+    """SIGKILL every descendant of every root (not the roots themselves), one
+    scan of /proc per round for all of them; None where unsupported."""
+    if not roots:
+        return 0
+    pids = ffi.new("int[]", roots)
+    n = int(lib.cancelk_kill_trees(pids, len(roots), 16))
+    if n < 0:
+        if ffi.errno == _errno.ENOSYS:
+            return None
+        raise _fail(f"killing the descendants of {roots}")
     return n
 
 

@@ -329,25 +329,23 @@ class ManagerThread(threading.Thread):
         self._read_channel(link, out)  # a spare said it is ready before it got the slot
 
     def _read_channel(self, link: RunnerLink, out: list[Completion]) -> None:
-        while self.runners[link.slot] is link:
+        if self.runners[link.slot] is not link:
+            return
+        try:
+            frames, ended = link.reader.receive(link.sock)
+        except OSError:
+            frames, ended = [], True
+        for body in frames:
             try:
-                data = link.sock.recv(1 << 20)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
+                seq, kind, outcome = _protocol.parse_result(body)
+            except _protocol.ProtocolError as why:
+                log.error("cancelk runner %d sent a bad frame, killing it: %s", link.pid, why)
                 self._close_runner(link)
+                self.send_control(_protocol.KillRunner(link.slot, link.runner_id))
                 return
-            for body in link.reader.feed(data):
-                try:
-                    seq, kind, outcome = _protocol.parse_result(body)
-                except _protocol.ProtocolError as why:
-                    log.error("cancelk runner %d sent a bad frame, killing it: %s", link.pid, why)
-                    self._close_runner(link)
-                    self.send_control(_protocol.KillRunner(link.slot, link.runner_id))
-                    return
-                self.pool.result_arrived(link.slot, seq, kind, outcome, out)
+            self.pool.result_arrived(link.slot, seq, kind, outcome, out)
+        if ended:
+            self._close_runner(link)
 
     def _close_runner(self, link: RunnerLink) -> None:
         if self.runners[link.slot] is not link:

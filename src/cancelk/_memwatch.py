@@ -8,6 +8,10 @@
         over its limit ─► the kill decided through the job's word (KILL_MEMORY)
         ─► (slot, seq, peak) for the supervisor to kill and report
 
+Samples come every 5 ms, or ten times as long as a sample takes if that is
+longer (a sample reads each watched tree's /proc files: ~20 us a process
+here), so the watch costs at most about a tenth of a core.
+
 Resident memory (RSS) is what is counted, so address space that is reserved
 but never touched (a large mmap, numpy or JIT arenas) does not count, and the
 interpreter's own pages do.  Sampling cannot stop a job before it crosses the
@@ -27,7 +31,10 @@ from cancelk import _core
 from cancelk._deadlines import Words
 from cancelk._slots import KILL_MEMORY, job_of
 
-SAMPLE_NS = 5_000_000  # 5 ms between samples while a limited job runs
+SAMPLE_NS = 5_000_000  # 5 ms between samples while a limited job runs, at least
+# ...and at least this many times as long as a sample took, so that watching
+# many large trees never takes more than about a tenth of a core.
+COST_FACTOR = 10
 
 Sampler = Callable[[list[int]], "list[int] | None"]
 
@@ -46,9 +53,15 @@ class MemoryKill(NamedTuple):
 
 
 class MemoryWatch:
-    def __init__(self, words: Words, sample: Sampler = _core.tree_rss) -> None:
+    def __init__(
+        self,
+        words: Words,
+        sample: Sampler = _core.tree_rss,
+        clock: Callable[[], int] = _core.monotonic_ns,
+    ) -> None:
         self.words = words
         self.sample = sample
+        self.clock = clock
         self.limits: dict[int, _Limit] = {}
         self.due_ns = 0
 
@@ -76,7 +89,10 @@ class MemoryWatch:
                 del self.limits[slot]  # it ended: nothing more to watch
         if not running:
             return []
+        began = self.clock()
         sizes = self.sample([runner_pids[slot] for slot, _ in running])
+        took = self.clock() - began
+        self.due_ns = now + max(SAMPLE_NS, COST_FACTOR * took)
         if sizes is None:
             return []  # no /proc: refused at submit, never reached
         kills = []

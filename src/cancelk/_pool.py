@@ -322,7 +322,8 @@ class Pool:
         slot.tasks += 1
         self.init_failures = 0
         self._count_end(job, "failed" if kind == _wire.OUTCOME_ERROR else "finished")
-        out.append(functools.partial(settle_from_outcome, job.future, bytes(outcome)))
+        # The frame's buffer is this job's alone now: no copy of a large result.
+        out.append(functools.partial(settle_from_outcome, job.future, outcome))
         if self.max_tasks is not None and slot.tasks >= self.max_tasks:
             slot.retiring = True  # it exits by itself; a fresh runner replaces it
         else:
@@ -520,7 +521,7 @@ def _limit_passed(job: Job) -> str:
     return f"its time limit of {timeout} s"
 
 
-def settle_from_outcome(future: Future, outcome: bytes) -> None:
+def settle_from_outcome(future: Future, outcome: bytes | memoryview) -> None:
     """Decode a job's outcome and settle its future; a bad outcome fails only it."""
     decoded = _wire.decode_outcome(outcome)
     if decoded.exception is not None:

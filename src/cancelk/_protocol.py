@@ -182,7 +182,7 @@ def encode(message: ControlMessage) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def decode(body: bytes) -> ControlMessage:
+def decode(body: bytes | bytearray) -> ControlMessage:
     """The message in one frame's body; ProtocolError if it is not one."""
     if not body:
         raise ProtocolError("empty control message")
@@ -213,7 +213,7 @@ def job_frame_head(seq: int, slot: int, payload_size: int) -> bytes:
     return HEADER.pack(JOB_HEAD.size + payload_size) + JOB_HEAD.pack(seq, slot)
 
 
-def parse_job(body: bytes) -> tuple[int, int, memoryview]:
+def parse_job(body: bytes | bytearray) -> tuple[int, int, memoryview]:
     """(seq, slot, pickled job) of a job frame's body."""
     if len(body) < JOB_HEAD.size:
         raise ProtocolError(f"job frame of {len(body)} bytes is shorter than its head")
@@ -226,7 +226,7 @@ def result_frame_head(seq: int, kind: int, outcome_size: int) -> bytes:
     return HEADER.pack(RESULT_HEAD.size + outcome_size) + RESULT_HEAD.pack(seq, kind)
 
 
-def parse_result(body: bytes) -> tuple[int, int, memoryview]:
+def parse_result(body: bytes | bytearray) -> tuple[int, int, memoryview]:
     """(seq, outcome kind, encoded outcome) of a result frame's body."""
     if len(body) < RESULT_HEAD.size:
         raise ProtocolError(f"result frame of {len(body)} bytes is shorter than its head")

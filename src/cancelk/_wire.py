@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union
 
 from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote
 
@@ -81,29 +82,92 @@ def read_frame(fd: int) -> bytes | None:
     return body
 
 
-class FrameReader:
-    """Accumulates bytes and yields complete frames."""
+LARGE = 1 << 20  # a body this big is read into a buffer of its own, not copied out
+_CHUNK = 1 << 16
+Body = Union[bytes, bytearray]
 
-    __slots__ = ("_buffer", "_need")
+
+class FrameReader:
+    """Cuts a byte stream into frame bodies.
+
+    Small frames are cut out of one shared buffer.  A large body gets a
+    buffer of exactly its size as soon as its header is in; ``receive`` reads
+    the rest straight into it (``recv_into``) and hands that buffer over as
+    the body: one copy of a 100 MB result instead of four.
+    """
+
+    __slots__ = ("_body", "_buffer", "_filled")
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._need = -1  # body size once the header is in, else -1
+        self._buffer = bytearray()  # headers and small frames not cut yet
+        self._body: bytearray | None = None  # a large body being filled
+        self._filled = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
-        frames: list[bytes] = []
-        while True:
-            if self._need < 0:
-                if len(self._buffer) < HEADER.size:
-                    return frames
-                (self._need,) = HEADER.unpack_from(self._buffer)
-                del self._buffer[: HEADER.size]
-            if len(self._buffer) < self._need:
-                return frames
-            frames.append(bytes(self._buffer[: self._need]))
-            del self._buffer[: self._need]
-            self._need = -1
+    def feed(self, data: bytes | memoryview) -> list[Body]:
+        """The frames that ``data`` completes."""
+        frames: list[Body] = []
+        view = memoryview(data)
+        while view:
+            if self._body is not None:
+                taken = min(len(view), len(self._body) - self._filled)
+                self._body[self._filled : self._filled + taken] = view[:taken]
+                self._filled += taken
+                view = view[taken:]
+                self._take_body(frames)
+            else:
+                self._buffer += view
+                view = view[len(view) :]
+                self._cut(frames)
+        return frames
+
+    def receive(self, sock: socket.socket, *, wait: bool = False) -> tuple[list[Body], bool]:
+        """Read what ``sock`` holds: the frames completed, and whether it
+        reached EOF.  Non-blocking sockets: until it would block.  With
+        ``wait`` (a blocking socket): until at least one frame is in."""
+        frames: list[Body] = []
+        while not (wait and frames):
+            try:
+                if self._body is not None:
+                    count = sock.recv_into(memoryview(self._body)[self._filled :])
+                    self._filled += count
+                    self._take_body(frames)
+                else:
+                    chunk = sock.recv(_CHUNK)
+                    count = len(chunk)
+                    frames += self.feed(chunk)
+            except BlockingIOError:
+                return frames, False
+            except (ConnectionResetError, BrokenPipeError):
+                count = 0
+            if not count:
+                return frames, True
+        return frames, False
+
+    def _take_body(self, frames: list[Body]) -> None:
+        body = self._body
+        if body is not None and self._filled == len(body):
+            frames.append(body)  # handed over whole: this reader keeps no reference
+            self._body = None
+
+    def _cut(self, frames: list[Body]) -> None:
+        buffer, start = self._buffer, 0
+        while len(buffer) - start >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer, start)
+            begin = start + HEADER.size
+            if size >= LARGE:
+                taken = min(size, len(buffer) - begin)
+                self._body = bytearray(size)
+                self._body[:taken] = buffer[begin : begin + taken]
+                self._filled = taken
+                start = begin + taken
+                self._take_body(frames)
+                continue
+            if len(buffer) - begin < size:
+                break
+            with memoryview(buffer) as view:
+                frames.append(bytes(view[begin : begin + size]))
+            start = begin + size
+        del buffer[:start]
 
 
 def _type_name(obj: object) -> str:
@@ -162,14 +226,14 @@ class Outcome:
         return self.value
 
 
-def decode_outcome(payload: bytes) -> Outcome:
+def decode_outcome(payload: bytes | bytearray | memoryview) -> Outcome:
     """What a job's encoded outcome holds.  Unpickling runs code of the job's
     classes; whatever that raises, SystemExit included, is this outcome's
     error and nobody else's."""
     try:
         kind, *rest = pickle.loads(payload)
     except BaseException as why:
-        classes = ", ".join(_classes_named(payload)) or "no class"
+        classes = ", ".join(_classes_named(bytes(payload))) or "no class"
         error = ResultPicklingError(
             f"the job's result or exception could not be unpickled: {type(why).__name__}: "
             f"{why} (it holds {classes})"

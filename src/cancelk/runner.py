@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -106,14 +107,16 @@ def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner
         _reap_orphans()
 
 
-def _incoming_frames(channel_fd: int) -> Iterator[bytes]:  # pragma: no cover
-    """Frames from the user process, read in large chunks: one read per small job."""
+def _incoming_frames(channel_fd: int) -> Iterator[_wire.Body]:  # pragma: no cover
+    """Frames from the user process: one read per small job, a large job read
+    straight into a buffer of its size."""
     reader = _wire.FrameReader()
+    channel = socket.socket(fileno=channel_fd)  # blocking; lives as long as the runner
     while True:
-        chunk = os.read(channel_fd, 1 << 16)
-        if not chunk:
+        frames, ended = reader.receive(channel, wait=True)
+        yield from frames
+        if ended:
             return
-        yield from reader.feed(chunk)
 
 
 def _run_job(job: memoryview) -> tuple[int, bytes]:  # pragma: no cover - runs in the runner

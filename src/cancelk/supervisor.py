@@ -269,8 +269,7 @@ class Supervisor:
         everyone = list(self.runners.values())
         if self.spare is not None:
             everyone.append(self.spare)
-        for current in everyone:
-            _kill.kill_runner_tree(current.pid)
+        _kill.kill_runner_trees([current.pid for current in everyone])
         for current in everyone:
             _core.reap(current.pid)
         self.runners.clear()

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from cancelk._memwatch import SAMPLE_NS, MemoryKill, MemoryWatch
+from cancelk._memwatch import COST_FACTOR, SAMPLE_NS, MemoryKill, MemoryWatch
 from cancelk._slots import DONE, KILL_MEMORY
 
 from .test_deadlines import MS, FakeWords
+
+
+def frozen_clock() -> int:
+    return 0
+
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -25,7 +30,7 @@ class FakeSampler:
 @pytest.fixture
 def setup():
     words, sampler = FakeWords(), FakeSampler()
-    return words, sampler, MemoryWatch(words, sampler)
+    return words, sampler, MemoryWatch(words, sampler, frozen_clock)
 
 
 def test_a_job_over_its_limit_is_killed_with_its_peak(setup):
@@ -70,3 +75,13 @@ def test_a_finished_job_is_never_killed(setup):
     sampler.sizes[100] = 5000
     words.states[0] = 5 | DONE  # finished between the add and the sample
     assert watch.decided_kills(0, {0: 100}) == []
+
+
+def test_a_costly_sample_spaces_the_next_ones(setup):
+    words, sampler, _ = setup
+    ticks = iter([0, 3 * MS])  # the sample takes 3 ms
+    watch = MemoryWatch(words, sampler, lambda: next(ticks))
+    words.begin(0, 5, at=0)
+    watch.add(0, 5, 10**9, now=0)
+    watch.decided_kills(0, {0: 100})
+    assert watch.next_ns() == COST_FACTOR * 3 * MS

@@ -138,3 +138,50 @@ def test_an_outcome_that_cannot_be_unpickled_names_what_failed():
     error = _wire.decode_outcome(outcome).exception
     assert isinstance(error, ResultPicklingError)
     assert "LookupError" in str(error) and "_refuse" in str(error)
+
+
+def test_a_large_body_gets_a_buffer_of_its_own_fed_in_pieces():
+    large = bytes(range(256)) * ((_wire.LARGE // 256) + 3)
+    stream = _wire.frame(b"small") + _wire.frame(large) + _wire.frame(b"after")
+    reader = _wire.FrameReader()
+    frames = []
+    for start in range(0, len(stream), 100_003):
+        frames += reader.feed(stream[start : start + 100_003])
+    assert frames == [b"small", large, b"after"]
+    assert isinstance(frames[1], bytearray) and len(frames[1]) == len(large)
+
+
+def test_receive_reads_a_large_body_in_place_and_sees_eof():
+    import socket
+    import threading
+
+    large = b"\x07" * (3 * _wire.LARGE + 5)
+    stream = _wire.frame(b"one") + _wire.frame(large) + _wire.frame(b"two")
+    left, right = socket.socketpair()
+    try:
+        writer = threading.Thread(target=lambda: (left.sendall(stream), left.close()))
+        writer.start()
+        reader, frames, ended = _wire.FrameReader(), [], False
+        while not ended:
+            got, ended = reader.receive(right, wait=True)
+            frames += got
+        writer.join()
+        assert frames == [b"one", large, b"two"]
+    finally:
+        right.close()
+        if left.fileno() >= 0:
+            left.close()
+
+
+def test_receive_on_a_non_blocking_socket_returns_what_is_there():
+    import socket
+
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    try:
+        left.sendall(_wire.frame(b"a") + _wire.frame(b"b")[:5])
+        frames, ended = _wire.FrameReader().receive(right)
+        assert frames == [b"a"] and not ended
+    finally:
+        left.close()
+        right.close()
