@@ -425,6 +425,9 @@ class Pool:
         if job.counted:
             return False
         job.counted = True
+        # Future and job refer to each other: unlinked here, a dropped future
+        # (with its 100 MB result) goes at once, not at the next cyclic GC.
+        job.future._cancelk_job = None  # type: ignore[attr-defined]
         self.counts[counter] += 1
         if job.placement is not None:
             self.running -= 1

@@ -91,9 +91,12 @@ def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner
         if frame is None:
             return  # the user process closed the channel: shut down
         seq, slot, job = _protocol.parse_job(frame)
+        del frame
         if not words.begin(slot, before, seq):
             _await_kill()
-        kind, outcome = _run_job(job)
+        held = [job]
+        del job
+        kind, outcome = _run_job(held)
         if os.getpid() != me:  # a child the job forked returned here: not the runner
             _child.flush_std_streams()
             os._exit(0)
@@ -102,7 +105,7 @@ def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner
             _await_kill()
         before = seq | DONE
         _send(setup.channel_fd, seq, kind, outcome)
-        del frame, job, outcome  # a 100 MB job must not stay in memory while idle
+        del outcome  # a 100 MB result must not stay in memory while idle
         done += 1
         _reap_orphans()
 
@@ -114,14 +117,18 @@ def _incoming_frames(channel_fd: int) -> Iterator[_wire.Body]:  # pragma: no cov
     channel = socket.socket(fileno=channel_fd)  # blocking; lives as long as the runner
     while True:
         frames, ended = reader.receive(channel, wait=True)
-        yield from frames
+        frames.reverse()
+        while frames:
+            yield frames.pop()  # held by the runner alone: it frees the frame early
         if ended:
             return
 
 
-def _run_job(job: memoryview) -> tuple[int, bytes]:  # pragma: no cover - runs in the runner
+def _run_job(held: list[memoryview]) -> tuple[int, bytes]:  # pragma: no cover - in the runner
+    """Unpickle the job, let go of its frame (a 100 MB argument is not kept
+    twice while the job runs), run it."""
     try:
-        fn, args, kwargs = _wire.loads(job)
+        fn, args, kwargs = _wire.loads(held.pop())
     except BaseException as exc:
         return _wire.OUTCOME_ERROR, _wire.encode_exception(exc)
     return _wire.run_and_encode(fn, args, kwargs)

@@ -95,13 +95,15 @@ class Harness:
 
     # Future's owner, as the manager is
     def cancel_running(self, future: Future) -> bool:
-        if not self.pool.cancel_running(future._cancelk_job):
+        job = future._cancelk_job
+        if job is None or not self.pool.cancel_running(job):
             return future.cancelled()
-        self.pool.count_cancelled(future._cancelk_job)
+        self.pool.count_cancelled(job)
         return future.mark_cancelled("cancelled") or future.cancelled()
 
     def cancelled_in_queue(self, future: Future) -> None:
-        self.pool.queued_job_cancelled(future._cancelk_job)
+        if future._cancelk_job is not None:
+            self.pool.queued_job_cancelled(future._cancelk_job)
 
     def check_counts(self) -> dict:
         stats = self.pool.stats()
@@ -530,3 +532,22 @@ def test_max_pending_refuses_at_once_and_accepts_once_drained():
         del first, third
     finally:
         h.close()
+
+
+def test_a_finished_future_is_freed_without_the_cyclic_gc(h):
+    import gc
+    import weakref
+
+    h.start_runner(0)
+    future = h.submit()
+    h.words.begin(0, FRESH | 1, 1)
+    h.words.finish(0, 1)
+    h.runner_finishes(0, 1, "value")
+    assert future.result(0) == "value"
+    ref = weakref.ref(future)
+    gc.disable()
+    try:
+        del future
+        assert ref() is None, "the future and its job still hold each other"
+    finally:
+        gc.enable()
