@@ -116,10 +116,31 @@ class _Submitter:
 
 
 class _MapsBySubmit:
-    """``map`` with the stdlib's semantics, built on the class's own ``submit``."""
+    """``map`` with the stdlib's semantics, built on the class's own
+    ``submit``; ``options()`` views of the same pool."""
+
+    _defaults: JobOptions
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         raise NotImplementedError
+
+    def _pool_executor(self) -> ProcessPoolExecutor:
+        raise NotImplementedError
+
+    def options(
+        self,
+        *,
+        timeout: Any = ...,
+        cancel_timeout: Any = ...,
+        deadline: Any = ...,
+        memory_limit: Any = ...,
+    ) -> ExecutorOptions:
+        """A light view of the same pool whose jobs get other default options
+        (``...``: as here); ``deadline`` is seconds from each submit, or a
+        ProcessDeadline."""
+        changes = _changes(timeout, cancel_timeout, deadline, memory_limit)
+        defaults = dataclasses.replace(self._defaults, **changes)
+        return ExecutorOptions(self._pool_executor(), defaults)
 
     def map(
         self,
@@ -199,18 +220,8 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
         """The same as ``terminate_workers()``: cancelk's only stop is SIGKILL."""
         self.terminate_workers()
 
-    def options(
-        self,
-        *,
-        timeout: Any = ...,
-        cancel_timeout: Any = ...,
-        deadline: Any = ...,
-        memory_limit: Any = ...,
-    ) -> ExecutorOptions:
-        """A light view of this pool whose jobs get other default options;
-        ``deadline`` is seconds from each submit (or a ProcessDeadline)."""
-        changes = _changes(timeout, cancel_timeout, deadline, memory_limit)
-        return ExecutorOptions(self, dataclasses.replace(self._defaults, **changes))
+    def _pool_executor(self) -> ProcessPoolExecutor:
+        return self
 
     def stats(self) -> dict[str, int]:
         """Counts of jobs submitted, started, finished, timed out, cancelled, died."""
@@ -243,16 +254,8 @@ class ExecutorOptions(_MapsBySubmit, concurrent.futures.Executor):
     ) -> None:
         self._executor.shutdown(wait, cancel_futures=cancel_futures, timeout=timeout)
 
-    def options(
-        self,
-        *,
-        timeout: Any = ...,
-        cancel_timeout: Any = ...,
-        deadline: Any = ...,
-        memory_limit: Any = ...,
-    ) -> ExecutorOptions:
-        changes = _changes(timeout, cancel_timeout, deadline, memory_limit)
-        return ExecutorOptions(self._executor, dataclasses.replace(self._defaults, **changes))
+    def _pool_executor(self) -> ProcessPoolExecutor:
+        return self._executor
 
     def __enter__(self) -> ExecutorOptions:
         return self

@@ -37,6 +37,12 @@ from cancelk._slots import KILL_MEMORY, SlotWords
 log = logging.getLogger("cancelk")
 
 _CONTROL, _WAKE, _SPARE, _RUNNER_BASE = 0, 1, 2, 3
+_LIMITS = (
+    _protocol.SetTimeLimit,
+    _protocol.SetDeadline,
+    _protocol.SetMemoryLimit,
+    _protocol.GraceCancel,
+)
 PRELOAD_LIMIT = 64
 
 
@@ -302,23 +308,12 @@ class Supervisor:
                     return False
 
     def _handle(self, message: _protocol.ControlMessage) -> bool:
-        if isinstance(message, _protocol.KillRunner):
+        if isinstance(message, _LIMITS):
+            # A limit for a runner that is gone (replaced meanwhile) is moot.
+            if self._is_current(message.slot, message.runner_id):
+                self._set_limit(message, _core.monotonic_ns())
+        elif isinstance(message, _protocol.KillRunner):
             self._kill(message.slot, message.runner_id)
-        elif isinstance(message, _protocol.SetTimeLimit):
-            if self._is_current(message.slot, message.runner_id):
-                now = _core.monotonic_ns()
-                self.deadlines.add_time_limit(message.slot, message.seq, message.timeout_ns, now)
-        elif isinstance(message, _protocol.SetDeadline):
-            if self._is_current(message.slot, message.runner_id):
-                self.deadlines.add_deadline(message.slot, message.seq, message.at_ns)
-        elif isinstance(message, _protocol.SetMemoryLimit):
-            if self._is_current(message.slot, message.runner_id):
-                now = _core.monotonic_ns()
-                self.memory.add(message.slot, message.seq, message.nbytes, now)
-        elif isinstance(message, _protocol.GraceCancel):
-            if self._is_current(message.slot, message.runner_id):
-                now = _core.monotonic_ns()
-                self.deadlines.add_grace(message.slot, message.seq, message.grace_ns, now)
         elif isinstance(message, _protocol.Preload):
             if message.module not in self.preload and len(self.preload) < PRELOAD_LIMIT:
                 self.preload.append(message.module)
@@ -328,6 +323,16 @@ class Supervisor:
             log.error("cancelk supervisor %d stops: unexpected %r", os.getpid(), message)
             return False
         return True
+
+    def _set_limit(self, message: _protocol.ControlMessage, now: int) -> None:
+        if isinstance(message, _protocol.SetTimeLimit):
+            self.deadlines.add_time_limit(message.slot, message.seq, message.timeout_ns, now)
+        elif isinstance(message, _protocol.SetDeadline):
+            self.deadlines.add_deadline(message.slot, message.seq, message.at_ns)
+        elif isinstance(message, _protocol.SetMemoryLimit):
+            self.memory.add(message.slot, message.seq, message.nbytes, now)
+        elif isinstance(message, _protocol.GraceCancel):
+            self.deadlines.add_grace(message.slot, message.seq, message.grace_ns, now)
 
     def _is_current(self, slot: int, runner_id: int) -> bool:
         current = self.runners.get(slot)
