@@ -114,13 +114,13 @@ class RunnerLink:
         self._pidfd = pidfd  # -1 where the OS has no pidfds
         self._pidfd_lock = threading.Lock()
 
-    def kill_now(self) -> None:
-        """SIGKILL the runner through its pidfd, a hop before the supervisor can."""
+    def kill_now(self) -> bool:
+        """SIGKILL the runner's group from here (its pidfd proves it is
+        still unreaped); False if the supervisor must do it."""
         if not self._pidfd_lock.acquire(blocking=False):
-            return  # being closed, or in use: the supervisor's kill follows anyway
+            return False  # being closed, or in use
         try:
-            if self._pidfd >= 0:
-                _kill.kill_by_pidfd(self._pidfd, self.pid)
+            return self._pidfd >= 0 and _kill.kill_by_pidfd(self._pidfd, self.pid)
         finally:
             self._pidfd_lock.release()
 

@@ -1,7 +1,7 @@
 """Every way cancelk stops processes, in one place.
 
     who stops what                         recipe here
-    user process: cancelled job            kill_by_pidfd(runner pidfd)  (a hop early)
+    user process: cancelled job            kill_by_pidfd(runner pidfd)  (the group, at once)
     supervisor:   decided kill             kill_group(runner)
     supervisor:   at exit, every runner    kill_runner_trees(runners)
     supervisor:   after a runner's death   sweep_orphans(runners kept)
@@ -59,12 +59,24 @@ def kill_group(pid: int) -> bool:
     return _core.kill_group(pid, _KILL)
 
 
-def kill_by_pidfd(pidfd: int, pid: int) -> None:
-    """SIGKILL the process a pidfd names: it can never reach a recycled pid."""
+def kill_by_pidfd(pidfd: int, pid: int) -> bool:
+    """SIGKILL a runner's whole group from the user process, which is not
+    its parent: True if it was done here.
+
+    The pidfd proves the runner has not exited, so it is not reaped and its
+    group id is its own: the group is killed (the job and what it started
+    in its group, one syscall); the pidfd kill follows, which can never
+    reach a recycled pid.  Only the runner's parent could reap it between
+    the check and the kill, and it does so only after seeing it exit.
+    """
     try:
+        if not _pidfd_exited(pidfd):
+            kill_group(pid)
         _core.pidfd_kill(pidfd, _KILL)
     except OSError as why:  # the supervisor's group kill still follows
-        log.debug("pidfd kill of runner %d failed: %s", pid, why)
+        log.debug("killing runner %d through its pidfd failed: %s", pid, why)
+        return False
+    return True
 
 
 def kill_runner_trees(pids: list[int]) -> None:
@@ -98,8 +110,9 @@ def kill_orphaned_runner(pid: int, pidfd: int) -> None:
 
 
 def _pidfd_exited(pidfd: int) -> bool:
-    readable, _, _ = select.select([pidfd], [], [], 0)
-    return bool(readable)
+    poller = select.poll()  # not select(): a pidfd may be numbered above 1023
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def sweep_orphans(keep: Collection[int]) -> None:

@@ -107,10 +107,9 @@ class ManagerThread(threading.Thread):
         if link is not None and not link.outbox.push(_protocol.encode(message)):
             self.wake()  # this thread sends the rest
 
-    def kill_now(self, placement: Placement) -> None:
+    def kill_now(self, placement: Placement) -> bool:
         link = self.runners[placement.slot]
-        if link is not None and link.runner_id == placement.runner_id:
-            link.kill_now()
+        return link is not None and link.runner_id == placement.runner_id and link.kill_now()
 
     def wake(self) -> None:
         waker = self.waker

@@ -135,7 +135,7 @@ class PoolIO(Protocol):
 
     def send_control(self, message: _protocol.ControlMessage) -> None: ...
 
-    def kill_now(self, placement: Placement) -> None: ...
+    def kill_now(self, placement: Placement) -> bool: ...
 
     def add_timer(self, at: float, command: Callable[[list[Completion]], None]) -> None: ...
 
@@ -286,8 +286,10 @@ class Pool:
                 or self.words.state(placement.slot) == job.seq | _slots.KILL_CANCEL
             )
         job.killed_by_cancel = flag == _slots.KILL_CANCEL
-        self.io.kill_now(placement)
-        self.io.send_control(_protocol.KillRunner(placement.slot, placement.runner_id))
+        if not self.io.kill_now(placement):
+            # No pidfd here (posix backend) or it is being closed: the
+            # supervisor kills the group (it also does when it reaps).
+            self.io.send_control(_protocol.KillRunner(placement.slot, placement.runner_id))
         log.info("killing job %d (pid %d): %s", job.seq, placement.pid, reason)
         return True
 

@@ -41,8 +41,9 @@ class FakeIO:
     def send_control(self, message: _protocol.ControlMessage) -> None:
         self.control.append(message)
 
-    def kill_now(self, placement) -> None:
+    def kill_now(self, placement) -> bool:
         self.killed.append(placement.slot)
+        return False  # as without pidfds: the supervisor is asked to kill
 
     def add_timer(self, at, command) -> None:
         self.timers.append((at, command))
