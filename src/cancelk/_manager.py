@@ -125,11 +125,13 @@ class Manager:
         job: Job | None = getattr(future, "_cancelk_job", None)
         if job is None or not self.pool.cancel_running(job):
             return future.cancelled()
-        self._run(lambda out: self.pool.count_cancelled(job))
-        # Another cancel, or the job's exit seen by the manager thread, may
-        # have marked it already: every caller gets the same True.
+        # Marked before it is counted: counting unlinks the job from the
+        # future, and a concurrent cancel() that then finds no job answers
+        # from the future's state, which must already say cancelled.
         reason = "the job was cancelled; its processes were killed"
-        return future.mark_cancelled(reason) or future.cancelled()
+        answer = future.mark_cancelled(reason) or future.cancelled()
+        self._run(lambda out: self.pool.count_cancelled(job))
+        return answer
 
     def cancelled_in_queue(self, future: Future) -> None:
         """Future.cancel() took a queued job: count it now."""
