@@ -150,7 +150,7 @@ class ManagerThread(threading.Thread):
         assert self.selector is not None
         while not self.stopped:
             events = self.selector.select()
-            self._locked(functools.partial(self._handle, events))
+            self._locked(functools.partial(self._handle_events, events))
         self._locked(self._run_intake)  # submits that raced the end: refused
 
     def _locked(self, work: Command) -> None:
@@ -167,7 +167,7 @@ class ManagerThread(threading.Thread):
         while self.intake:
             self.intake.popleft()(out)
 
-    def _handle(
+    def _handle_events(
         self, events: list[tuple[selectors.SelectorKey, int]], out: list[Completion]
     ) -> None:
         for key, mask in events:
