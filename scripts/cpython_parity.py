@@ -94,7 +94,9 @@ def substitute(executor_type: type) -> None:
         def assert_python_ok(*args, **env):  # type: ignore[no-untyped-def]
             old = "from concurrent.futures import ProcessPoolExecutor"
             new = "from cancelk import ProcessPoolExecutor"
-            return original(*(a.replace(old, new) if isinstance(a, str) else a for a in args), **env)
+            return original(
+                *(a.replace(old, new) if isinstance(a, str) else a for a in args), **env
+            )
 
         shutdown.assert_python_ok = assert_python_ok
 
@@ -158,8 +160,13 @@ def run_module(name: str, out_path: str, use_stdlib: bool) -> None:
             if isinstance(test, unittest.TestCase):
                 self._record(test, "error", self._exc_info_to_string(err, test))
             else:  # a module or class fixture
-                write({"test": str(test), "event": "fixture-error",
-                       "detail": self._exc_info_to_string(err, test)})
+                write(
+                    {
+                        "test": str(test),
+                        "event": "fixture-error",
+                        "detail": self._exc_info_to_string(err, test),
+                    }
+                )
 
         def addSkip(self, test: unittest.TestCase, reason: str) -> None:
             super().addSkip(test, reason)
@@ -219,8 +226,9 @@ def collect(name: str, use_stdlib: bool) -> dict[str, dict[str, object]]:
         hung = False
         # A session of its own: whatever the tests leave behind (a Manager's server
         # whose test failed before its shutdown) is killed with it.
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
+        child = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             child.wait(MODULE_TIME_LIMIT)
         except subprocess.TimeoutExpired:
@@ -266,7 +274,9 @@ def main() -> int:
     except ImportError as why:
         print(f"this interpreter has no {PACKAGE} ({why}); use CPython 3.12+", file=sys.stderr)
         return 2
-    pool = "concurrent.futures.ProcessPoolExecutor" if args.stdlib else "cancelk.ProcessPoolExecutor"
+    pool = (
+        "concurrent.futures.ProcessPoolExecutor" if args.stdlib else "cancelk.ProcessPoolExecutor"
+    )
     print(f"CPython {sys.version.split()[0]} test suite, process pool = {pool}")
     total = {"pass": 0, "fail": 0, "skip": 0}
     unexpected: list[str] = []
@@ -297,8 +307,9 @@ def main() -> int:
             total[key] += counts[key]
     ran = total["pass"] + total["fail"]
     share = 100.0 * total["pass"] / ran if ran else 0.0
-    print(f"{'total':20} {total['pass']:3} of {ran:3} passed ({share:.1f}%),"
-          f" {total['skip']} skipped")
+    print(
+        f"{'total':20} {total['pass']:3} of {ran:3} passed ({share:.1f}%), {total['skip']} skipped"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(everything, f, indent=1, sort_keys=True)
