@@ -248,27 +248,41 @@ def _results(
     end_time: float | None,
     chunked: bool,
 ) -> Iterator[Any]:
+    # No local may hold a future or a result across a yield: a long map must
+    # let go of each result once the caller has it (bpo-14406).
     try:
         while futures:
-            future = futures.popleft()
             if source is not None:
                 following = next(source, _END)
                 if following is not _END:
                     futures.append(submit_one(following))
-            try:
-                if end_time is None:
-                    value = future.result()
-                else:
-                    value = future.result(end_time - time.monotonic())
-            finally:
-                future.cancel()  # a no-op once done; stops the job if result() gave up
             if chunked:
-                yield from value
+                yield from _drain(_result_or_cancel(futures, end_time))
             else:
-                yield value
+                yield _result_or_cancel(futures, end_time)
     finally:
         for future in futures:
             future.cancel()
+
+
+def _result_or_cancel(futures: deque[Future], end_time: float | None) -> Any:
+    """The first future's result; it is cancelled (its job stopped) if that
+    raises, e.g. when the time is up."""
+    future = futures.popleft()
+    try:
+        if end_time is None:
+            return future.result()
+        return future.result(end_time - time.monotonic())
+    finally:
+        future.cancel()  # a no-op once done
+        del future
+
+
+def _drain(chunk: list[Any]) -> Iterator[Any]:
+    """A chunk's results in order, each dropped as it is yielded."""
+    chunk.reverse()
+    while chunk:
+        yield chunk.pop()
 
 
 _END = object()
