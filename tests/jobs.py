@@ -439,6 +439,39 @@ def return_ghost():
 
 
 # --------------------------------------------------------------------------
+# stdlib parity (test_stdlib_parity)
+
+
+class Token:
+    """A result a test can hold a weak reference to."""
+
+    def __init__(self, i):
+        self.i = i
+
+
+def make_token(i):
+    return Token(i)
+
+
+def read_stdin():
+    """What a job reads from its stdin: input() and the raw fd 0."""
+    try:
+        line = input()
+    except EOFError:
+        line = "EOFError"
+    return line, os.read(0, 100)
+
+
+def put_in(queue_or_event, value=None):
+    """Put ``value`` in a multiprocessing (manager) queue, or set an event."""
+    if value is None:
+        queue_or_event.set()
+    else:
+        queue_or_event.put(value)
+    return os.getpid()
+
+
+# --------------------------------------------------------------------------
 # big data
 
 

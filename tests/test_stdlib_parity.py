@@ -8,11 +8,23 @@ works on every interpreter the project supports.
 
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.process
+import gc
+import multiprocessing as mp
+import pickle
 import threading
+import weakref
 
 import pytest
 
+import cancelk
+import cancelk.errors
 from cancelk._manager_thread import ManagerThread
+
+import jobs
+import procs
+from jobs import RESULT_WAIT
 
 # Instance attributes threading.Thread.__init__ sets, on CPython 3.9 to 3.14.
 _THREAD_ATTRIBUTES = {
@@ -30,3 +42,85 @@ def test_manager_thread_shadows_nothing_threading_sets():
     own = set(vars(ManagerThread))
     plain = set(vars(threading.Thread())) | _THREAD_ATTRIBUTES
     assert not own & plain
+
+
+# --------------------------------------------------------------------------
+# 5. a pickling error is caught where the stdlib's is
+
+
+STDLIB_CATCHES = {
+    "unpicklable result (lock)": (jobs.return_lock,),
+    "unpicklable result (lambda)": (jobs.return_lambda,),
+    "unpicklable result (generator)": (jobs.return_generator,),
+    "result whose pickling raises": (jobs.return_refuses_pickling,),
+    "exception holding a lock": (jobs.raise_holding_a_lock,),
+    "exception whose pickling raises": (jobs.raise_refuses_pickling,),
+    "unpicklable exception": (jobs.raise_unpicklable, "held a lock"),
+}
+
+
+@pytest.fixture(scope="module")
+def stdlib_errors():
+    """The exception each case gives on the stdlib pool itself."""
+    errors = {}
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+        for name, call in STDLIB_CATCHES.items():
+            errors[name] = pool.submit(*call).exception(timeout=RESULT_WAIT)
+    return errors
+
+
+@pytest.mark.timeout(60)
+def test_pickling_errors_are_caught_where_the_stdlibs_are(make_pool, stdlib_errors):
+    exe = make_pool(1)
+    for name, call in STDLIB_CATCHES.items():
+        err = exe.submit(*call).exception(timeout=RESULT_WAIT)
+        expected = type(stdlib_errors[name])
+        assert isinstance(err, cancelk.ResultPicklingError), (name, repr(err))
+        # code written for the stdlib pool catches it as before ...
+        assert isinstance(err, expected), f"{name}: {err!r} is no {expected.__name__}"
+        # ... and the message says what could not be pickled
+        assert "could not be pickled" in str(err), (name, str(err))
+        assert type(err.__cause__) is concurrent.futures.process._RemoteTraceback, name
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err)
+    procs.assert_pool_works(exe)
+
+
+@pytest.mark.timeout(30)
+def test_result_that_fails_to_unpickle_keeps_the_unpicklers_type(make_pool):
+    err = make_pool(1).submit(jobs.return_unloadable).exception(timeout=RESULT_WAIT)
+    assert isinstance(err, cancelk.ResultPicklingError) and isinstance(err, TypeError), repr(err)
+    assert "could not be unpickled" in str(err)
+
+
+@pytest.mark.timeout(30)
+def test_remote_traceback_is_the_stdlibs_class(make_pool):
+    err = make_pool(1).submit(jobs.raise_job_error, "x").exception(timeout=RESULT_WAIT)
+    assert type(err) is jobs.JobError
+    assert type(err.__cause__) is concurrent.futures.process._RemoteTraceback
+    assert "raise_job_error" in err.__cause__.tb
+
+
+def test_result_pickling_error_is_exported():
+    assert cancelk.ResultPicklingError is cancelk.errors.ResultPicklingError
+    assert "ResultPicklingError" in cancelk.__all__
+
+
+# --------------------------------------------------------------------------
+# 2. map lets go of each result once it is yielded (CPython's bpo-14406 test)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "options", [{}, {"chunksize": 3}, {"buffersize": 2}, {"timeout": 30}], ids=repr
+)
+def test_map_keeps_no_result_it_has_yielded(make_pool, options):
+    exe = make_pool(2)
+    seen = 0
+    for obj in exe.map(jobs.make_token, range(10), **options):
+        ref = weakref.ref(obj)
+        del obj
+        gc.collect()
+        assert ref() is None, f"map still holds result {seen}"
+        seen += 1
+    assert seen == 10

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError
+from cancelk.errors import (
+    ProcessCancelledError,
+    ProcessDiedError,
+    ProcessTimeoutError,
+    ResultPicklingError,
+)
 from cancelk.executor import ExecutorOptions, ProcessPoolExecutor
 from cancelk.futures import Future
 from cancelk.options import ProcessCancelTimeout, ProcessTimeout
@@ -17,6 +22,7 @@ __all__ = [
     "ProcessPoolExecutor",
     "ProcessTimeout",
     "ProcessTimeoutError",
+    "ResultPicklingError",
     "killable_wrapper",
 ]
 
