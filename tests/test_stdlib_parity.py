@@ -13,6 +13,8 @@ import concurrent.futures.process
 import gc
 import multiprocessing as mp
 import pickle
+import subprocess
+import sys
 import threading
 import weakref
 
@@ -24,7 +26,7 @@ from cancelk._manager_thread import ManagerThread
 
 import jobs
 import procs
-from jobs import RESULT_WAIT
+from jobs import RESULT_WAIT, START_METHODS
 
 # Instance attributes threading.Thread.__init__ sets, on CPython 3.9 to 3.14.
 _THREAD_ATTRIBUTES = {
@@ -124,3 +126,67 @@ def test_map_keeps_no_result_it_has_yielded(make_pool, options):
         assert ref() is None, f"map still holds result {seen}"
         seen += 1
     assert seen == 10
+
+
+# --------------------------------------------------------------------------
+# 1. a job can use the Manager proxies the user process gives it
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_manager_proxies_work_in_jobs(make_pool, method):
+    """Proxies authenticate with the user process's authkey, which the
+    stdlib passes to its workers; so must cancelk, under every start method."""
+    manager = mp.get_context("fork").Manager()
+    try:
+        queue, event, shared = manager.Queue(), manager.Event(), manager.dict()
+        exe = make_pool(1, mp_context=method)
+        assert exe.submit(jobs.put_in, queue, "progress").result(timeout=RESULT_WAIT)
+        assert queue.get(timeout=RESULT_WAIT) == "progress"
+        exe.submit(jobs.put_in, event).result(timeout=RESULT_WAIT)
+        assert event.is_set()
+        exe.submit(shared.update, {"done": True}).result(timeout=RESULT_WAIT)
+        assert shared["done"] is True
+    finally:
+        manager.shutdown()
+
+
+# --------------------------------------------------------------------------
+# 4. a job's stdin is /dev/null, as in the stdlib's workers
+
+STDIN_SCRIPT = """
+import os, sys
+import cancelk
+
+def read_stdin():
+    try:
+        line = input()
+    except EOFError:
+        line = "EOFError"
+    return line, os.read(0, 100)
+
+if __name__ == "__main__":
+    with cancelk.ProcessPoolExecutor(1, mp_context=sys.argv[1]) as pool:
+        print(pool.submit(read_stdin).result(timeout=30))
+    print("the user read:", sys.stdin.readline().strip())
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_jobs_read_no_stdin(tmp_path, method):
+    script = tmp_path / "stdin_script.py"
+    script.write_text(STDIN_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), method],
+        input="typed by the user\n",
+        capture_output=True,
+        text=True,
+        timeout=40,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "('EOFError', b'')",
+        "the user read: typed by the user",
+    ], proc.stdout + proc.stderr

@@ -16,6 +16,7 @@ Fresh interpreters serve the spawn and forkserver supervisors and the jobs of
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import signal
 import subprocess
@@ -87,6 +88,25 @@ def _forget_handlers(handled: int, ignored: int) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def stdin_from_devnull() -> None:
+    """Read stdin from /dev/null, as the stdlib's workers do: ``input()`` in a
+    job raises EOFError instead of taking the user's input.  Descriptor 0
+    too, so that neither the job nor what it starts reads the terminal."""
+    try:
+        if sys.stdin is not None:
+            sys.stdin.close()  # first: it may own descriptor 0
+    except Exception:
+        pass
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return
+    if fd != 0:  # 0 itself when descriptor 0 was closed
+        os.dup2(fd, 0)
+        os.close(fd)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)
+
+
 def flush_std_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -133,9 +153,13 @@ def receive_main_and_payload(fd: int) -> bytes | None:
 def main_preparation(name: str) -> dict[str, object]:
     """What a fresh interpreter needs to import ``__main__`` as spawn does.
 
-    The authkey is left out: it refuses to pickle outside multiprocessing's
-    own spawning, and nothing cancelk starts uses it.
+    The authkey goes along as plain bytes (an ``AuthenticationString``
+    refuses to pickle outside multiprocessing's own spawning): a job must be
+    able to use the ``multiprocessing.Manager`` proxies the user process
+    passes it, which authenticate with it, as the stdlib's workers can.
     """
     data: dict[str, object] = spawn.get_preparation_data(name)
-    data.pop("authkey", None)
+    authkey = data.get("authkey")
+    if authkey is not None:
+        data["authkey"] = bytes(authkey)  # type: ignore[call-overload]
     return data

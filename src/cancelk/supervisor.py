@@ -353,6 +353,7 @@ def _drain(fd: int) -> None:
 # -- the supervisor process's entry points -------------------------------------------
 def _supervisor_process_setup() -> None:
     _child.forget_parent_signals()
+    _child.stdin_from_devnull()  # runners inherit it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _core.become_group_leader()
 
