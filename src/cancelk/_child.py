@@ -16,6 +16,7 @@ Fresh interpreters serve the spawn and forkserver supervisors and the jobs of
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 import pickle
 import signal
@@ -141,13 +142,53 @@ def send_main_and_payload(fd: int, process_name: str, payload: bytes) -> None:
 
 def receive_main_and_payload(fd: int) -> bytes | None:
     """In a fresh interpreter: import ``__main__`` as spawn does and return
-    the payload; None if the parent went away first."""
+    the payload; None if the parent went away first.
+
+    While the main module is imported the process counts as bootstrapping,
+    as multiprocessing's own children do: a pool (cancelk's or the stdlib's)
+    started by that import fails at once instead of starting processes that
+    import it again (a script without ``if __name__ == "__main__":``).
+    """
     frame = _wire.read_frame(fd)
     if frame is None:
         return None
     preparation, payload = pickle.loads(frame)
-    spawn.prepare(preparation)
+    process = multiprocessing.current_process()
+    process._inheriting = True  # type: ignore[attr-defined]
+    try:
+        spawn.prepare(preparation)
+    finally:
+        process._inheriting = False  # type: ignore[attr-defined]
     return bytes(payload)
+
+
+class MainGuardError(RuntimeError):
+    """A pool was started while this process imported the main module."""
+
+
+# Set when this process refused to start a pool during that import: the
+# supervisor then reports the missing guard rather than a bare traceback.
+refused_during_main_import = False
+
+
+def check_not_importing_main() -> None:
+    """Refuse to start a pool while this process is still importing the main
+    module for a spawn or forkserver start, as multiprocessing does."""
+    global refused_during_main_import
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    refused_during_main_import = True
+    # During the import the module is __mp_main__; __main__ is still "-c".
+    module = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+    main = getattr(module, "__file__", None) or "the main module"
+    raise MainGuardError(
+        f"a process pool was started while this process (a cancelk supervisor or "
+        f"a multiprocessing child, started with spawn or forkserver) was importing "
+        f"{main}: that module starts a pool as it is imported.\n"
+        f"Put the code that starts the pool under\n\n"
+        f'    if __name__ == "__main__":\n\n'
+        f"as the multiprocessing documentation asks ('Safe importing of main module')."
+    )
 
 
 def main_preparation(name: str) -> dict[str, object]:

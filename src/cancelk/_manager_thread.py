@@ -2,12 +2,15 @@
 
     selector.select() over:
       Waker          ─► run the commands callers left in the intake
-      control socket ─► RunnerStarted ─► a RunnerLink, Pool.runner_started
+      control socket ─► SupervisorReady ─► deaths from now on may be restarted
+                        StartFailed ─► its reason kept for the EOF that follows
+                        RunnerStarted ─► a RunnerLink, Pool.runner_started
                         RunnerExited  ─► its last frames read, link closed,
                                          Pool.runner_exited
                         JobKilled     ─► Pool.job_killed
                         EOF           ─► runners' trees killed, Pool.supervisor_lost,
-                                         another supervisor started
+                                         another supervisor started (_restarts), or,
+                                         if it never got ready, the pool broken
       runner channel ─► result frames ─► Pool.result_arrived
       writable       ─► the bytes that did not fit when they were queued
     then, still under the lock: queued jobs to idle runners, the intake;
@@ -25,7 +28,9 @@ import logging
 import os
 import selectors
 import socket
+import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +38,9 @@ from concurrent.futures.process import BrokenProcessPool
 from cancelk import _kill, _protocol, _slots
 from cancelk._channels import RunnerLink, SupervisorLink, Waker, close_quietly
 from cancelk._pool import Completion, Placement, Pool, fail
+from cancelk._restarts import RestartPolicy
 from cancelk._wire import SMALL
+from cancelk.errors import RemoteTraceback
 from cancelk.supervisor import PRELOAD_LIMIT, SupervisorConfig, SupervisorProcess, SupervisorStart
 
 log = logging.getLogger("cancelk")
@@ -77,6 +84,10 @@ class ManagerThread(threading.Thread):
         self.want_write: set[int] = set()
         self.preload: list[str] = []
         self.stopped = False  # every process and descriptor is gone
+        self.restarts = RestartPolicy()
+        self.restart_at: float | None = None  # a backed-off restart is due then
+        self.supervisor_ready = False  # the current supervisor sent SupervisorReady
+        self.start_failure: _protocol.StartFailed | None = None
 
     # -- PoolIO: never blocks, any thread -----------------------------------------
     def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
@@ -135,6 +146,8 @@ class ManagerThread(threading.Thread):
         assert self.selector is not None
         self.selector.register(link.sock, selectors.EVENT_READ, link)
         self.supervisor = link
+        self.supervisor_ready, self.start_failure = False, None
+        self.restarts.started(self.pool.counts["finished"])
         self.pool.counts["supervisors_started"] += 1
 
     # -- the loop -------------------------------------------------------------------
@@ -149,7 +162,8 @@ class ManagerThread(threading.Thread):
     def _loop(self) -> None:
         assert self.selector is not None
         while not self.stopped:
-            events = self.selector.select()
+            wait = None if self.restart_at is None else max(0.0, self.restart_at - time.monotonic())
+            events = self.selector.select(wait)
             self._locked(functools.partial(self._handle_events, events))
         self._locked(self._run_intake)  # submits that raced the end: refused
 
@@ -172,6 +186,9 @@ class ManagerThread(threading.Thread):
     ) -> None:
         for key, mask in events:
             self._on_event(key, mask, out)
+        if self.restart_at is not None and time.monotonic() >= self.restart_at:
+            self.restart_at = None
+            self._restart_supervisor(out)
         self.pool.fill_idle()  # first: queued jobs go before those in the intake
         self._run_intake(out)
         self._register_writes()  # last: dispatching may have queued bytes
@@ -247,7 +264,12 @@ class ManagerThread(threading.Thread):
     def _on_supervisor_event(
         self, link: SupervisorLink, message: _protocol.ControlMessage, out: list[Completion]
     ) -> None:
-        if isinstance(message, _protocol.RunnerStarted):
+        if isinstance(message, _protocol.SupervisorReady):
+            self.supervisor_ready = True
+            self.restarts.ready()
+        elif isinstance(message, _protocol.StartFailed):
+            self.start_failure = message
+        elif isinstance(message, _protocol.RunnerStarted):
             channel = link.received_fds.popleft()
             pidfd = link.received_fds.popleft() if message.with_pidfd else -1
             self._runner_started(message, channel, pidfd)
@@ -280,12 +302,37 @@ class ManagerThread(threading.Thread):
         self.pool.supervisor_lost(link.process.pid, status, out)
         if self.pool.shutting_down and not self.pool.pending:
             return
+        pid = link.process.pid
+        if not self.supervisor_ready:
+            # It failed as it started: another would fail the same way.
+            self.pool.break_pool(_start_failed(pid, status, self.start_failure), out)
+            return
+        delay = self.restarts.died(self.pool.counts["finished"])
+        if delay is None:
+            error = BrokenProcessPool(
+                f"the cancelk supervisor died {self.restarts.unhealthy} times in a row before "
+                f"any job could finish on it (the last, pid {pid}: {_status_text(status)})"
+            )
+            self.pool.break_pool(error, out)
+            return
         if status and not self.pool.shutting_down:
-            pid = link.process.pid
-            log.warning("cancelk supervisor %d died (status %d); starting a new one", pid, status)
+            log.warning(
+                "cancelk supervisor %d died (%s); starting a new one%s",
+                pid,
+                _status_text(status),
+                f" in {delay:.1f} s" if delay else "",
+            )
+        if delay:
+            self.restart_at = time.monotonic() + delay
+        else:
+            self._restart_supervisor(out)
+
+    def _restart_supervisor(self, out: list[Completion]) -> None:
+        if self.pool.broken is not None or self.stopped:
+            return
         try:
             self._start_supervisor()
-        except OSError as why:
+        except (OSError, RuntimeError) as why:
             self.pool.break_pool(why, out)
 
     # -- runners ----------------------------------------------------------------------
@@ -385,6 +432,37 @@ class ManagerThread(threading.Thread):
         if self.pool.words is not None:
             self.pool.words.close()  # unmaps the child's view only
             self.pool.words = None
+
+
+def _status_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _start_failed(pid: int, status: int, report: _protocol.StartFailed | None) -> BaseException:
+    """The error that breaks a pool whose supervisor could not start."""
+    if report is None:
+        return BrokenProcessPool(
+            f"the cancelk supervisor (pid {pid}) ended before it was ready "
+            f"({_status_text(status)}) and sent no reason"
+        )
+    if report.main_guard:
+        main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main module"
+        what = (
+            f"the cancelk supervisor could not start: it imports {main}, as the spawn and "
+            f"forkserver start methods do, and that import started a process pool itself.\n"
+            f"Put the code that starts the pool under\n\n"
+            f'    if __name__ == "__main__":\n\n'
+            f"as the multiprocessing documentation asks ('Safe importing of main module')."
+        )
+    else:
+        lines = report.text.strip().splitlines()
+        what = f"the cancelk supervisor could not start: {lines[-1] if lines else 'no reason'}"
+    error = BrokenProcessPool(what)
+    if report.text:
+        error.__cause__ = RemoteTraceback(f'\n"""\n{report.text}"""')
+    return error
 
 
 def run_completions(out: list[Completion]) -> None:

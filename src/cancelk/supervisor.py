@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ log = logging.getLogger("cancelk")
 
 _CONTROL, _WAKE, _SPARE, _RUNNER_BASE = 0, 1, 2, 3
 PRELOAD_LIMIT = 64
+_REPORT_LIMIT = 32 * 1024  # characters of a failed start's traceback sent back
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Supervisor:
         # must not fork-loop).
         self.spare: _Runner | None = None
         self.keep_spare = self.config.initializer is not None
+        self.ready = False  # SupervisorReady was sent
 
     # -- life cycle -------------------------------------------------------------
     def serve(self) -> None:
@@ -101,6 +104,9 @@ class Supervisor:
         self.loop.add_fd(self.ctrl.fileno(), _CONTROL)
         if self.loop.backend == "posix":
             self._wake_on_sigchld()
+        # Started: whatever fails from here on is a death, not a failed start.
+        self._send(_protocol.SupervisorReady())
+        self.ready = True
         for slot in range(self.config.slots):
             self._assign(slot, self._fork_runner())
         if self.keep_spare:
@@ -360,11 +366,16 @@ def _supervisor_process_setup() -> None:
 
 def run_forked(ctrl_fd: int, words_fd: int, start: SupervisorStart) -> None:  # pragma: no cover
     code = 0
+    supervisor = None
     try:
         _supervisor_process_setup()
-        Supervisor(ctrl_fd, words_fd, start).serve()
-    except BaseException:
-        log.exception("cancelk supervisor failed")
+        supervisor = Supervisor(ctrl_fd, words_fd, start)
+        supervisor.serve()
+    except BaseException as why:
+        if supervisor is None or not supervisor.ready:
+            _report_start_failure(ctrl_fd, why)
+        else:
+            log.exception("cancelk supervisor failed")
         code = 70
     finally:
         _child.flush_std_streams()
@@ -373,14 +384,36 @@ def run_forked(ctrl_fd: int, words_fd: int, start: SupervisorStart) -> None:  # 
 
 def spawned_main() -> None:  # pragma: no cover - runs in a fresh interpreter
     ctrl_fd, words_fd = int(sys.argv[1]), int(sys.argv[2])
-    _supervisor_process_setup()
-    payload = _child.receive_main_and_payload(ctrl_fd)
-    if payload is None:
-        os._exit(0)
-    start = _wire.loads(payload)
-    Supervisor(ctrl_fd, words_fd, start).serve()
+    supervisor = None
+    try:
+        _supervisor_process_setup()
+        payload = _child.receive_main_and_payload(ctrl_fd)
+        if payload is None:
+            os._exit(0)
+        start = _wire.loads(payload)
+        supervisor = Supervisor(ctrl_fd, words_fd, start)
+        supervisor.serve()
+    except BaseException as why:
+        if supervisor is None or not supervisor.ready:
+            _report_start_failure(ctrl_fd, why)
+        else:
+            log.exception("cancelk supervisor failed")
+        _child.flush_std_streams()
+        os._exit(70)
     _child.flush_std_streams()
     os._exit(0)
+
+
+def _report_start_failure(ctrl_fd: int, why: BaseException) -> None:  # pragma: no cover
+    """Tell the user process why this supervisor could not start (it breaks
+    the pool rather than start another); print it only if that fails."""
+    text = "".join(traceback.format_exception(type(why), why, why.__traceback__))
+    message = _protocol.StartFailed(_child.refused_during_main_import, text[-_REPORT_LIMIT:])
+    try:
+        os.set_blocking(ctrl_fd, True)
+        _wire.write_all(ctrl_fd, _protocol.encode(message))
+    except OSError:
+        sys.stderr.write(f"cancelk supervisor {os.getpid()} could not start:\n{text}")
 
 
 # -- the user process's handle on its supervisor ---------------------------------------
@@ -388,6 +421,7 @@ class SupervisorProcess:
     """Starts a supervisor (fork, or a fresh interpreter), and reaps it."""
 
     def __init__(self, method: str, words_fd: int, start: SupervisorStart) -> None:
+        _child.check_not_importing_main()
         user_end, sup_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._popen: subprocess.Popen[bytes] | None = None
         try:

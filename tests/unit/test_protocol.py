@@ -22,6 +22,9 @@ MESSAGES = [
     _protocol.RunnerStarted(2, 9, 4242, True),
     _protocol.RunnerExited(2, 9, 4242, 9, 17 | KILL_TIMEOUT),
     _protocol.JobKilled(1, 2, 3, KILL_TIMEOUT),
+    _protocol.SupervisorReady(),
+    _protocol.StartFailed(True, "RuntimeError: importing 'm\u00f6d.py' started a pool\n"),
+    _protocol.StartFailed(False, ""),
 ]
 
 
