@@ -462,6 +462,21 @@ def read_stdin():
     return line, os.read(0, 100)
 
 
+def init_log_to_queue(log_queue, fail):
+    """An initializer that sends the ``concurrent.futures`` logger's records
+    to a multiprocessing Queue (as CPython's test_init does), and fails if asked."""
+    import logging
+    from logging.handlers import QueueHandler
+
+    logger = logging.getLogger("concurrent.futures")
+    logger.addHandler(QueueHandler(log_queue))
+    logger.setLevel("CRITICAL")
+    logger.propagate = False
+    log_queue.put(f"initialized in {os.getpid()}")
+    if fail:
+        raise InitError("error in initializer")
+
+
 def put_in(queue_or_event, value=None):
     """Put ``value`` in a multiprocessing (manager) queue, or set an event."""
     if value is None:

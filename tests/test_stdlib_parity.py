@@ -13,6 +13,7 @@ import concurrent.futures.process
 import gc
 import multiprocessing as mp
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -190,3 +191,124 @@ def test_jobs_read_no_stdin(tmp_path, method):
         "('EOFError', b'')",
         "the user read: typed by the user",
     ], proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------
+# 6. the stdlib pool's private attributes that code in the wild reads
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_compatibility_views(make_pool, method):
+    exe = make_pool(3, mp_context=method)
+    assert exe._max_workers == 3
+    assert exe._mp_context.get_start_method() == method
+    assert exe._broken is False
+    assert exe._executor_manager_thread is None  # not started yet
+    assert exe._processes == {}
+    futures = [exe.submit(jobs.sleep_return, 0.2, i) for i in range(6)]
+    processes = exe._processes  # waits for the starting pool's runners
+    assert len(processes) == 3
+    for pid, handle in processes.items():
+        assert handle.pid == pid and handle.is_alive() and handle.exitcode is None
+    assert {f.result(timeout=RESULT_WAIT) for f in futures} == set(range(6))
+    thread = exe._executor_manager_thread
+    assert isinstance(thread, threading.Thread) and thread.is_alive()
+    exe.shutdown(wait=False)
+    exe._call_queue.join_thread()  # returns once the pool has stopped
+    assert not thread.is_alive()
+    for handle in processes.values():
+        handle.join(timeout=10)
+        assert not handle.is_alive() and handle.exitcode is not None
+        assert procs.wait_pid_gone(handle.pid)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["kill", "terminate"])
+def test_killing_a_runner_through_processes_fails_only_its_job(make_pool, how):
+    exe = make_pool(2)
+    running = exe.submit(jobs.sleep_return, 60)
+    pid = procs.wait_running(running)
+    handle = exe._processes[pid]
+    other = next(h for p, h in exe._processes.items() if p != pid)
+    getattr(handle, how)()
+    err = running.exception(timeout=RESULT_WAIT)
+    assert isinstance(err, cancelk.ProcessDiedError) and err.pid == pid, repr(err)
+    assert "executor._processes" in str(err), str(err)
+    handle.join(timeout=10)
+    assert not handle.is_alive() and handle.exitcode == -signal.SIGKILL
+    assert other.is_alive()
+    procs.assert_pool_works(exe)  # the pool goes on, with a new runner
+    assert len(exe._processes) == 2 and pid not in exe._processes
+
+
+@pytest.mark.timeout(60)
+def test_broken_view_names_what_broke_the_pool(make_pool):
+    exe = make_pool(1, initializer=jobs.init_fail, initargs=("boom",))
+    for _ in range(20):
+        try:
+            exe.submit(jobs.add, 1, 1).exception(timeout=RESULT_WAIT)
+        except concurrent.futures.process.BrokenProcessPool:
+            break
+    assert exe._broken and "boom" in exe._broken, exe._broken
+
+
+def test_max_tasks_per_child_defaults_to_spawn_as_in_the_stdlib():
+    exe = cancelk.ProcessPoolExecutor(1, max_tasks_per_child=2)
+    assert exe._mp_context.get_start_method() == "spawn"
+    exe.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_failing_initializer_logs_where_it_ran_and_its_queue_arrives(make_pool, method):
+    """CPython's test_init: a multiprocessing Queue among the initargs works
+    under every start method, the failure is logged on the initializer's
+    process on the concurrent.futures logger, and what it put is flushed
+    before the runner exits."""
+    ctx = mp.get_context(method)
+    log_queue = ctx.Queue()
+    try:
+        exe = make_pool(
+            1, mp_context=ctx, initializer=jobs.init_log_to_queue, initargs=(log_queue, True)
+        )
+        err = exe.submit(jobs.add, 1, 1).exception(timeout=RESULT_WAIT)
+        assert isinstance(err, concurrent.futures.process.BrokenProcessPool), repr(err)
+        messages = [log_queue.get(timeout=RESULT_WAIT) for _ in range(2)]
+        assert messages[0].startswith("initialized in"), messages
+        text = messages[1].getMessage()
+        assert "Exception in initializer" in text and "error in initializer" in text, text
+    finally:
+        log_queue.close()
+        log_queue.join_thread()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_dropped_executor_with_an_unread_map_finishes_and_stops(method):
+    """CPython's test_del_shutdown: a map's iterator keeps no reference to the
+    executor, so a dropped executor shuts down and its thread ends."""
+    exe = cancelk.ProcessPoolExecutor(2, mp_context=method)
+    results = exe.map(abs, range(-5, 5))
+    thread = exe._executor_manager_thread
+    processes = exe._processes
+    del exe
+    gc.collect()
+    thread.join(timeout=RESULT_WAIT)
+    assert not thread.is_alive()
+    for handle in processes.values():
+        handle.join(timeout=10)
+    assert list(results) == [abs(i) for i in range(-5, 5)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_shutdown_cancel_futures_right_after_submit_runs_the_first_jobs(make_pool, method):
+    """CPython's test_cancel_futures: the stdlib's submit starts its workers,
+    so the first jobs run even if shutdown(cancel_futures=True) follows at once."""
+    exe = make_pool(3, mp_context=method)
+    futures = [exe.submit(jobs.sleep_return, 0.1, i) for i in range(30)]
+    exe.shutdown(cancel_futures=True)
+    ran = [f for f in futures if not f.cancelled()]
+    assert 0 < len(ran) < 30, len(ran)
+    assert all(f.exception(timeout=0) is None for f in ran)

@@ -71,7 +71,9 @@ class Manager:
             raise _after_shutdown()
 
     def count_refused_submit(self) -> None:
-        """A submit whose arguments did not pickle still counts as submitted."""
+        """A submit whose arguments did not pickle still counts as submitted,
+        and starts the pool as any submit does (the stdlib's starts its workers)."""
+        self._ensure_started()
         self._run(lambda out: self.pool.count_submitted())
 
     def check_usable(self) -> None:

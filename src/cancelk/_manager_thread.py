@@ -23,6 +23,7 @@ It is also the pool logic's ``PoolIO``: ``send_job``, ``send_control`` and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -37,6 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from cancelk import _kill, _protocol, _slots
 from cancelk._channels import RunnerLink, SupervisorLink, Waker, close_quietly
+from cancelk._compat import RunnerHandles
 from cancelk._pool import Completion, Placement, Pool, fail
 from cancelk._restarts import RestartPolicy
 from cancelk._wire import SMALL
@@ -88,6 +90,7 @@ class ManagerThread(threading.Thread):
         self.restart_at: float | None = None  # a backed-off restart is due then
         self.supervisor_ready = False  # the current supervisor sent SupervisorReady
         self.start_failure: _protocol.StartFailed | None = None
+        self.handles = RunnerHandles()  # what executor._processes gave out
 
     # -- PoolIO: never blocks, any thread -----------------------------------------
     def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
@@ -278,8 +281,9 @@ class ManagerThread(threading.Thread):
             if runner is not None and runner.runner_id == message.runner_id:
                 self._read_channel(runner, out)  # a result written just before death counts
                 self._close_runner(runner)
+            detail = self.handles.exited(message.runner_id, message.status)
             self.pool.runner_exited(
-                message.slot, message.runner_id, message.status, message.state, out
+                message.slot, message.runner_id, message.status, message.state, out, detail
             )
         elif isinstance(message, _protocol.JobKilled):
             self.pool.job_killed(message.slot, message.runner_id, message.seq, message.flag, out)
@@ -299,6 +303,7 @@ class ManagerThread(threading.Thread):
                 runner.kill_orphaned()
             self._read_channel(runner, out)
             self._close_runner(runner)
+        self.handles.all_exited()
         self.pool.supervisor_lost(link.process.pid, status, out)
         if self.pool.shutting_down and not self.pool.pending:
             return
@@ -381,10 +386,14 @@ class ManagerThread(threading.Thread):
             assert self.selector is not None
             self.selector.unregister(link.sock)
             link.stop()  # it kills and reaps its runners before it exits
+        self.handles.all_exited()
         for runner in self.runners:
             if runner is not None:
                 self._close_runner(runner)
         self._close_descriptors()
+        # No supervisor will start again: let go of the initializer's
+        # arguments (a multiprocessing Queue, say) now, not at the next GC.
+        self.config = dataclasses.replace(self.config, initializer=None, initargs=())
 
     def _close_descriptors(self) -> None:
         if self.selector is not None:
@@ -416,6 +425,7 @@ class ManagerThread(threading.Thread):
             for runner in self.runners:
                 if runner is not None:
                     runner.kill_orphaned()
+            self.handles.all_exited()
         run_completions(out)
 
     def abandon(self) -> None:

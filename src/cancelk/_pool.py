@@ -269,7 +269,13 @@ class Pool:
             self.break_pool(broken, out)
 
     def runner_exited(
-        self, index: int, runner_id: int, status: int, state: int, out: list[Completion]
+        self,
+        index: int,
+        runner_id: int,
+        status: int,
+        state: int,
+        out: list[Completion],
+        detail: str | None = None,
     ) -> None:
         slot = self.slots[index]
         if slot.runner_id != runner_id:
@@ -277,7 +283,7 @@ class Pool:
         self.channel_closed(index)
         job, slot.job = slot.job, None
         if job is not None:
-            self._settle_stopped(slot, job, state, status, out)
+            self._settle_stopped(slot, job, state, status, out, detail)
 
     def job_killed(
         self, index: int, runner_id: int, seq: int, flag: int, out: list[Completion]

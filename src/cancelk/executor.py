@@ -23,13 +23,14 @@ import functools
 import itertools
 import multiprocessing
 import os
+import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from cancelk import _wire
+from cancelk import _compat, _wire
 from cancelk._manager import Manager
 from cancelk._pool import Job
 from cancelk.futures import Future
@@ -44,15 +45,22 @@ def _default_workers() -> int:
     return count or 1
 
 
-def _start_method(mp_context: Any) -> str:
+def _context(mp_context: Any, max_tasks_per_child: int | None) -> Any:
+    """The multiprocessing context whose start method starts the supervisor,
+    chosen as the stdlib pool chooses its own (spawn by default when
+    ``max_tasks_per_child`` is given, which cancelk does not need but
+    follows, so that a switched pool starts its processes the same way)."""
     if mp_context is None:
-        mp_context = multiprocessing.get_context()
+        if max_tasks_per_child is not None:
+            mp_context = multiprocessing.get_context("spawn")
+        else:
+            mp_context = multiprocessing.get_context()
     if isinstance(mp_context, str):
         mp_context = multiprocessing.get_context(mp_context)
     method = mp_context.get_start_method()
     if method not in ("fork", "forkserver", "spawn"):
         raise ValueError(f"unsupported start method {method!r}")
-    return str(method)
+    return mp_context
 
 
 def _process_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
@@ -149,8 +157,9 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
             check_seconds(timeout, "timeout"), check_seconds(cancel_timeout, "cancel_timeout")
         )
         self._max_workers = max_workers
+        self._mp_context = _context(mp_context, max_tasks_per_child)
         config = SupervisorConfig(max_workers, initializer, tuple(initargs), max_tasks_per_child)
-        self._manager = Manager(_start_method(mp_context), config)
+        self._manager = Manager(str(self._mp_context.get_start_method()), config)
         self._submitter = _Submitter(self._manager)
         weakref.finalize(self, self._manager.shutdown, False, False, None)
 
@@ -160,7 +169,13 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
     ) -> None:
-        self._manager.shutdown(wait, cancel_futures, check_seconds(timeout, "timeout"))
+        timeout = check_seconds(timeout, "timeout")
+        if cancel_futures:
+            # The stdlib's submit starts workers before it returns; cancelk's
+            # runners start a moment later.  Let a starting pool take the
+            # first jobs, as the stdlib's would have, before the rest is cancelled.
+            _compat.wait_until_started(self._manager)
+        self._manager.shutdown(wait, cancel_futures, timeout)
 
     def terminate_workers(self) -> None:
         """Stop every job now (SIGKILL of each job's tree) and shut the pool down."""
@@ -178,6 +193,29 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
     def stats(self) -> dict[str, int]:
         """Counts of jobs submitted, started, finished, timed out, cancelled, died."""
         return self._manager.stats()
+
+    # -- compatibility shims: the stdlib pool's private attributes (see _compat) ------
+    @property
+    def _processes(self) -> dict[int, _compat.RunnerHandle]:  # type: ignore[override]
+        """Compatibility shim: {pid: handle} of the runners, a snapshot; a
+        handle's ``kill()`` stops only that runner and its job."""
+        return _compat.processes(self._manager)
+
+    @property
+    def _broken(self) -> str | bool:  # type: ignore[override]
+        """Compatibility shim: False, or what broke the pool."""
+        broken = self._manager.pool.broken
+        return False if broken is None else str(broken) or type(broken).__name__
+
+    @property
+    def _executor_manager_thread(self) -> threading.Thread | None:  # type: ignore[override]
+        """Compatibility shim: the pool's manager thread, once started."""
+        return self._manager.io if self._manager.started else None
+
+    @property
+    def _call_queue(self) -> _compat.CallQueueView:
+        """Compatibility shim: ``join_thread()`` waits for the manager thread's end."""
+        return _compat.CallQueueView(self._manager)
 
 
 def _merge(defaults: JobOptions, timeout: Any, cancel_timeout: Any) -> JobOptions:
@@ -236,15 +274,17 @@ def _map(
 
     if buffersize is None:
         futures = deque(submit_one(item) for item in source)
-    else:
-        futures = deque(submit_one(item) for item in itertools.islice(source, buffersize))
-    return _results(futures, source if buffersize else None, submit_one, end_time, chunksize > 1)
+        # Holds no reference to the executor: a pool dropped while its map
+        # is read is shut down (wait=False) and finishes the map's jobs.
+        return _results(futures, None, None, end_time, chunksize > 1)
+    futures = deque(submit_one(item) for item in itertools.islice(source, buffersize))
+    return _results(futures, source, submit_one, end_time, chunksize > 1)
 
 
 def _results(
     futures: deque[Future],
     source: Iterator[Any] | None,
-    submit_one: Callable[[Any], Future],
+    submit_one: Callable[[Any], Future] | None,
     end_time: float | None,
     chunked: bool,
 ) -> Iterator[Any]:
@@ -252,7 +292,7 @@ def _results(
     # let go of each result once the caller has it (bpo-14406).
     try:
         while futures:
-            if source is not None:
+            if source is not None and submit_one is not None:
                 following = next(source, _END)
                 if following is not _END:
                     futures.append(submit_one(following))
