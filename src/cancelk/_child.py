@@ -108,6 +108,70 @@ def stdin_from_devnull() -> None:
     sys.stdin = open(0, encoding="utf-8", closefd=False)
 
 
+def become_multiprocessing_child() -> None:
+    """What multiprocessing does first in a process it forks: the parent's
+    children and exit finalizers are not this process's, and objects that
+    must be reset after a fork (a Queue's feeder thread, locks) are reset."""
+    from multiprocessing import process, util
+
+    process._children = set()  # type: ignore[attr-defined]
+    util._finalizer_registry.clear()  # type: ignore[attr-defined]
+    util._run_after_forkers()  # type: ignore[attr-defined]
+
+
+def multiprocessing_exit() -> None:
+    """What multiprocessing does last in a process it started: run the exit
+    finalizers, so that what a job put in a multiprocessing Queue is flushed
+    to it, and join the processes it left."""
+    from multiprocessing import util
+
+    try:
+        util._exit_function()  # type: ignore[attr-defined]
+    except Exception:
+        pass
+
+
+class _DupFd:
+    """A descriptor a fresh interpreter inherits under the same number."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def detach(self) -> int:
+        return self.fd
+
+
+class _Spawning:
+    """Stands for the process being started while its payload is pickled, as
+    multiprocessing's spawning Popen does: objects that may only be shared by
+    inheritance (Queue, Lock, Connection) pickle, their descriptors listed to
+    be passed on."""
+
+    DupFd = _DupFd
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+
+def dumps_for_child(obj: object) -> tuple[bytes, list[int]]:
+    """Pickle ``obj`` for a fresh interpreter started next; the descriptors it
+    must inherit (``pass_fds``) for what was pickled to work there."""
+    from multiprocessing import context, reduction
+
+    spawning = _Spawning()
+    context.set_spawning_popen(spawning)  # type: ignore[arg-type]
+    try:
+        # multiprocessing's pickler: it knows how to pickle a Connection
+        data = reduction.ForkingPickler.dumps(obj, _wire.PROTOCOL)
+        return bytes(data), spawning.fds
+    finally:
+        context.set_spawning_popen(None)
+
+
 def flush_std_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -428,10 +428,12 @@ class SupervisorProcess:
             if method == "fork":
                 self.pid = _fork(user_end, sup_end, words_fd, start)
             else:
-                payload = _wire.dumps(start)  # first: an unpicklable initializer starts nothing
+                # First: an unpicklable initializer starts nothing.  As for a
+                # multiprocessing child, a Queue or Lock among the initargs pickles.
+                payload, inherited = _child.dumps_for_child(start)
                 self._popen = _child.start_interpreter(
                     "cancelk.supervisor:spawned_main",
-                    (sup_end.fileno(), words_fd),
+                    (sup_end.fileno(), words_fd, *inherited),
                     (str(sup_end.fileno()), str(words_fd)),
                 )
                 self.pid = self._popen.pid
