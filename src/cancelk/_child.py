@@ -188,8 +188,11 @@ def start_interpreter(
     ``pass_fds`` inherited and ``args`` in its ``sys.argv[1:]``."""
     module, function = entry.split(":")
     code = f"from {module} import {function}; {function}()"
+    # The interpreter's flags (-X dev, -W, -O...) go along, as to
+    # multiprocessing's spawned children.
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
     return subprocess.Popen(
-        [spawn.get_executable(), "-c", code, *args],
+        [spawn.get_executable(), *flags, "-c", code, *args],
         pass_fds=tuple(pass_fds),
         start_new_session=new_session,
     )

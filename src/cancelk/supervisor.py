@@ -273,6 +273,8 @@ class Supervisor:
             _kill.kill_runner_tree(current.pid)
         for current in everyone:
             _core.reap(current.pid)
+            if current.user_end is not None:  # a spare's, never handed over
+                current.user_end.close()
         self.runners.clear()
         self.spare = None
         _kill.sweep_orphans(())
