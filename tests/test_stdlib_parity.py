@@ -328,7 +328,8 @@ def die():
     os._exit(3)
 
 if __name__ == "__main__":
-    with cancelk.ProcessPoolExecutor(2, mp_context=sys.argv[1], initializer=abs, initargs=(1,)) as pool:
+    pool = cancelk.ProcessPoolExecutor(2, mp_context=sys.argv[1], initializer=abs, initargs=(1,))
+    with pool:
         print(pool.submit(abs, -3).result())
         late = pool.submit(time.sleep, 10, cancelk.ProcessTimeout(0.1))
         print(type(late.exception()).__name__)
@@ -366,3 +367,31 @@ def test_no_resource_warning_in_dev_mode(tmp_path, method):
     assert "ResourceWarning" not in proc.stderr and "Exception ignored" not in proc.stderr, (
         proc.stderr
     )
+
+
+# --------------------------------------------------------------------------
+# 7. help() tells cancelk's behaviour, not the stdlib's
+
+
+def test_help_describes_cancelk_not_the_stdlib():
+    stdlib = concurrent.futures.ProcessPoolExecutor
+    for name in ("submit", "map", "shutdown"):
+        doc = getattr(cancelk.ProcessPoolExecutor, name).__doc__
+        assert doc and doc != getattr(stdlib, name).__doc__, name
+    assert "ProcessTimeout" in cancelk.ProcessPoolExecutor.submit.__doc__
+    assert "timeout" in cancelk.ProcessPoolExecutor.shutdown.__doc__
+    map_doc = cancelk.ProcessPoolExecutor.map.__doc__
+    assert "timeout" in map_doc and "killed" in map_doc
+    cancel_doc = cancelk.Future.cancel.__doc__
+    assert "cannot be cancelled if it is running" not in cancel_doc
+    assert "SIGKILL" in cancel_doc
+    # nothing of the pool's inner workings looks like API
+    extra = {n for n in dir(cancelk.Future) if not n.startswith("_")} - set(
+        dir(concurrent.futures.Future)
+    )
+    assert extra == {"pid"}, extra
+
+
+def test_options_view_repr(make_pool):
+    view = make_pool(1).options(timeout=2, cancel_timeout=0.5)
+    assert "timeout=2" in repr(view) and "cancel_timeout=0.5" in repr(view), repr(view)

@@ -90,9 +90,7 @@ class RunnerHandles:
     each one when its runner is reaped.  Weak: nothing grows with runners."""
 
     def __init__(self) -> None:
-        self._live: weakref.WeakValueDictionary[int, RunnerHandle] = (
-            weakref.WeakValueDictionary()
-        )
+        self._live: weakref.WeakValueDictionary[int, RunnerHandle] = weakref.WeakValueDictionary()
         self._stopping: set[int] = set()
         self._lock = threading.Lock()
 

@@ -116,7 +116,7 @@ class Manager:
         # Another cancel, or the job's exit seen by the manager thread, may
         # have marked it already: every caller gets the same True.
         reason = "the job was cancelled; its processes were killed"
-        return future.mark_cancelled(reason) or future.cancelled()
+        return future._mark_cancelled(reason) or future.cancelled()
 
     def shutdown(self, wait: bool, cancel_futures: bool, timeout: float | None) -> None:
         if self.forked_away:

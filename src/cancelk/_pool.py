@@ -166,7 +166,7 @@ class Pool:
     def _dispatch(self, slot: Slot, job: Job) -> bool:
         # Placed before it turns RUNNING: a cancel that sees RUNNING sees where.
         job.placement = Placement(slot.index, slot.runner_id, slot.pid, slot.state_before)
-        if not job.future.start_running(slot.pid):
+        if not job.future._start_running(slot.pid):
             return False
         slot.job = job
         head = _protocol.job_frame_head(job.seq, slot.index, len(job.payload))
@@ -345,7 +345,7 @@ class Pool:
         for slot in self.slots:
             job = slot.job
             if job is not None and not job.settled and self.kill(job, _slots.KILL_CANCEL, reason):
-                out.append(functools.partial(job.future.mark_cancelled, f"killed: {reason}"))
+                out.append(functools.partial(job.future._mark_cancelled, f"killed: {reason}"))
 
     def _cancel_pending(self, out: list[Completion]) -> None:
         while self.pending:
@@ -381,7 +381,7 @@ def _ending(job: Job, state: int, status: int, pid: int, detail: str | None) -> 
         return Ending("timed_out", functools.partial(fail, exception=error))
     if state == job.seq | _slots.KILL_CANCEL:
         message = "the job was cancelled; its processes were killed"
-        return Ending("cancelled", functools.partial(Future.mark_cancelled, reason=message))
+        return Ending("cancelled", functools.partial(Future._mark_cancelled, reason=message))
     if detail is not None:
         error = ProcessDiedError(pid, signal=signal.SIGKILL, detail=detail)
     else:

@@ -121,14 +121,37 @@ class _MapsBySubmit:
         chunksize: int = 1,
         buffersize: int | None = None,
     ) -> Iterator[Any]:
+        """``fn(*args)`` for the items of ``iterables`` taken together, as jobs;
+        an iterator over their results, in order, each let go once yielded.
+
+        ``timeout``: seconds from this call within which every result must
+        be there; past it, ``next()`` raises ``TimeoutError`` and every job
+        not finished is cancelled, running ones killed.
+        ``chunksize``: items sent to a runner per job.
+        ``buffersize``: at most that many jobs submitted ahead of the results
+        read (Python 3.14's argument; without it every job is submitted now).
+        Markers (``ProcessTimeout``...) cannot be given per item: use
+        ``executor.options(timeout=...).map(...)``.
+
+        Dropping the iterator before its end (or an exception while it is
+        read) cancels the jobs not yet read: queued ones never run, running
+        ones are killed.
+        """
         return _map(self.submit, fn, iterables, timeout, chunksize, buffersize)
 
 
 class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor):
     """A drop-in ``concurrent.futures.ProcessPoolExecutor`` whose jobs can be stopped.
 
-    ``timeout``: default time limit per job (seconds, None for none).
+    The stdlib's arguments (``max_workers``, ``mp_context``, ``initializer``,
+    ``initargs``, ``max_tasks_per_child``, with every start method), and:
+    ``timeout``: default time limit per job (seconds, None for none);
     ``cancel_timeout``: default grace a running job gets after ``cancel()``.
+
+    ``cancel()`` of a running job, a time limit, a cancelled asyncio task
+    around ``run_in_executor`` and ``shutdown(timeout=)`` SIGKILL the job's
+    whole process tree; a job that dies fails alone with
+    ``ProcessDiedError`` and the pool goes on.  Jobs must be idempotent.
     """
 
     def __init__(
@@ -164,11 +187,28 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
         weakref.finalize(self, self._manager.shutdown, False, False, None)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` as a job; return its ``Future``.
+
+        Markers among the positional arguments or keyword values are taken
+        out before the call and set this job's options:
+        ``ProcessTimeout(s)`` (time limit from the job's start; past it the
+        job is killed and raises ``ProcessTimeoutError``) and
+        ``ProcessCancelTimeout(s)`` (grace after ``cancel()``).  Markers
+        inside a ``functools.partial`` are not seen.  Never blocks on a child.
+        """
         return self._submitter.submit(fn, args, kwargs, self._defaults)
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
     ) -> None:
+        """Take no more jobs; with ``wait``, return once every job has ended
+        and every process of the pool is gone.
+
+        ``cancel_futures``: cancel the jobs still queued (running ones go on).
+        ``timeout``: with ``wait``, jobs still running after that many
+        seconds are killed (``ProcessCancelledError``) and queued ones
+        cancelled.
+        """
         timeout = check_seconds(timeout, "timeout")
         if cancel_futures:
             # The stdlib's submit starts workers before it returns; cancelk's
@@ -178,7 +218,8 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
         self._manager.shutdown(wait, cancel_futures, timeout)
 
     def terminate_workers(self) -> None:
-        """Stop every job now (SIGKILL of each job's tree) and shut the pool down."""
+        """Python 3.14's API: cancel every queued job, kill every running one
+        (SIGKILL of its tree, ``ProcessCancelledError``) and shut the pool down."""
         self._manager.kill_everything("terminate_workers()")
         self._manager.shutdown(False, True, None)
 
@@ -187,7 +228,9 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
         self.terminate_workers()
 
     def options(self, *, timeout: Any = ..., cancel_timeout: Any = ...) -> ExecutorOptions:
-        """A light view of this pool whose jobs get other default options."""
+        """A light view of this pool whose jobs get other defaults: usable
+        wherever an executor is (``run_in_executor(pool.options(timeout=2),
+        fn, x)``); its ``shutdown()`` shuts this pool down."""
         return ExecutorOptions(self, _merge(self._defaults, timeout, cancel_timeout))
 
     def stats(self) -> dict[str, int]:
@@ -234,15 +277,24 @@ class ExecutorOptions(_MapsBySubmit, concurrent.futures.Executor):
         self._executor = executor
         self._defaults = defaults
 
+    def __repr__(self) -> str:
+        return (
+            f"<cancelk.ExecutorOptions timeout={self._defaults.timeout!r} "
+            f"cancel_timeout={self._defaults.cancel_timeout!r} of {self._executor!r}>"
+        )
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """As ``ProcessPoolExecutor.submit``, with this view's default options."""
         return self._executor._submitter.submit(fn, args, kwargs, self._defaults)
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
     ) -> None:
+        """Shut the pool this view belongs to down (``ProcessPoolExecutor.shutdown``)."""
         self._executor.shutdown(wait, cancel_futures=cancel_futures, timeout=timeout)
 
     def options(self, *, timeout: Any = ..., cancel_timeout: Any = ...) -> ExecutorOptions:
+        """Another view of the same pool, with these defaults changed."""
         return ExecutorOptions(self._executor, _merge(self._defaults, timeout, cancel_timeout))
 
 

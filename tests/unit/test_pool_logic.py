@@ -74,7 +74,7 @@ class Harness:
     def cancel_running(self, future: Future) -> bool:
         if not self.pool.cancel_running(future._cancelk_job):
             return future.cancelled()
-        return future.mark_cancelled("cancelled") or future.cancelled()
+        return future._mark_cancelled("cancelled") or future.cancelled()
 
     def settle(self) -> None:
         for complete in self.out:
