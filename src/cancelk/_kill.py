@@ -144,8 +144,13 @@ def freeze_and_kill_tree(pid: int) -> None:
 
 def _wait_stopped(pid: int) -> None:
     # kill() returns before the signal takes effect: until the job has
-    # stopped it may still fork.  WNOWAIT: it stays ours to reap.
+    # stopped it may still fork.  WNOWAIT: it stays ours to reap.  Python
+    # has no os.waitid on macOS; there is no tree scan there either, so
+    # nothing needs the job stopped before its group is killed.
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:
+        return
     try:
-        os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+        waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
     except ChildProcessError:
         pass
