@@ -395,3 +395,47 @@ def test_help_describes_cancelk_not_the_stdlib():
 def test_options_view_repr(make_pool):
     view = make_pool(1).options(timeout=2, cancel_timeout=0.5)
     assert "timeout=2" in repr(view) and "cancel_timeout=0.5" in repr(view), repr(view)
+
+
+# --------------------------------------------------------------------------
+# 9. Python 3.14's defaults, emulated on the interpreters at hand
+
+PY314_SCRIPT = """
+import multiprocessing, os, time
+import cancelk
+
+def where():
+    return os.getpid()
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("forkserver")  # 3.14's default on Linux
+    with cancelk.ProcessPoolExecutor(2) as pool:
+        print(pool._mp_context.get_start_method())
+        print(pool.submit(where).result() != os.getpid())  # a __main__ function
+        print(list(pool.map(abs, range(-4, 0), buffersize=2)))
+        running = pool.submit(time.sleep, 30)
+        while not running.running():
+            time.sleep(0.01)
+        pool.kill_workers()
+        try:
+            running.result()
+        except cancelk.ProcessCancelledError:
+            print("killed")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_python_314_defaults(tmp_path):
+    script = tmp_path / "py314_script.py"
+    script.write_text(PY314_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["forkserver", "True", "[4, 3, 2, 1]", "killed"], (
+        proc.stdout + proc.stderr
+    )
