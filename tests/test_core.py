@@ -556,7 +556,7 @@ class TestProcessOperations:
         out = run_python(
             """
             import ctypes, os, signal, sys
-            from cancelk import _core, _forked
+            from cancelk import _child, _core
             signal.signal(signal.SIGUSR1, lambda signum, frame: None)
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -568,7 +568,7 @@ class TestProcessOperations:
             pid = os.fork()
             if pid == 0:
                 handled, ignored = _core.become_job_process(parent)
-                _forked.become_job_process(parent)  # twice: it is idempotent
+                _child.become_job_process(parent)  # twice: it is idempotent
                 facts = [
                     handled >> (signal.SIGUSR1 - 1) & 1,
                     ignored >> (signal.SIGUSR2 - 1) & 1,
