@@ -57,22 +57,36 @@ def _examples() -> dict[str, str]:
 EXAMPLES = _examples()
 
 
-def _run(tmp_path: Path, name: str, text: str, method: str, timeout: float = 60):
-    """Run ``text`` as tmp_path/name.py with ``method`` as the default start method."""
+def _run_all(tmp_path: Path, name: str, text: str, methods, timeout: float = 60):
+    """Run ``text`` as a script once per start method in ``methods`` (as the
+    default one), all at once; {method: (returncode, stdout, stderr)}."""
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     script = tmp_path / f"readme_{name}.py"  # not asyncio.py: it would shadow asyncio
     script.write_text(text)
-    env = dict(os.environ, CANCELK_TEST_START_METHOD=method)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=str(tmp_path),
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    running = {}
+    for method in methods:
+        env = dict(os.environ, CANCELK_TEST_START_METHOD=method)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+        running[method] = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=str(tmp_path),
+            env=env,
+        )
+    results = {}
+    try:
+        for method, proc in running.items():
+            out, err = proc.communicate(timeout=timeout)
+            results[method] = (proc.returncode, out, err)
+    finally:
+        for proc in running.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
 
 
 def without_guard(text: str) -> str:
@@ -92,15 +106,14 @@ def test_the_readme_has_examples():
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_readme_example_runs(tmp_path, name, method):
-    proc = _run(tmp_path, name, EXAMPLES[name], method)
-    assert proc.returncode == 0, f"{name} under {method}:\n{proc.stdout}\n{proc.stderr}"
-    assert proc.stdout.strip(), proc.stderr
-    lines = proc.stdout.splitlines()
-    assert len(lines) == len(set(lines)), f"a line was printed twice:\n{proc.stdout}"
-    assert "Traceback" not in proc.stderr, proc.stderr
+def test_readme_example_runs_under_every_start_method(tmp_path, name):
+    for method, (code, out, err) in _run_all(tmp_path, name, EXAMPLES[name], START_METHODS).items():
+        assert code == 0, f"{name} under {method}:\n{out}\n{err}"
+        assert out.strip(), f"{name} under {method} printed nothing:\n{err}"
+        lines = out.splitlines()
+        assert len(lines) == len(set(lines)), f"{name} under {method} printed a line twice:\n{out}"
+        assert "Traceback" not in err, f"{name} under {method}:\n{err}"
 
 
 USES_CANCELK_POOL = sorted(
@@ -109,24 +122,16 @@ USES_CANCELK_POOL = sorted(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["forkserver", "spawn"])
 @pytest.mark.parametrize("name", USES_CANCELK_POOL)
-def test_readme_example_without_guard_fails_at_once_naming_the_guard(tmp_path, name, method):
-    proc = _run(tmp_path, name, without_guard(EXAMPLES[name]), method, timeout=30)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out
-    assert "BrokenProcessPool" in proc.stderr and GUARD in proc.stderr, out
-    assert "could not start" in proc.stderr, out
-    # the program ran once, in the user process only
-    lines = proc.stdout.splitlines()
-    assert len(lines) == len(set(lines)), out
-    # one supervisor, one report: no restart loop
-    assert proc.stderr.count("Traceback (most recent call last)") <= 2, out
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("name", USES_CANCELK_POOL)
-def test_readme_example_without_guard_runs_under_fork(tmp_path, name):
-    """fork never imports the main module: the guard is not needed there."""
-    proc = _run(tmp_path, name, without_guard(EXAMPLES[name]), "fork")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_readme_example_without_guard_fails_at_once_naming_the_guard(tmp_path, name):
+    """Under spawn and forkserver; fork never imports the main module."""
+    results = _run_all(tmp_path, name, without_guard(EXAMPLES[name]), ["forkserver", "spawn"], 30)
+    for method, (code, out, err) in results.items():
+        context = f"{name} without its guard, under {method}:\n{out}\n{err}"
+        assert code != 0, context
+        assert "BrokenProcessPool" in err and GUARD in err and "could not start" in err, context
+        # the program ran once, in the user process only
+        lines = out.splitlines()
+        assert len(lines) == len(set(lines)), context
+        # one supervisor, one report: no restart loop
+        assert err.count("Traceback (most recent call last)") <= 2, context
