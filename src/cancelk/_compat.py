@@ -135,6 +135,8 @@ def wait_until_started(manager: Manager, timeout: float = _RUNNERS_WAIT) -> None
         return
     pool, io = manager.pool, manager.io
     deadline = time.monotonic() + timeout
+    # Every slot gets a runner as the pool starts; were runners started on
+    # demand, this would wait for those asked for instead.
     while (
         not all(slot.connected for slot in pool.slots)
         and not io.stopped
@@ -172,7 +174,10 @@ class CallQueueView:
 
     def join_thread(self) -> None:
         """Wait until the pool has handed out its last job and stopped (the
-        stdlib's waits for the thread that feeds its call queue)."""
+        stdlib's waits for the thread that feeds its call queue, which must
+        have been closed by a shutdown first)."""
+        if not self._manager.closing:
+            raise AssertionError("the pool was not shut down: its call queue is not closed")
         if self._manager.started and self._manager.io is not threading.current_thread():
             self._manager.io.join()
 
