@@ -29,7 +29,6 @@ import logging
 import os
 import selectors
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -40,9 +39,8 @@ from cancelk import _kill, _protocol, _slots
 from cancelk._channels import RunnerLink, SupervisorLink, Waker, close_quietly
 from cancelk._compat import RunnerHandles
 from cancelk._pool import Completion, Placement, Pool, fail
-from cancelk._restarts import RestartPolicy
+from cancelk._restarts import RestartPolicy, start_failed_error, status_text
 from cancelk._wire import SMALL
-from cancelk.errors import RemoteTraceback
 from cancelk.supervisor import PRELOAD_LIMIT, SupervisorConfig, SupervisorProcess, SupervisorStart
 
 log = logging.getLogger("cancelk")
@@ -310,21 +308,17 @@ class ManagerThread(threading.Thread):
         pid = link.process.pid
         if not self.supervisor_ready:
             # It failed as it started: another would fail the same way.
-            self.pool.break_pool(_start_failed(pid, status, self.start_failure), out)
+            self.pool.break_pool(start_failed_error(pid, status, self.start_failure), out)
             return
         delay = self.restarts.died(self.pool.counts["finished"])
         if delay is None:
-            error = BrokenProcessPool(
-                f"the cancelk supervisor died {self.restarts.unhealthy} times in a row before "
-                f"any job could finish on it (the last, pid {pid}: {_status_text(status)})"
-            )
-            self.pool.break_pool(error, out)
+            self.pool.break_pool(self.restarts.gave_up_error(pid, status), out)
             return
         if status and not self.pool.shutting_down:
             log.warning(
                 "cancelk supervisor %d died (%s); starting a new one%s",
                 pid,
-                _status_text(status),
+                status_text(status),
                 f" in {delay:.1f} s" if delay else "",
             )
         if delay:
@@ -442,37 +436,6 @@ class ManagerThread(threading.Thread):
         if self.pool.words is not None:
             self.pool.words.close()  # unmaps the child's view only
             self.pool.words = None
-
-
-def _status_text(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.waitstatus_to_exitcode(status)}"
-
-
-def _start_failed(pid: int, status: int, report: _protocol.StartFailed | None) -> BaseException:
-    """The error that breaks a pool whose supervisor could not start."""
-    if report is None:
-        return BrokenProcessPool(
-            f"the cancelk supervisor (pid {pid}) ended before it was ready "
-            f"({_status_text(status)}) and sent no reason"
-        )
-    if report.main_guard:
-        main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main module"
-        what = (
-            f"the cancelk supervisor could not start: it imports {main}, as the spawn and "
-            f"forkserver start methods do, and that import started a process pool itself.\n"
-            f"Put the code that starts the pool under\n\n"
-            f'    if __name__ == "__main__":\n\n'
-            f"as the multiprocessing documentation asks ('Safe importing of main module')."
-        )
-    else:
-        lines = report.text.strip().splitlines()
-        what = f"the cancelk supervisor could not start: {lines[-1] if lines else 'no reason'}"
-    error = BrokenProcessPool(what)
-    if report.text:
-        error.__cause__ = RemoteTraceback(f'\n"""\n{report.text}"""')
-    return error
 
 
 def run_completions(out: list[Completion]) -> None:

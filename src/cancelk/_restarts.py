@@ -11,14 +11,21 @@
 
 A supervisor killed from outside now and then (a test, an operator, the OOM
 killer) is replaced at once, forever; one that dies again and again before
-any job can finish on it stops costing a process start per moment.  Pure
-logic: the manager thread asks it, with the number of jobs finished so far.
+any job can finish on it stops costing a process start per moment.  The policy
+is pure logic: the manager thread asks it, with the number of jobs finished
+so far; the errors that break the pool are made here too.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+
+from cancelk import _protocol
+from cancelk.errors import RemoteTraceback
 
 GIVE_UP_AFTER = 6  # unhealthy deaths in a row
 HEALTHY_AFTER = 5.0  # seconds of serving that make a supervisor's death a chance event
@@ -54,3 +61,42 @@ class RestartPolicy:
         if self.unhealthy == 1:
             return 0.0
         return float(min(_FIRST_DELAY * 3 ** (self.unhealthy - 2), _MAX_DELAY))
+
+    def gave_up_error(self, pid: int, status: int) -> BrokenProcessPool:
+        return BrokenProcessPool(
+            f"the cancelk supervisor died {self.unhealthy} times in a row before "
+            f"any job could finish on it (the last, pid {pid}: {status_text(status)})"
+        )
+
+
+def status_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def start_failed_error(
+    pid: int, status: int, report: _protocol.StartFailed | None
+) -> BaseException:
+    """The error that breaks a pool whose supervisor could not start."""
+    if report is None:
+        return BrokenProcessPool(
+            f"the cancelk supervisor (pid {pid}) ended before it was ready "
+            f"({status_text(status)}) and sent no reason"
+        )
+    if report.main_guard:
+        main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main module"
+        what = (
+            f"the cancelk supervisor could not start: it imports {main}, as the spawn and "
+            f"forkserver start methods do, and that import started a process pool itself.\n"
+            f"Put the code that starts the pool under\n\n"
+            f'    if __name__ == "__main__":\n\n'
+            f"as the multiprocessing documentation asks ('Safe importing of main module')."
+        )
+    else:
+        lines = report.text.strip().splitlines()
+        what = f"the cancelk supervisor could not start: {lines[-1] if lines else 'no reason'}"
+    error = BrokenProcessPool(what)
+    if report.text:
+        error.__cause__ = RemoteTraceback(f'\n"""\n{report.text}"""')
+    return error
