@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 
 import pytest
@@ -439,3 +440,24 @@ def test_python_314_defaults(tmp_path):
     assert proc.stdout.splitlines() == ["forkserver", "True", "[4, 3, 2, 1]", "killed"], (
         proc.stdout + proc.stderr
     )
+
+
+@pytest.mark.timeout(30)
+def test_views_and_cancel_futures_do_not_wait_on_the_manager_thread(make_pool):
+    """From a done-callback (the manager thread), reading _processes or
+    shutting down with cancel_futures must not wait for runners that only
+    that thread can report."""
+    exe = make_pool(2)
+    seen = []
+    done = threading.Event()
+
+    def callback(_future):
+        started = time.monotonic()
+        seen.append(len(exe._processes))
+        exe.shutdown(wait=False, cancel_futures=True)
+        seen.append(time.monotonic() - started)
+        done.set()
+
+    exe.submit(jobs.add, 1, 1).add_done_callback(callback)
+    assert done.wait(RESULT_WAIT)
+    assert seen[1] < 1.0, seen

@@ -131,7 +131,7 @@ class RunnerHandles:
 def wait_until_started(manager: Manager, timeout: float = _RUNNERS_WAIT) -> None:
     """Wait until a pool that was started has its runners (at most ``timeout``
     seconds; at once if it was not started, is stopping or is broken)."""
-    if not manager.started:
+    if not manager.started or not _may_wait(manager):
         return
     pool, io = manager.pool, manager.io
     deadline = time.monotonic() + timeout
@@ -145,6 +145,16 @@ def wait_until_started(manager: Manager, timeout: float = _RUNNERS_WAIT) -> None
         and time.monotonic() < deadline
     ):
         time.sleep(0.001)
+
+
+def _may_wait(manager: Manager) -> bool:
+    """Not on the manager thread (a done-callback), nor where this thread
+    holds the pool's lock (a signal handler inside pool code): the runners
+    are reported by the manager thread, under that lock."""
+    if manager.io is threading.current_thread():
+        return False
+    owned = getattr(manager.lock.rlock, "_is_owned", None)
+    return not (owned is not None and owned())
 
 
 def processes(manager: Manager) -> dict[int, RunnerHandle]:
