@@ -439,6 +439,54 @@ def return_ghost():
 
 
 # --------------------------------------------------------------------------
+# stdlib parity (test_stdlib_parity)
+
+
+class Token:
+    """A result a test can hold a weak reference to."""
+
+    def __init__(self, i):
+        self.i = i
+
+
+def make_token(i):
+    return Token(i)
+
+
+def read_stdin():
+    """What a job reads from its stdin: input() and the raw fd 0."""
+    try:
+        line = input()
+    except EOFError:
+        line = "EOFError"
+    return line, os.read(0, 100)
+
+
+def init_log_to_queue(log_queue, fail):
+    """An initializer that sends the ``concurrent.futures`` logger's records
+    to a multiprocessing Queue (as CPython's test_init does), and fails if asked."""
+    import logging
+    from logging.handlers import QueueHandler
+
+    logger = logging.getLogger("concurrent.futures")
+    logger.addHandler(QueueHandler(log_queue))
+    logger.setLevel("CRITICAL")
+    logger.propagate = False
+    log_queue.put(f"initialized in {os.getpid()}")
+    if fail:
+        raise InitError("error in initializer")
+
+
+def put_in(queue_or_event, value=None):
+    """Put ``value`` in a multiprocessing (manager) queue, or set an event."""
+    if value is None:
+        queue_or_event.set()
+    else:
+        queue_or_event.put(value)
+    return os.getpid()
+
+
+# --------------------------------------------------------------------------
 # big data
 
 

@@ -21,9 +21,17 @@ import time
 from dataclasses import dataclass, field
 
 import psutil
+import pytest
 
 import jobs
 from jobs import BACKENDS, GONE, HOST_WORKERS, RESULT_WAIT
+
+# Tests that watch processes through /proc (timings, zombie counts) run on
+# Linux only; on macOS what they check is covered by the portable tests.
+needs_proc = pytest.mark.skipif(
+    not os.path.isdir("/proc/self"), reason="watches processes through /proc (Linux)"
+)
+
 
 # --------------------------------------------------------------------------
 # records of a job's processes

@@ -37,6 +37,8 @@ import jobs
 import procs
 from jobs import RESULT_WAIT
 
+pytestmark = procs.needs_proc
+
 KINDS = ("cancel", "timeout", "sigkill", "exit", "normal")
 
 

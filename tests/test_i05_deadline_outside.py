@@ -34,6 +34,8 @@ import jobs
 import procs
 from jobs import RESULT_WAIT
 
+pytestmark = procs.needs_proc
+
 LIMIT = 0.2  # the job's time limit
 HOLD = 1.5  # how long the user process's main thread holds its GIL in C
 LATE = 1.0  # how late a kill may be on a loaded 2-core machine

@@ -31,6 +31,8 @@ import pytest
 
 import procs
 
+pytestmark = procs.needs_proc
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 BOUND = 0.100  # I6: every pool process dead this long after the user process died
 WORST = 1.0  # no single run, however loaded the machine, may take longer

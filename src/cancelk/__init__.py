@@ -8,6 +8,7 @@ from cancelk.errors import (
     ProcessDiedError,
     ProcessMemoryError,
     ProcessTimeoutError,
+    ResultPicklingError,
 )
 from cancelk.executor import ExecutorOptions, ProcessPoolExecutor
 from cancelk.futures import Future
@@ -32,6 +33,7 @@ __all__ = [
     "ProcessPoolExecutor",
     "ProcessTimeout",
     "ProcessTimeoutError",
+    "ResultPicklingError",
     "killable_wrapper",
 ]
 

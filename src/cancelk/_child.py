@@ -16,6 +16,8 @@ Fresh interpreters serve the spawn and forkserver supervisors and the jobs of
 from __future__ import annotations
 
 import importlib
+import multiprocessing
+import os
 import pickle
 import signal
 import subprocess
@@ -87,6 +89,89 @@ def _forget_handlers(handled: int, ignored: int) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def stdin_from_devnull() -> None:
+    """Read stdin from /dev/null, as the stdlib's workers do: ``input()`` in a
+    job raises EOFError instead of taking the user's input.  Descriptor 0
+    too, so that neither the job nor what it starts reads the terminal."""
+    try:
+        if sys.stdin is not None:
+            sys.stdin.close()  # first: it may own descriptor 0
+    except Exception:
+        pass
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return
+    if fd != 0:  # 0 itself when descriptor 0 was closed
+        os.dup2(fd, 0)
+        os.close(fd)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)
+
+
+def become_multiprocessing_child() -> None:
+    """What multiprocessing does first in a process it forks: the parent's
+    children and exit finalizers are not this process's, and objects that
+    must be reset after a fork (a Queue's feeder thread, locks) are reset."""
+    from multiprocessing import process, util
+
+    process._children = set()  # type: ignore[attr-defined]
+    util._finalizer_registry.clear()  # type: ignore[attr-defined]
+    util._run_after_forkers()  # type: ignore[attr-defined]
+
+
+def multiprocessing_exit() -> None:
+    """What multiprocessing does last in a process it started: run the exit
+    finalizers, so that what a job put in a multiprocessing Queue is flushed
+    to it, and join the processes it left."""
+    from multiprocessing import util
+
+    try:
+        util._exit_function()  # type: ignore[attr-defined]
+    except Exception:
+        pass
+
+
+class _DupFd:
+    """A descriptor a fresh interpreter inherits under the same number."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def detach(self) -> int:
+        return self.fd
+
+
+class _Spawning:
+    """Stands for the process being started while its payload is pickled, as
+    multiprocessing's spawning Popen does: objects that may only be shared by
+    inheritance (Queue, Lock, Connection) pickle, their descriptors listed to
+    be passed on."""
+
+    DupFd = _DupFd
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+
+def dumps_for_child(obj: object) -> tuple[bytes, list[int]]:
+    """Pickle ``obj`` for a fresh interpreter started next; the descriptors it
+    must inherit (``pass_fds``) for what was pickled to work there."""
+    from multiprocessing import context, reduction
+
+    spawning = _Spawning()
+    context.set_spawning_popen(spawning)  # type: ignore[arg-type]
+    try:
+        # multiprocessing's pickler: it knows how to pickle a Connection
+        data = reduction.ForkingPickler.dumps(obj, _wire.PROTOCOL)
+        return bytes(data), spawning.fds
+    finally:
+        context.set_spawning_popen(None)
+
+
 def flush_std_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -103,8 +188,11 @@ def start_interpreter(
     ``pass_fds`` inherited and ``args`` in its ``sys.argv[1:]``."""
     module, function = entry.split(":")
     code = f"from {module} import {function}; {function}()"
+    # The interpreter's flags (-X dev, -W, -O...) go along, as to
+    # multiprocessing's spawned children.
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
     return subprocess.Popen(
-        [spawn.get_executable(), "-c", code, *args],
+        [spawn.get_executable(), *flags, "-c", code, *args],
         pass_fds=tuple(pass_fds),
         start_new_session=new_session,
     )
@@ -121,21 +209,65 @@ def send_main_and_payload(fd: int, process_name: str, payload: bytes) -> None:
 
 def receive_main_and_payload(fd: int) -> bytes | None:
     """In a fresh interpreter: import ``__main__`` as spawn does and return
-    the payload; None if the parent went away first."""
+    the payload; None if the parent went away first.
+
+    While the main module is imported the process counts as bootstrapping,
+    as multiprocessing's own children do: a pool (cancelk's or the stdlib's)
+    started by that import fails at once instead of starting processes that
+    import it again (a script without ``if __name__ == "__main__":``).
+    """
     frame = _wire.read_frame(fd)
     if frame is None:
         return None
     preparation, payload = pickle.loads(frame)
-    spawn.prepare(preparation)
+    process = multiprocessing.current_process()
+    process._inheriting = True  # type: ignore[attr-defined]
+    try:
+        spawn.prepare(preparation)
+    finally:
+        process._inheriting = False  # type: ignore[attr-defined]
     return bytes(payload)
+
+
+class MainGuardError(RuntimeError):
+    """A pool was started while this process imported the main module."""
+
+
+# Set when this process refused to start a pool during that import: the
+# supervisor then reports the missing guard rather than a bare traceback.
+refused_during_main_import = False
+
+
+def check_not_importing_main() -> None:
+    """Refuse to start a pool while this process is still importing the main
+    module for a spawn or forkserver start, as multiprocessing does."""
+    global refused_during_main_import
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    refused_during_main_import = True
+    # During the import the module is __mp_main__; __main__ is still "-c".
+    module = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+    main = getattr(module, "__file__", None) or "the main module"
+    raise MainGuardError(
+        f"a process pool was started while this process (a cancelk supervisor or "
+        f"a multiprocessing child, started with spawn or forkserver) was importing "
+        f"{main}: that module starts a pool as it is imported.\n"
+        f"Put the code that starts the pool under\n\n"
+        f'    if __name__ == "__main__":\n\n'
+        f"as the multiprocessing documentation asks ('Safe importing of main module')."
+    )
 
 
 def main_preparation(name: str) -> dict[str, object]:
     """What a fresh interpreter needs to import ``__main__`` as spawn does.
 
-    The authkey is left out: it refuses to pickle outside multiprocessing's
-    own spawning, and nothing cancelk starts uses it.
+    The authkey goes along as plain bytes (an ``AuthenticationString``
+    refuses to pickle outside multiprocessing's own spawning): a job must be
+    able to use the ``multiprocessing.Manager`` proxies the user process
+    passes it, which authenticate with it, as the stdlib's workers can.
     """
     data: dict[str, object] = spawn.get_preparation_data(name)
-    data.pop("authkey", None)
+    authkey = data.get("authkey")
+    if authkey is not None:
+        data["authkey"] = bytes(authkey)  # type: ignore[call-overload]
     return data

@@ -178,8 +178,13 @@ def oom_kills_since(before: int) -> int:
 
 def _wait_stopped(pid: int) -> None:
     # kill() returns before the signal takes effect: until the job has
-    # stopped it may still fork.  WNOWAIT: it stays ours to reap.
+    # stopped it may still fork.  WNOWAIT: it stays ours to reap.  Python
+    # has no os.waitid on macOS; there is no tree scan there either, so
+    # nothing needs the job stopped before its group is killed.
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:
+        return
     try:
-        os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+        waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
     except ChildProcessError:
         pass

@@ -85,7 +85,10 @@ class Manager:
             raise refused[0]
 
     def count_refused_submit(self) -> None:
-        """A submit whose arguments did not pickle still counts as submitted."""
+        """A submit whose arguments did not pickle still counts as submitted (and
+        failed), and starts the pool as any submit does (the stdlib's starts its
+        workers)."""
+        self._ensure_started()
         self._run(lambda out: self.pool.count_refused())
 
     def check_usable(self) -> None:
@@ -129,7 +132,7 @@ class Manager:
         # future, and a concurrent cancel() that then finds no job answers
         # from the future's state, which must already say cancelled.
         reason = "the job was cancelled; its processes were killed"
-        answer = future.mark_cancelled(reason) or future.cancelled()
+        answer = future._mark_cancelled(reason) or future.cancelled()
         self._run(lambda out: self.pool.count_cancelled(job))
         return answer
 

@@ -2,12 +2,15 @@
 
     selector.select() over:
       Waker          ─► run the commands callers left in the intake
-      control socket ─► RunnerStarted ─► a RunnerLink, Pool.runner_started
+      control socket ─► SupervisorReady ─► deaths from now on may be restarted
+                        StartFailed ─► its reason kept for the EOF that follows
+                        RunnerStarted ─► a RunnerLink, Pool.runner_started
                         RunnerExited  ─► its last frames read, link closed,
                                          Pool.runner_exited
                         JobKilled     ─► Pool.job_killed
                         EOF           ─► runners' trees killed, Pool.supervisor_lost,
-                                         another supervisor started
+                                         another supervisor started (_restarts), or,
+                                         if it never got ready, the pool broken
       runner channel ─► result frames ─► Pool.result_arrived
       writable       ─► the bytes that did not fit when they were queued
     then, still under the lock: queued jobs to idle runners, the intake;
@@ -20,6 +23,7 @@ It is also the pool logic's ``PoolIO``: ``send_job``, ``send_control`` and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -35,7 +39,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 from cancelk import _kill, _protocol, _slots
 from cancelk._channels import RunnerLink, SupervisorLink, Waker, close_quietly
+from cancelk._compat import RunnerHandles
 from cancelk._pool import Completion, Placement, Pool, fail
+from cancelk._restarts import RestartPolicy, start_failed_error, status_text
 from cancelk._wire import SMALL
 from cancelk.errors import oom_detail
 from cancelk.supervisor import PRELOAD_LIMIT, SupervisorConfig, SupervisorProcess, SupervisorStart
@@ -88,6 +94,10 @@ class ManagerThread(threading.Thread):
         self.timers: list[tuple[float, int, Command]] = []  # (monotonic time, tie, command)
         self._timer_order = itertools.count()
         self.stopped = False  # every process and descriptor is gone
+        self.restarts = RestartPolicy()
+        self.supervisor_ready = False  # the current supervisor sent SupervisorReady
+        self.start_failure: _protocol.StartFailed | None = None
+        self.handles = RunnerHandles()  # what executor._processes gave out
 
     # -- PoolIO: never blocks, any thread -----------------------------------------
     def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
@@ -151,6 +161,8 @@ class ManagerThread(threading.Thread):
         assert self.selector is not None
         self.selector.register(link.sock, selectors.EVENT_READ, link)
         self.supervisor = link
+        self.supervisor_ready, self.start_failure = False, None
+        self.restarts.started(self.pool.counts["finished"])
         self.pool.counts["supervisors_started"] += 1
 
     # -- the loop -------------------------------------------------------------------
@@ -274,7 +286,12 @@ class ManagerThread(threading.Thread):
     def _on_supervisor_event(
         self, link: SupervisorLink, message: _protocol.ControlMessage, out: list[Completion]
     ) -> None:
-        if isinstance(message, _protocol.RunnerStarted):
+        if isinstance(message, _protocol.SupervisorReady):
+            self.supervisor_ready = True
+            self.restarts.ready()
+        elif isinstance(message, _protocol.StartFailed):
+            self.start_failure = message
+        elif isinstance(message, _protocol.RunnerStarted):
             channel = link.received_fds.popleft()
             pidfd = link.received_fds.popleft() if message.with_pidfd else -1
             self._runner_started(message, channel, pidfd, out)
@@ -283,7 +300,8 @@ class ManagerThread(threading.Thread):
             if runner is not None and runner.runner_id == message.runner_id:
                 self._read_channel(runner, out)  # a result written just before death counts
                 self._close_runner(runner)
-            detail = oom_detail(message.oom_kills)
+            detail = self.handles.exited(message.runner_id, message.status)
+            detail = detail or oom_detail(message.oom_kills)
             self.pool.runner_exited(
                 message.slot, message.runner_id, message.status, message.state, detail, out
             )
@@ -305,15 +323,37 @@ class ManagerThread(threading.Thread):
                 runner.kill_orphaned()
             self._read_channel(runner, out)
             self._close_runner(runner)
+        self.handles.all_exited()
         self.pool.supervisor_lost(link.process.pid, status, out)
         if self.pool.shutting_down and not self.pool.pending:
             return
+        pid = link.process.pid
+        if not self.supervisor_ready:
+            # It failed as it started: another would fail the same way.
+            self.pool.break_pool(start_failed_error(pid, status, self.start_failure), out)
+            return
+        delay = self.restarts.died(self.pool.counts["finished"])
+        if delay is None:
+            self.pool.break_pool(self.restarts.gave_up_error(pid, status), out)
+            return
         if status != 0 and not self.pool.shutting_down:
-            pid = link.process.pid
-            log.warning("cancelk supervisor %d died (status %s); starting a new one", pid, status)
+            log.warning(
+                "cancelk supervisor %d died (%s); starting a new one%s",
+                pid,
+                status_text(status),
+                f" in {delay:.1f} s" if delay else "",
+            )
+        if delay:
+            self.add_timer(time.monotonic() + delay, self._restart_supervisor)
+        else:
+            self._restart_supervisor(out)
+
+    def _restart_supervisor(self, out: list[Completion]) -> None:
+        if self.pool.broken is not None or self.stopped:
+            return
         try:
             self._start_supervisor()
-        except OSError as why:
+        except (OSError, RuntimeError) as why:
             self.pool.break_pool(why, out)
 
     # -- runners ----------------------------------------------------------------------
@@ -363,10 +403,14 @@ class ManagerThread(threading.Thread):
             assert self.selector is not None
             self.selector.unregister(link.sock)
             link.stop()  # it kills and reaps its runners before it exits
+        self.handles.all_exited()
         for runner in self.runners:
             if runner is not None:
                 self._close_runner(runner)
         self._close_descriptors()
+        # No supervisor will start again: let go of the initializer's
+        # arguments (a multiprocessing Queue, say) now, not at the next GC.
+        self.config = dataclasses.replace(self.config, initializer=None, initargs=())
 
     def _close_descriptors(self) -> None:
         if self.selector is not None:
@@ -398,6 +442,7 @@ class ManagerThread(threading.Thread):
             for runner in self.runners:
                 if runner is not None:
                     runner.kill_orphaned()
+            self.handles.all_exited()
         run_completions(out)
 
     def abandon(self) -> None:

@@ -229,7 +229,7 @@ class Pool:
     def _dispatch(self, slot: Slot, job: Job) -> bool:
         # Placed before it turns RUNNING: a cancel that sees RUNNING sees where.
         job.placement = Placement(slot.index, slot.runner_id, slot.pid, slot.state_before)
-        if not job.future.start_running(slot.pid):
+        if not job.future._start_running(slot.pid):
             job.placement = None
             return False
         self.running += 1
@@ -459,7 +459,7 @@ class Pool:
             job = slot.job
             if job is not None and not job.counted and self.kill(job, _slots.KILL_CANCEL, reason):
                 self._count_end(job, "cancelled")
-                out.append(functools.partial(job.future.mark_cancelled, f"killed: {reason}"))
+                out.append(functools.partial(job.future._mark_cancelled, f"killed: {reason}"))
 
     def _cancel_pending(self, out: list[Completion]) -> None:
         while self.pending:
@@ -509,7 +509,7 @@ def _ending(
         return Ending("memory_exceeded", functools.partial(fail, exception=error))
     if state == job.seq | _slots.KILL_CANCEL:
         message = "the job was cancelled; its processes were killed"
-        return Ending("cancelled", functools.partial(Future.mark_cancelled, reason=message))
+        return Ending("cancelled", functools.partial(Future._mark_cancelled, reason=message))
     if status is None:  # the supervisor died, or somebody else reaped the runner
         error = ProcessDiedError(pid, signal=signal.SIGKILL, detail=detail)
     else:

@@ -3,14 +3,16 @@
     user process ──control socket──► supervisor     SetTimeLimit, SetDeadline,
                                                      SetMemoryLimit, GraceCancel,
                                                      KillRunner, Preload, Shutdown
-    user process ◄──control socket── supervisor     RunnerStarted (+ channel fd,
+    user process ◄──control socket── supervisor     SupervisorReady, StartFailed,
+                                                     RunnerStarted (+ channel fd,
                                                      pidfd), RunnerExited, JobKilled
     user process ──runner channel──► runner         job frame: JOB_HEAD + pickle
     user process ◄──runner channel── runner         result frame: RESULT_HEAD + outcome
 
 Every frame on a stream is an 8-byte little-endian length and a body
 (``_wire.FrameReader`` cuts them).  A control body is one kind byte and the
-fixed fields of that kind (``Preload`` adds a UTF-8 module name); a job or
+fixed fields of that kind (``Preload`` and ``StartFailed`` end with a UTF-8
+text); a job or
 result body is a fixed head and a pickle.  Decoding checks the kind and the
 size, so an unknown or truncated message raises ``ProtocolError`` with what
 was received rather than being misread or dropped.
@@ -39,6 +41,8 @@ __all__ = [
     "SetMemoryLimit",
     "SetTimeLimit",
     "Shutdown",
+    "StartFailed",
+    "SupervisorReady",
     "decode",
     "encode",
     "job_frame_head",
@@ -107,6 +111,19 @@ class Shutdown(NamedTuple):
 
 
 # -- supervisor -> user process -------------------------------------------------
+class SupervisorReady(NamedTuple):
+    """The supervisor has started and serves: a death from now on is not a
+    failure to start (and may be answered by starting another)."""
+
+
+class StartFailed(NamedTuple):
+    """The supervisor could not start; it exits.  ``main_guard``: because the
+    main module started a pool while the supervisor imported it."""
+
+    main_guard: bool
+    text: str
+
+
 class RunnerStarted(NamedTuple):
     """A runner took ``slot``; the channel fd (and a pidfd) travel with it."""
 
@@ -148,13 +165,15 @@ ControlMessage = Union[
     KillRunner,
     Preload,
     Shutdown,
+    SupervisorReady,
+    StartFailed,
     RunnerStarted,
     RunnerExited,
     JobKilled,
 ]
 
-# kind byte -> (class, layout of its fixed fields); a text field follows the
-# fixed ones where the class has one.
+# kind byte -> (class, layout of its fixed fields); the text field, where the
+# class has one (its last), follows the fixed ones.
 _LAYOUTS: dict[int, tuple[type, struct.Struct]] = {
     1: (SetTimeLimit, struct.Struct("<QQQq")),
     2: (GraceCancel, struct.Struct("<QQQq")),
@@ -166,17 +185,20 @@ _LAYOUTS: dict[int, tuple[type, struct.Struct]] = {
     8: (JobKilled, struct.Struct("<QQQQq")),
     9: (SetDeadline, struct.Struct("<QQQq")),
     10: (SetMemoryLimit, struct.Struct("<QQQq")),
+    16: (SupervisorReady, struct.Struct("")),
+    17: (StartFailed, struct.Struct("<?")),
 }
 _KINDS = {cls: kind for kind, (cls, _) in _LAYOUTS.items()}
-_TEXT = {Preload}
+_TEXT = {Preload, StartFailed}
 
 
 def encode(message: ControlMessage) -> bytes:
     """The framed bytes of a control message."""
     kind = _KINDS[type(message)]
     layout = _LAYOUTS[kind][1]
-    if isinstance(message, Preload):
-        body = bytes((kind,)) + message.module.encode()
+    if type(message) in _TEXT:
+        fields = tuple(message)
+        body = bytes((kind,)) + layout.pack(*fields[:-1]) + str(fields[-1]).encode()
     else:
         body = bytes((kind,)) + layout.pack(*message)
     return HEADER.pack(len(body)) + body
@@ -191,10 +213,14 @@ def decode(body: bytes | bytearray) -> ControlMessage:
         raise ProtocolError(f"unknown control message kind {body[0]} ({len(body)} bytes)")
     cls, layout = entry
     if cls in _TEXT:
+        if len(body) - 1 < layout.size:
+            raise ProtocolError(f"{cls.__name__} of {len(body) - 1} bytes is too short")
+        fixed = layout.unpack_from(body, 1)
         try:
-            return Preload(bytes(body[1:]).decode())
+            text = bytes(body[1 + layout.size :]).decode()
         except UnicodeDecodeError as why:
-            raise ProtocolError(f"{cls.__name__} with a malformed name: {why}") from why
+            raise ProtocolError(f"{cls.__name__} with a malformed text: {why}") from why
+        return cls(*fixed, text)  # type: ignore[no-any-return]
     if len(body) - 1 != layout.size:
         raise ProtocolError(
             f"{cls.__name__} of {len(body) - 1} bytes, expected {layout.size}: {bytes(body)!r}"

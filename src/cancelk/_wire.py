@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Union
 
-from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote
+from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote, pickling_error
 
 HEADER = struct.Struct("<Q")
 OUTCOME_VALUE, OUTCOME_ERROR = 0, 1  # what an encoded outcome holds
@@ -180,11 +180,11 @@ def encode_exception(exc: BaseException) -> bytes:
     try:
         return dumps(("err", exc, tb))
     except Exception as why:
-        substitute = ResultPicklingError(
+        message = (
             f"the job raised {_type_name(exc)}: {exc}, which could not be pickled: "
             f"{type(why).__name__}: {why}"
         )
-        return dumps(("err", substitute, tb))
+        return _dumps_error(pickling_error(message, why), message, tb)
 
 
 def encode_result(value: object) -> tuple[int, bytes]:
@@ -192,11 +192,20 @@ def encode_result(value: object) -> tuple[int, bytes]:
     try:
         return OUTCOME_VALUE, dumps(("ok", value))
     except Exception as why:
-        error = ResultPicklingError(
+        message = (
             f"the job's result of type {_type_name(value)} could not be pickled: "
             f"{type(why).__name__}: {why}"
         )
-        return OUTCOME_ERROR, dumps(("err", error, format_remote(why)))
+        return OUTCOME_ERROR, _dumps_error(
+            pickling_error(message, why), message, format_remote(why)
+        )
+
+
+def _dumps_error(error: ResultPicklingError, message: str, tb: str) -> bytes:
+    try:
+        return dumps(("err", error, tb))
+    except Exception:  # it took the type of an exception the user process cannot load
+        return dumps(("err", ResultPicklingError(message), tb))
 
 
 def run_and_encode(
@@ -234,9 +243,10 @@ def decode_outcome(payload: bytes | bytearray | memoryview) -> Outcome:
         kind, *rest = pickle.loads(payload)
     except BaseException as why:
         classes = ", ".join(_classes_named(bytes(payload))) or "no class"
-        error = ResultPicklingError(
+        error = pickling_error(
             f"the job's result or exception could not be unpickled: {type(why).__name__}: "
-            f"{why} (it holds {classes})"
+            f"{why} (it holds {classes})",
+            why,
         )
         error.__cause__ = why
         return Outcome(exception=error)

@@ -3,12 +3,16 @@
     job process --(pickled exception + formatted traceback)--> parent
     parent: raise job_exception from RemoteTraceback(text)
 
-Every exception here pickles, so a runner can send it to the user process.
+``RemoteTraceback`` is the stdlib pool's own ``_RemoteTraceback``, so code that
+checks the cause's type keeps working.  Every exception here pickles, so a
+runner can send it to the user process.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
+import functools
 import os
 import signal as _signal
 import traceback
@@ -114,10 +118,63 @@ def died_error(pid: int, status: int, detail: str | None = None) -> ProcessDiedE
 
 
 class ResultPicklingError(Exception):
-    """The job's result or exception could not be pickled to send it back."""
+    """The job's result or exception could not be pickled, or not unpickled.
+
+    The error is also an instance of the exception pickle raised (``TypeError``
+    for a lock, ``pickle.PicklingError``, ``AttributeError`` for a local
+    function...), so code written for the stdlib pool, where that exception
+    itself reaches the future, still catches it.
+    """
+
+    def __str__(self) -> str:
+        if len(self.args) == 1:
+            return str(self.args[0])  # KeyError and friends would quote it
+        return super().__str__()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kind = type(self)
+        base = kind.__bases__[1] if kind is not ResultPicklingError else None
+        return (_rebuild_pickling_error, (base, str(self)))
 
 
-class RemoteTraceback(Exception):
+def pickling_error(message: str, raised: BaseException) -> ResultPicklingError:
+    """A ResultPicklingError that is also of the type of ``raised`` (what pickle
+    raised), where such a type can be made; a plain one otherwise."""
+    return _rebuild_pickling_error(type(raised), message)
+
+
+def _rebuild_pickling_error(base: type | None, message: str) -> ResultPicklingError:
+    kind = _with_base(base) if base is not None else None
+    if kind is not None:
+        try:
+            error: ResultPicklingError = kind(message)
+            if str(error) == message:
+                return error
+        except Exception:
+            pass  # a base whose constructor wants other arguments
+    return ResultPicklingError(message)
+
+
+@functools.lru_cache(maxsize=64)
+def _with_base(base: type) -> type[ResultPicklingError] | None:
+    if not issubclass(base, Exception) or issubclass(base, ResultPicklingError):
+        return None
+    try:
+        kind = type("ResultPicklingError", (ResultPicklingError, base), {})
+    except TypeError:
+        return None  # an incompatible layout or a final class
+    kind.__module__ = __name__
+    kind.__doc__ = ResultPicklingError.__doc__
+    return kind
+
+
+# The stdlib pool's carrier of the job's formatted traceback, attached as
+# ``__cause__``: the same class, so ``isinstance(exc.__cause__,
+# concurrent.futures.process._RemoteTraceback)`` holds for cancelk's jobs too.
+_StdlibRemoteTraceback: Any = getattr(concurrent.futures.process, "_RemoteTraceback", None)
+
+
+class _OwnRemoteTraceback(Exception):
     """Carries the job's formatted traceback; attached as ``__cause__``."""
 
     def __init__(self, tb: str) -> None:
@@ -126,6 +183,9 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+RemoteTraceback: type[Exception] = _StdlibRemoteTraceback or _OwnRemoteTraceback
 
 
 def format_remote(exc: BaseException) -> str:

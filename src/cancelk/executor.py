@@ -24,13 +24,14 @@ import functools
 import itertools
 import multiprocessing
 import os
+import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
-from cancelk import _wire
+from cancelk import _compat, _wire
 from cancelk._manager import Manager
 from cancelk._pool import Job
 from cancelk.futures import Future
@@ -52,15 +53,22 @@ def _default_workers() -> int:
     return count or 1
 
 
-def _start_method(mp_context: Any) -> str:
+def _context(mp_context: Any, max_tasks_per_child: int | None) -> Any:
+    """The multiprocessing context whose start method starts the supervisor,
+    chosen as the stdlib pool chooses its own (spawn by default when
+    ``max_tasks_per_child`` is given, which cancelk does not need but
+    follows, so that a switched pool starts its processes the same way)."""
     if mp_context is None:
-        mp_context = multiprocessing.get_context()
+        if max_tasks_per_child is not None:
+            mp_context = multiprocessing.get_context("spawn")
+        else:
+            mp_context = multiprocessing.get_context()
     if isinstance(mp_context, str):
         mp_context = multiprocessing.get_context(mp_context)
     method = mp_context.get_start_method()
     if method not in ("fork", "forkserver", "spawn"):
         raise ValueError(f"unsupported start method {method!r}")
-    return str(method)
+    return mp_context
 
 
 _MEMORY_LIMITS_WORK = os.path.isdir("/proc/self")
@@ -135,9 +143,11 @@ class _MapsBySubmit:
         deadline: Any = ...,
         memory_limit: Any = ...,
     ) -> ExecutorOptions:
-        """A light view of the same pool whose jobs get other default options
-        (``...``: as here); ``deadline`` is seconds from each submit, or a
-        ProcessDeadline."""
+        """A light view of the same pool whose jobs get other defaults (``...``:
+        as here), usable wherever an executor is
+        (``run_in_executor(pool.options(timeout=2), fn, x)``).  ``deadline`` is
+        seconds from each submit, or a ProcessDeadline.  Leaving a view's
+        ``with`` block shuts nothing down; its ``shutdown()`` shuts the pool down."""
         changes = _changes(timeout, cancel_timeout, deadline, memory_limit)
         defaults = dataclasses.replace(self._defaults, **changes)
         return ExecutorOptions(self._pool_executor(), defaults)
@@ -150,14 +160,37 @@ class _MapsBySubmit:
         chunksize: int = 1,
         buffersize: int | None = None,
     ) -> Iterator[Any]:
+        """``fn(*args)`` for the items of ``iterables`` taken together, as jobs;
+        an iterator over their results, in order, each let go once yielded.
+
+        ``timeout``: seconds from this call within which every result must
+        be there; past it, ``next()`` raises ``TimeoutError`` and every job
+        not finished is cancelled, running ones killed.
+        ``chunksize``: items sent to a runner per job.
+        ``buffersize``: at most that many jobs submitted ahead of the results
+        read (Python 3.14's argument; without it every job is submitted now).
+        Markers (``ProcessTimeout``...) cannot be given per item: use
+        ``executor.options(timeout=...).map(...)``.
+
+        Dropping the iterator before its end (or an exception while it is
+        read) cancels the jobs not yet read: queued ones never run, running
+        ones are killed.
+        """
         return _map(self.submit, fn, iterables, timeout, chunksize, buffersize)
 
 
 class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor):
     """A drop-in ``concurrent.futures.ProcessPoolExecutor`` whose jobs can be stopped.
 
-    ``timeout``: default time limit per job (seconds, None for none).
+    The stdlib's arguments (``max_workers``, ``mp_context``, ``initializer``,
+    ``initargs``, ``max_tasks_per_child``, with every start method), and:
+    ``timeout``: default time limit per job (seconds, None for none);
     ``cancel_timeout``: default grace a running job gets after ``cancel()``.
+
+    ``cancel()`` of a running job, a time limit, a cancelled asyncio task
+    around ``run_in_executor`` and ``shutdown(timeout=)`` SIGKILL the job's
+    whole process tree; a job that dies fails alone with
+    ``ProcessDiedError`` and the pool goes on.  Jobs must be idempotent.
     """
 
     def __init__(
@@ -190,19 +223,43 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
             memory_limit=check_bytes(memory_limit, "memory_limit"),
         )
         self._max_workers = max_workers
+        self._mp_context = _context(mp_context, max_tasks_per_child)
         config = SupervisorConfig(max_workers, initializer, tuple(initargs), max_tasks_per_child)
         pending = check_count(max_pending, "max_pending")
-        self._manager = Manager(_start_method(mp_context), config, pending)
+        self._manager = Manager(str(self._mp_context.get_start_method()), config, pending)
         self._submitter = _Submitter(self._manager)
         weakref.finalize(self, self._manager.shutdown, False, False, None)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` as a job; return its ``Future``.
+
+        Markers among the positional arguments or keyword values are taken
+        out before the call and set this job's options:
+        ``ProcessTimeout(s)`` (time limit from the job's start; past it the
+        job is killed and raises ``ProcessTimeoutError``) and
+        ``ProcessCancelTimeout(s)`` (grace after ``cancel()``).  Markers
+        inside a ``functools.partial`` are not seen.  Never blocks on a child.
+        """
         return self._submitter.submit(fn, args, kwargs, self._defaults)
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
     ) -> None:
-        self._manager.shutdown(wait, cancel_futures, check_seconds(timeout, "timeout"))
+        """Take no more jobs; with ``wait``, return once every job has ended
+        and every process of the pool is gone.
+
+        ``cancel_futures``: cancel the jobs still queued (running ones go on).
+        ``timeout``: with ``wait``, jobs still running after that many
+        seconds are killed (``ProcessCancelledError``) and queued ones
+        cancelled.
+        """
+        timeout = check_seconds(timeout, "timeout")
+        if cancel_futures:
+            # The stdlib's submit starts workers before it returns; cancelk's
+            # runners start a moment later.  Let a starting pool take the
+            # first jobs, as the stdlib's would have, before the rest is cancelled.
+            _compat.wait_until_started(self._manager)
+        self._manager.shutdown(wait, cancel_futures, timeout)
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> Literal[False]:
         # Ctrl-C out of the with block stops the jobs instead of waiting for them.
@@ -212,7 +269,8 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
         return False
 
     def terminate_workers(self) -> None:
-        """Stop every job now (SIGKILL of each job's tree) and shut the pool down."""
+        """Python 3.14's API: cancel every queued job, kill every running one
+        (SIGKILL of its tree, ``ProcessCancelledError``) and shut the pool down."""
         self._manager.kill_everything("terminate_workers()")
         self._manager.shutdown(False, True, None)
 
@@ -226,6 +284,29 @@ class ProcessPoolExecutor(_MapsBySubmit, concurrent.futures.ProcessPoolExecutor)
     def stats(self) -> dict[str, int]:
         """Counts of jobs submitted, started, finished, timed out, cancelled, died."""
         return self._manager.stats()
+
+    # -- compatibility shims: the stdlib pool's private attributes (see _compat) ------
+    @property
+    def _processes(self) -> dict[int, _compat.RunnerHandle]:  # type: ignore[override]
+        """Compatibility shim: {pid: handle} of the runners, a snapshot; a
+        handle's ``kill()`` stops only that runner and its job."""
+        return _compat.processes(self._manager)
+
+    @property
+    def _broken(self) -> str | bool:  # type: ignore[override]
+        """Compatibility shim: False, or what broke the pool."""
+        broken = self._manager.pool.broken
+        return False if broken is None else str(broken) or type(broken).__name__
+
+    @property
+    def _executor_manager_thread(self) -> threading.Thread | None:  # type: ignore[override]
+        """Compatibility shim: the pool's manager thread, once started."""
+        return self._manager.io if self._manager.started else None
+
+    @property
+    def _call_queue(self) -> _compat.CallQueueView:
+        """Compatibility shim: ``join_thread()`` waits for the manager thread's end."""
+        return _compat.CallQueueView(self._manager)
 
 
 def _changes(timeout: Any, cancel_timeout: Any, deadline: Any, memory_limit: Any) -> dict[str, Any]:
@@ -246,12 +327,22 @@ class ExecutorOptions(_MapsBySubmit, concurrent.futures.Executor):
         self._executor = executor
         self._defaults = defaults
 
+    def __repr__(self) -> str:
+        return (
+            f"<cancelk.ExecutorOptions timeout={self._defaults.timeout!r} "
+            f"cancel_timeout={self._defaults.cancel_timeout!r} "
+            f"deadline={self._defaults.deadline!r} "
+            f"memory_limit={self._defaults.memory_limit!r} of {self._executor!r}>"
+        )
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """As ``ProcessPoolExecutor.submit``, with this view's default options."""
         return self._executor._submitter.submit(fn, args, kwargs, self._defaults)
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
     ) -> None:
+        """Shut the pool this view belongs to down (``ProcessPoolExecutor.shutdown``)."""
         self._executor.shutdown(wait, cancel_futures=cancel_futures, timeout=timeout)
 
     def _pool_executor(self) -> ProcessPoolExecutor:
@@ -292,39 +383,55 @@ def _map(
 
     if buffersize is None:
         futures = deque(submit_one(item) for item in source)
-    else:
-        futures = deque(submit_one(item) for item in itertools.islice(source, buffersize))
-    return _results(futures, source if buffersize else None, submit_one, end_time, chunksize > 1)
+        # Holds no reference to the executor: a pool dropped while its map
+        # is read is shut down (wait=False) and finishes the map's jobs.
+        return _results(futures, None, None, end_time, chunksize > 1)
+    futures = deque(submit_one(item) for item in itertools.islice(source, buffersize))
+    return _results(futures, source, submit_one, end_time, chunksize > 1)
 
 
 def _results(
     futures: deque[Future],
     source: Iterator[Any] | None,
-    submit_one: Callable[[Any], Future],
+    submit_one: Callable[[Any], Future] | None,
     end_time: float | None,
     chunked: bool,
 ) -> Iterator[Any]:
+    # No local may hold a future or a result across a yield: a long map must
+    # let go of each result once the caller has it (bpo-14406).
     try:
         while futures:
-            future = futures.popleft()
-            if source is not None:
+            if source is not None and submit_one is not None:
                 following = next(source, _END)
                 if following is not _END:
                     futures.append(submit_one(following))
-            try:
-                if end_time is None:
-                    value = future.result()
-                else:
-                    value = future.result(end_time - time.monotonic())
-            finally:
-                future.cancel()  # a no-op once done; stops the job if result() gave up
             if chunked:
-                yield from value
+                yield from _drain(_result_or_cancel(futures, end_time))
             else:
-                yield value
+                yield _result_or_cancel(futures, end_time)
     finally:
         for future in futures:
             future.cancel()
+
+
+def _result_or_cancel(futures: deque[Future], end_time: float | None) -> Any:
+    """The first future's result; it is cancelled (its job stopped) if that
+    raises, e.g. when the time is up."""
+    future = futures.popleft()
+    try:
+        if end_time is None:
+            return future.result()
+        return future.result(end_time - time.monotonic())
+    finally:
+        future.cancel()  # a no-op once done
+        del future
+
+
+def _drain(chunk: list[Any]) -> Iterator[Any]:
+    """A chunk's results in order, each dropped as it is yielded."""
+    chunk.reverse()
+    while chunk:
+        yield chunk.pop()
 
 
 _END = object()

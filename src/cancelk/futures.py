@@ -31,7 +31,9 @@ class _Owner(Protocol):
 
 
 class Future(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A future of a cancelk job; ``pid`` is the job's process while it runs."""
+    """A future of a cancelk job: a ``concurrent.futures.Future`` whose
+    ``cancel()`` also stops a running job.  ``pid`` is the job's process
+    while it runs."""
 
     def __init__(self, owner: _Owner | None = None) -> None:
         super().__init__()
@@ -41,9 +43,22 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
 
     @property
     def pid(self) -> int | None:
+        """The pid of the process running the job, while it runs; else None."""
         return self._job_pid if self.running() else None
 
     def cancel(self) -> bool:
+        """Cancel the job, even a running one; never blocks on the kill.
+
+        - Queued: it will never run; returns True.
+        - Running, with a grace of 0 (the default): every process of the job
+          is SIGKILLed now; the future is cancelled at once (callbacks run,
+          ``result()`` raises ``ProcessCancelledError``); returns True.
+        - Running, with a ``ProcessCancelTimeout(g)`` grace: the job may
+          still finish within g seconds (its real result or exception),
+          else it is killed and ends cancelled; returns False, since the
+          outcome is not decided yet.
+        - Already finished: returns False, as in the stdlib.
+        """
         if self._owner is None:
             return bool(super().cancel())
         with self._condition:
@@ -56,12 +71,12 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             return self._owner.cancel_running(self)
         # Queued: cancelled and notified at once, so wait() and as_completed()
         # see it now rather than when the pool would have reached it.
-        if self.mark_cancelled("the job was cancelled before it started"):
+        if self._mark_cancelled("the job was cancelled before it started"):
             self._owner.cancelled_in_queue(self)
             return True
         return self.cancelled()
 
-    def start_running(self, pid: int) -> bool:
+    def _start_running(self, pid: int) -> bool:
         """The pool starts the job in process ``pid``: PENDING -> RUNNING,
         False if it was cancelled."""
         with self._condition:
@@ -72,6 +87,14 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             return True
 
     def result(self, timeout: float | None = None) -> Any:
+        """The job's result, waiting up to ``timeout`` seconds.
+
+        Raises what the job raised (its remote traceback as the cause),
+        ``ProcessTimeoutError`` if it ran past its ``ProcessTimeout``,
+        ``ProcessDiedError`` if its process died, ``ProcessCancelledError``
+        if it was cancelled.  A ``timeout`` here is only an alert, as in the
+        stdlib: it raises ``TimeoutError`` and leaves the job running.
+        """
         try:
             return super().result(timeout)
         except concurrent.futures.CancelledError as why:
@@ -80,6 +103,8 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             raise ProcessCancelledError(self._cancel_reason) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The job's exception (None if it returned), waiting up to ``timeout``
+        seconds; as ``result()`` for timeouts and cancelled jobs."""
         try:
             return super().exception(timeout)
         except concurrent.futures.CancelledError as why:
@@ -87,7 +112,7 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 raise
             raise ProcessCancelledError(self._cancel_reason) from None
 
-    def mark_cancelled(self, reason: str) -> bool:
+    def _mark_cancelled(self, reason: str) -> bool:
         """End a queued or running future as cancelled; False if it already ended."""
         with self._condition:
             if self._state not in (PENDING, RUNNING):

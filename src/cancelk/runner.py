@@ -20,6 +20,7 @@ are declared in ``_protocol``.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import socket
@@ -46,6 +47,7 @@ def run(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner pr
     code = 0
     try:
         _child.become_job_process(setup.supervisor)
+        _child.become_multiprocessing_child()
         if setup.initializer is not None and not _initialize(setup):
             code = 3
             return
@@ -55,6 +57,7 @@ def run(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner pr
     except BaseException:
         code = 70
     finally:
+        _child.multiprocessing_exit()  # a Queue the jobs used is flushed
         _child.flush_std_streams()
         os._exit(code)
 
@@ -73,6 +76,8 @@ def _initialize(setup: RunnerSetup) -> bool:  # pragma: no cover - runs in the r
     try:
         setup.initializer(*setup.initargs)
     except BaseException as exc:
+        # Logged where it happened, as the stdlib's workers do, then sent.
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
         outcome = _wire.encode_exception(exc)
         _send(setup.channel_fd, _protocol.INIT_SEQ, _wire.OUTCOME_ERROR, outcome)
         return False

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ _LIMITS = (
     _protocol.GraceCancel,
 )
 PRELOAD_LIMIT = 64
+_REPORT_LIMIT = 32 * 1024  # characters of a failed start's traceback sent back
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Supervisor:
         # must not fork-loop).
         self.spare: _Runner | None = None
         self.keep_spare = self.config.initializer is not None
+        self.ready = False  # SupervisorReady was sent
 
     # -- life cycle -------------------------------------------------------------
     def serve(self) -> None:
@@ -110,6 +113,9 @@ class Supervisor:
         self.loop.add_fd(self.ctrl.fileno(), _CONTROL)
         if self.loop.backend == "posix":
             self._wake_on_sigchld()
+        # Started: whatever fails from here on is a death, not a failed start.
+        self._send(_protocol.SupervisorReady())
+        self.ready = True
         for slot in range(self.config.slots):
             self._assign(slot, self._fork_runner())
         if self.keep_spare:
@@ -280,6 +286,8 @@ class Supervisor:
         _kill.kill_runner_trees([current.pid for current in everyone])
         for current in everyone:
             _core.reap(current.pid)
+            if current.user_end is not None:  # a spare's, never handed over
+                current.user_end.close()
         self.runners.clear()
         self.spare = None
         _kill.sweep_orphans(())
@@ -392,17 +400,23 @@ def _drain(fd: int) -> None:
 # -- the supervisor process's entry points -------------------------------------------
 def _supervisor_process_setup() -> None:
     _child.forget_parent_signals()
+    _child.stdin_from_devnull()  # runners inherit it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _core.become_group_leader()
 
 
 def run_forked(ctrl_fd: int, words_fd: int, start: SupervisorStart) -> None:  # pragma: no cover
     code = 0
+    supervisor = None
     try:
         _supervisor_process_setup()
-        Supervisor(ctrl_fd, words_fd, start).serve()
-    except BaseException:
-        log.exception("cancelk supervisor failed")
+        supervisor = Supervisor(ctrl_fd, words_fd, start)
+        supervisor.serve()
+    except BaseException as why:
+        if supervisor is None or not supervisor.ready:
+            _report_start_failure(ctrl_fd, why)
+        else:
+            log.exception("cancelk supervisor failed")
         code = 70
     finally:
         _child.flush_std_streams()
@@ -411,14 +425,36 @@ def run_forked(ctrl_fd: int, words_fd: int, start: SupervisorStart) -> None:  # 
 
 def spawned_main() -> None:  # pragma: no cover - runs in a fresh interpreter
     ctrl_fd, words_fd = int(sys.argv[1]), int(sys.argv[2])
-    _supervisor_process_setup()
-    payload = _child.receive_main_and_payload(ctrl_fd)
-    if payload is None:
-        os._exit(0)
-    start = _wire.loads(payload)
-    Supervisor(ctrl_fd, words_fd, start).serve()
+    supervisor = None
+    try:
+        _supervisor_process_setup()
+        payload = _child.receive_main_and_payload(ctrl_fd)
+        if payload is None:
+            os._exit(0)
+        start = _wire.loads(payload)
+        supervisor = Supervisor(ctrl_fd, words_fd, start)
+        supervisor.serve()
+    except BaseException as why:
+        if supervisor is None or not supervisor.ready:
+            _report_start_failure(ctrl_fd, why)
+        else:
+            log.exception("cancelk supervisor failed")
+        _child.flush_std_streams()
+        os._exit(70)
     _child.flush_std_streams()
     os._exit(0)
+
+
+def _report_start_failure(ctrl_fd: int, why: BaseException) -> None:  # pragma: no cover
+    """Tell the user process why this supervisor could not start (it breaks
+    the pool rather than start another); print it only if that fails."""
+    text = "".join(traceback.format_exception(type(why), why, why.__traceback__))
+    message = _protocol.StartFailed(_child.refused_during_main_import, text[-_REPORT_LIMIT:])
+    try:
+        os.set_blocking(ctrl_fd, True)
+        _wire.write_all(ctrl_fd, _protocol.encode(message))
+    except OSError:
+        sys.stderr.write(f"cancelk supervisor {os.getpid()} could not start:\n{text}")
 
 
 # -- the user process's handle on its supervisor ---------------------------------------
@@ -426,16 +462,19 @@ class SupervisorProcess:
     """Starts a supervisor (fork, or a fresh interpreter), and reaps it."""
 
     def __init__(self, method: str, words_fd: int, start: SupervisorStart) -> None:
+        _child.check_not_importing_main()
         user_end, sup_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._popen: subprocess.Popen[bytes] | None = None
         try:
             if method == "fork":
                 self.pid = _fork(user_end, sup_end, words_fd, start)
             else:
-                payload = _wire.dumps(start)  # first: an unpicklable initializer starts nothing
+                # First: an unpicklable initializer starts nothing.  As for a
+                # multiprocessing child, a Queue or Lock among the initargs pickles.
+                payload, inherited = _child.dumps_for_child(start)
                 self._popen = _child.start_interpreter(
                     "cancelk.supervisor:spawned_main",
-                    (sup_end.fileno(), words_fd),
+                    (sup_end.fileno(), words_fd, *inherited),
                     (str(sup_end.fileno()), str(words_fd)),
                 )
                 self.pid = self._popen.pid

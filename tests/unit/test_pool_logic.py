@@ -100,7 +100,7 @@ class Harness:
         if job is None or not self.pool.cancel_running(job):
             return future.cancelled()
         self.pool.count_cancelled(job)
-        return future.mark_cancelled("cancelled") or future.cancelled()
+        return future._mark_cancelled("cancelled") or future.cancelled()
 
     def cancelled_in_queue(self, future: Future) -> None:
         if future._cancelk_job is not None:

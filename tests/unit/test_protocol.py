@@ -25,6 +25,9 @@ MESSAGES = [
     _protocol.JobKilled(1, 2, 3, KILL_MEMORY, 300 << 20),
     _protocol.SetDeadline(4, 5, 6, 123_456_789_000),
     _protocol.SetMemoryLimit(4, 5, 6, 300 << 20),
+    _protocol.SupervisorReady(),
+    _protocol.StartFailed(True, "RuntimeError: importing 'm\u00f6d.py' started a pool\n"),
+    _protocol.StartFailed(False, ""),
 ]
 
 
