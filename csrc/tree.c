@@ -172,76 +172,6 @@ static int contains(const int *pids, int n, int pid)
 	return 0;
 }
 
-int cancelk_list_children(int parent, int *out, int max)
-{
-	struct proc_table table = { NULL, 0, 0 };
-	int i, n = 0;
-
-	if (scan_proc(&table) != 0) {
-		free(table.entries);
-		return -1;
-	}
-	for (i = 0; i < table.count && n < max; i++)
-		if (table.entries[i].ppid == parent)
-			out[n++] = table.entries[i].pid;
-	free(table.entries);
-	return n;
-}
-
-/* Mark every descendant of root in tree[] (pids in scan order); returns how many. */
-static int collect_descendants(const struct proc_table *table, int root, int *tree, int max)
-{
-	int n = 0, grew = 1, i;
-
-	while (grew) {
-		grew = 0;
-		for (i = 0; i < table->count; i++) {
-			const struct proc_entry *e = &table->entries[i];
-
-			if (e->pid == root || contains(tree, n, e->pid))
-				continue;
-			if (e->ppid == root || contains(tree, n, e->ppid)) {
-				if (n == max)
-					return n;
-				tree[n++] = e->pid;
-				grew = 1;
-			}
-		}
-	}
-	return n;
-}
-
-static int64_t rss_of(const struct proc_table *table, int pid)
-{
-	int i;
-
-	for (i = 0; i < table->count; i++)
-		if (table->entries[i].pid == pid)
-			return table->entries[i].rss_pages;
-	return 0; /* exited between the listing and now */
-}
-
-/* The whole tree by one scan of /proc: used where children files are missing. */
-static int tree_rss_by_scan(const int *roots, int nroots, int64_t *rss_pages)
-{
-	struct proc_table table = { NULL, 0, 0 };
-	int tree[4096];
-	int r, i, n;
-
-	if (scan_proc(&table) != 0) {
-		free(table.entries);
-		return -1;
-	}
-	for (r = 0; r < nroots; r++) {
-		rss_pages[r] = rss_of(&table, roots[r]);
-		n = collect_descendants(&table, roots[r], tree, 4096);
-		for (i = 0; i < n; i++)
-			rss_pages[r] += rss_of(&table, tree[i]);
-	}
-	free(table.entries);
-	return 0;
-}
-
 /* Resident pages of one process (statm, second field); 0 once it is gone. */
 static int64_t statm_pages(int pid)
 {
@@ -317,6 +247,95 @@ static int append_children(int pid, int *tree, int n, int max)
 	return n;
 }
 
+/* Every descendant of root (not root itself) into tree[], walking down the
+ * children files; how many, or -1 (ENOSYS) when the kernel has none.  The
+ * files may miss a child forked or reparented while they are read: callers
+ * repeat until nothing new turns up, and a subreaper's sweep catches the
+ * rest.  The cost follows the size of the tree, not the number of processes
+ * on the host, which a scan of /proc pays. */
+static int descendants_by_children(int root, int *tree, int max)
+{
+	int n, i;
+
+	n = append_children(root, tree, 0, max);
+	for (i = 0; i < n && n >= 0; i++)
+		n = append_children(tree[i], tree, n, max);
+	return n;
+}
+
+int cancelk_list_children(int parent, int *out, int max)
+{
+	struct proc_table table = { NULL, 0, 0 };
+	int i, n = append_children(parent, out, 0, max);
+
+	if (n >= 0)
+		return n;
+	n = 0;
+	if (scan_proc(&table) != 0) {
+		free(table.entries);
+		return -1;
+	}
+	for (i = 0; i < table.count && n < max; i++)
+		if (table.entries[i].ppid == parent)
+			out[n++] = table.entries[i].pid;
+	free(table.entries);
+	return n;
+}
+
+/* Mark every descendant of root in tree[] (pids in scan order); returns how many. */
+static int collect_descendants(const struct proc_table *table, int root, int *tree, int max)
+{
+	int n = 0, grew = 1, i;
+
+	while (grew) {
+		grew = 0;
+		for (i = 0; i < table->count; i++) {
+			const struct proc_entry *e = &table->entries[i];
+
+			if (e->pid == root || contains(tree, n, e->pid))
+				continue;
+			if (e->ppid == root || contains(tree, n, e->ppid)) {
+				if (n == max)
+					return n;
+				tree[n++] = e->pid;
+				grew = 1;
+			}
+		}
+	}
+	return n;
+}
+
+static int64_t rss_of(const struct proc_table *table, int pid)
+{
+	int i;
+
+	for (i = 0; i < table->count; i++)
+		if (table->entries[i].pid == pid)
+			return table->entries[i].rss_pages;
+	return 0; /* exited between the listing and now */
+}
+
+/* The whole tree by one scan of /proc: used where children files are missing. */
+static int tree_rss_by_scan(const int *roots, int nroots, int64_t *rss_pages)
+{
+	struct proc_table table = { NULL, 0, 0 };
+	int tree[4096];
+	int r, i, n;
+
+	if (scan_proc(&table) != 0) {
+		free(table.entries);
+		return -1;
+	}
+	for (r = 0; r < nroots; r++) {
+		rss_pages[r] = rss_of(&table, roots[r]);
+		n = collect_descendants(&table, roots[r], tree, 4096);
+		for (i = 0; i < n; i++)
+			rss_pages[r] += rss_of(&table, tree[i]);
+	}
+	free(table.entries);
+	return 0;
+}
+
 /* Resident memory of each root's tree.  A job's tree is walked down from its
  * root through the children files, so the cost follows the size of the jobs'
  * trees, not the number of processes on the host; without children files,
@@ -328,16 +347,12 @@ int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes)
 	int r, i, n;
 
 	for (r = 0; r < nroots; r++) {
-		tree[0] = roots[r];
-		rss_bytes[r] = 0;
-		for (i = 0, n = 1; i < n; i++) {
-			rss_bytes[r] += statm_pages(tree[i]);
-			n = append_children(tree[i], tree, n, 4096);
-			if (n < 0)
-				break;
-		}
+		n = descendants_by_children(roots[r], tree, 4096);
 		if (n < 0)
 			break;
+		rss_bytes[r] = statm_pages(roots[r]);
+		for (i = 0; i < n; i++)
+			rss_bytes[r] += statm_pages(tree[i]);
 		rss_bytes[r] *= page;
 	}
 	if (r == nroots)
@@ -347,6 +362,28 @@ int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes)
 	for (r = 0; r < nroots; r++)
 		rss_bytes[r] *= page;
 	return 0;
+}
+
+/* Every descendant of every root into tree[]: through the children files,
+ * or one scan of /proc for all roots where the kernel has none. */
+static int collect_trees(struct proc_table *table, const int *roots, int nroots, int *tree,
+			 int max)
+{
+	int r, n = 0, got;
+
+	for (r = 0; r < nroots && n < max; r++) {
+		got = descendants_by_children(roots[r], tree + n, max - n);
+		if (got < 0)
+			break;
+		n += got;
+	}
+	if (r == nroots || n >= max)
+		return n;
+	if (scan_proc(table) != 0)
+		return -1;
+	for (r = 0, n = 0; r < nroots && n < max; r++)
+		n += collect_descendants(table, roots[r], tree + n, max - n);
+	return n;
 }
 
 int cancelk_kill_trees(const int *roots, int nroots, int max_rounds)
@@ -363,15 +400,13 @@ int cancelk_kill_trees(const int *roots, int nroots, int max_rounds)
 	}
 	/* Each round kills what it finds that was not killed yet.  A process
 	 * with SIGKILL pending can no longer fork, so the rounds converge;
-	 * children forked just before a kill are found through their parent.
-	 * One scan per round serves every root. */
+	 * children forked just before a kill are found through their parent. */
 	for (round = 0; round < max_rounds; round++) {
-		if (scan_proc(&table) != 0) {
+		n = collect_trees(&table, roots, nroots, tree, 4096);
+		if (n < 0) {
 			free(table.entries);
 			return -1;
 		}
-		for (r = 0, n = 0; r < nroots && n < 4096; r++)
-			n += collect_descendants(&table, roots[r], tree + n, 4096 - n);
 		fresh = 0;
 		for (i = 0; i < n; i++) {
 			if (contains(killed, nkilled, tree[i]))

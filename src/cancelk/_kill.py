@@ -80,19 +80,19 @@ def kill_by_pidfd(pidfd: int, pid: int) -> bool:
 
 
 def kill_runner_trees(pids: list[int]) -> None:
-    """SIGKILL live runners' whole trees, then their groups.
+    """SIGKILL live runners' groups, then what of their trees left the groups.
 
-    While a runner lives (a subreaper) whatever its job started is in its
-    tree, even what left its group: killed in one pass now rather than found
-    among the orphans once the runner is gone.  At the supervisor's exit one
-    scan of /proc per round serves every runner: I6 gives the whole teardown
-    100 ms."""
+    The groups first: most of every job starts dying at once (I6 gives the
+    whole teardown 100 ms).  What left a group (setsid) is found down the
+    runner's tree while the runner is still there, or, once it is gone and its
+    children passed to the supervisor (a subreaper), by the supervisor's
+    sweep of its own children."""
+    for pid in pids:
+        kill_group(pid)  # first: most of each job dies at once, the scan meanwhile
     try:
         _core.kill_trees(pids)
     except OSError as why:
         log.debug("scanning the trees of runners %s failed: %s", pids, why)
-    for pid in pids:
-        kill_group(pid)
 
 
 def kill_orphaned_runner(pid: int, pidfd: int) -> None:
