@@ -229,7 +229,9 @@ def test_compatibility_views(make_pool, method):
 def test_killing_a_runner_through_processes_fails_only_its_job(make_pool, how):
     exe = make_pool(2)
     running = exe.submit(jobs.sleep_return, 60)
+    bystander = exe.submit(jobs.sleep_return, 60)  # runners start on demand: two jobs, two
     pid = procs.wait_running(running)
+    procs.wait_running(bystander)
     handle = exe._processes[pid]
     other = next(h for p, h in exe._processes.items() if p != pid)
     getattr(handle, how)()
@@ -238,9 +240,10 @@ def test_killing_a_runner_through_processes_fails_only_its_job(make_pool, how):
     assert "executor._processes" in str(err), str(err)
     handle.join(timeout=10)
     assert not handle.is_alive() and handle.exitcode == -signal.SIGKILL
-    assert other.is_alive()
+    assert other.is_alive() and bystander.running()
+    bystander.cancel()
     procs.assert_pool_works(exe)  # the pool goes on, with a new runner
-    assert len(exe._processes) == 2 and pid not in exe._processes
+    assert pid not in exe._processes
 
 
 @pytest.mark.timeout(60)
@@ -461,3 +464,18 @@ def test_views_and_cancel_futures_do_not_wait_on_the_manager_thread(make_pool):
     exe.submit(jobs.add, 1, 1).add_done_callback(callback)
     assert done.wait(RESULT_WAIT)
     assert seen[1] < 1.0, seen
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_runners_start_on_demand_and_idle_ones_are_reused(make_pool, method):
+    """As the stdlib's since 3.9: a 32-worker pool that runs one job at a time
+    holds one runner; a busy one starts as many as it has jobs, up to its size."""
+    exe = make_pool(32, mp_context=method)
+    pids = {exe.submit(jobs.getpid).result(timeout=RESULT_WAIT) for _ in range(20)}
+    assert len(pids) == 1, pids
+    assert len(exe._processes) == 1
+    busy = make_pool(3, mp_context=method)
+    futures = [busy.submit(jobs.sleep_pid, 0.5) for _ in range(6)]
+    assert len({f.result(timeout=RESULT_WAIT) for f in futures}) == 3
+    assert len(busy._processes) == 3

@@ -135,10 +135,9 @@ def wait_until_started(manager: Manager, timeout: float = _RUNNERS_WAIT) -> None
         return
     pool, io = manager.pool, manager.io
     deadline = time.monotonic() + timeout
-    # Every slot gets a runner as the pool starts; were runners started on
-    # demand, this would wait for those asked for instead.
+    # Runners start on demand: wait for those asked for.
     while (
-        not all(slot.connected for slot in pool.slots)
+        any(slot.coming for slot in pool.slots)
         and not io.stopped
         and pool.broken is None
         and not pool.shutting_down

@@ -164,6 +164,7 @@ class ManagerThread(threading.Thread):
         self.supervisor_ready, self.start_failure = False, None
         self.restarts.started(self.pool.counts["finished"])
         self.pool.counts["supervisors_started"] += 1
+        self.pool.supervisor_started()  # it has no runners: ask for those the queue needs
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:

@@ -106,6 +106,7 @@ class Slot:
 
     __slots__ = (
         "connected",
+        "coming",
         "index",
         "job",
         "pid",
@@ -122,6 +123,7 @@ class Slot:
         self.pid = 0
         self.connected = False  # the manager holds an open channel to the runner
         self.ready = False  # the runner's initializer has run: it can take a job now
+        self.coming = False  # a runner was asked for (or the dead one's replacement is due)
         self.job: Job | None = None
         self.state_before = 0  # the shared word before the current job began
         self.tasks = 0
@@ -181,6 +183,29 @@ class Pool:
             self.pending.append(job)  # behind those queued first: jobs start in order
             if job.deadline_at is not None:
                 self.io.add_timer(job.deadline_at, functools.partial(self._queue_deadline, job))
+            self.start_runners()
+
+    def start_runners(self) -> None:
+        """Ask for a runner per queued job that no runner on its way will take,
+        while slots have none: runners start on demand, as the stdlib's
+        workers do, so a big pool that runs one job at a time holds one."""
+        if self.broken is not None or self.shutting_down and not self.pending:
+            return
+        waiting = len(self.pending) - self.ended_in_queue
+        on_their_way = sum(1 for s in self.slots if s.coming or (s.connected and not s.ready))
+        for slot in self.slots:
+            if waiting <= on_their_way:
+                return
+            if not slot.connected and not slot.coming:
+                slot.coming = True
+                on_their_way += 1
+                self.io.send_control(_protocol.StartRunner(slot.index))
+
+    def supervisor_started(self) -> None:
+        """A new supervisor has no runners: ask for those the queue needs."""
+        for slot in self.slots:
+            slot.coming = False
+        self.start_runners()
 
     def full(self) -> bool:
         waiting = len(self.pending) - self.ended_in_queue
@@ -297,7 +322,7 @@ class Pool:
     def runner_started(self, index: int, runner_id: int, pid: int) -> None:
         """A runner took the slot; it takes jobs once it says it is ready."""
         slot = self.slots[index]
-        slot.runner_id, slot.pid, slot.connected = runner_id, pid, True
+        slot.runner_id, slot.pid, slot.connected, slot.coming = runner_id, pid, True, False
         slot.state_before = _slots.FRESH | runner_id
         slot.tasks, slot.retiring, slot.ready, slot.job = 0, False, False, None
         self.counts["processes_started"] += 1
@@ -376,6 +401,7 @@ class Pool:
             self._initializer_failed(slot, message, died, out)
         self.channel_closed(index)
         slot.ready = False
+        slot.coming = True  # the supervisor replaces a runner that exits
         job, slot.job = slot.job, None
         if job is not None:
             self._settle_stopped(slot, job, state, status, out, detail)
@@ -400,7 +426,7 @@ class Pool:
                 state = self.words.state(slot.index)
                 self._settle_stopped(slot, job, state, None, out, detail)
             slot.pid = slot.runner_id = slot.state_before = 0
-            slot.connected = slot.ready = False
+            slot.connected = slot.ready = slot.coming = False
         self.idle.clear()
 
     def _settle_stopped(

@@ -1,8 +1,9 @@
 """Every message that crosses a process boundary inside cancelk, in both directions.
 
-    user process ──control socket──► supervisor     SetTimeLimit, SetDeadline,
-                                                     SetMemoryLimit, GraceCancel,
-                                                     KillRunner, Preload, Shutdown
+    user process ──control socket──► supervisor     StartRunner, SetTimeLimit,
+                                                     SetDeadline, SetMemoryLimit,
+                                                     GraceCancel, KillRunner,
+                                                     Preload, Shutdown
     user process ◄──control socket── supervisor     SupervisorReady, StartFailed,
                                                      RunnerStarted (+ channel fd,
                                                      pidfd), RunnerExited, JobKilled
@@ -40,6 +41,7 @@ __all__ = [
     "SetDeadline",
     "SetMemoryLimit",
     "SetTimeLimit",
+    "StartRunner",
     "Shutdown",
     "StartFailed",
     "SupervisorReady",
@@ -98,6 +100,13 @@ class KillRunner(NamedTuple):
 
     slot: int
     runner_id: int
+
+
+class StartRunner(NamedTuple):
+    """Give ``slot`` a runner: jobs wait and no runner is idle (runners start
+    on demand, as the stdlib's workers do)."""
+
+    slot: int
 
 
 class Preload(NamedTuple):
@@ -163,6 +172,7 @@ ControlMessage = Union[
     SetMemoryLimit,
     GraceCancel,
     KillRunner,
+    StartRunner,
     Preload,
     Shutdown,
     SupervisorReady,
@@ -185,6 +195,7 @@ _LAYOUTS: dict[int, tuple[type, struct.Struct]] = {
     8: (JobKilled, struct.Struct("<QQQQq")),
     9: (SetDeadline, struct.Struct("<QQQq")),
     10: (SetMemoryLimit, struct.Struct("<QQQq")),
+    11: (StartRunner, struct.Struct("<Q")),
     16: (SupervisorReady, struct.Struct("")),
     17: (StartFailed, struct.Struct("<?")),
 }

@@ -116,8 +116,7 @@ class Supervisor:
         # Started: whatever fails from here on is a death, not a failed start.
         self._send(_protocol.SupervisorReady())
         self.ready = True
-        for slot in range(self.config.slots):
-            self._assign(slot, self._fork_runner())
+        # Runners start as the user process asks for them (StartRunner).
         if self.keep_spare:
             self._start_spare()
         try:
@@ -184,6 +183,18 @@ class Supervisor:
                 os.close(pidfd)
         fresh.user_end.close()
         fresh.user_end = None
+
+    def _start_runner(self, slot: int) -> None:
+        """A first runner for ``slot``: the warm spare if there is one."""
+        if slot in self.runners or not 0 <= slot < self.config.slots:
+            return  # asked twice, or for a slot that is no slot: nothing to do
+        spare, self.spare = self.spare, None
+        if spare is None:
+            self._assign(slot, self._fork_runner())
+            return
+        self.loop.remove_child(spare.pid)
+        self._assign(slot, spare)
+        self._start_spare()  # kept from the start: there is an initializer
 
     def _replace(self, slot: int) -> None:
         spare, self.spare = self.spare, None
@@ -320,6 +331,8 @@ class Supervisor:
             # A limit for a runner that is gone (replaced meanwhile) is moot.
             if self._is_current(message.slot, message.runner_id):
                 self._set_limit(message, _core.monotonic_ns())
+        elif isinstance(message, _protocol.StartRunner):
+            self._start_runner(message.slot)
         elif isinstance(message, _protocol.KillRunner):
             self._kill(message.slot, message.runner_id)
         elif isinstance(message, _protocol.Preload):

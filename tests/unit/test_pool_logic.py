@@ -552,3 +552,40 @@ def test_a_finished_future_is_freed_without_the_cyclic_gc(h):
         assert ref() is None, "the future and its job still hold each other"
     finally:
         gc.enable()
+
+
+def test_runners_start_on_demand_one_per_waiting_job():
+    h = Harness(size=4)
+    try:
+        assert not h.io.control, "no runner before the first job"
+        first = h.submit()
+        assert h.io.control == [_protocol.StartRunner(0)]
+        second = h.submit()
+        assert h.io.control[1:] == [_protocol.StartRunner(1)]
+        h.start_runner(0)
+        h.pool.fill_idle()
+        assert first.running() and not second.running()
+        third = h.submit()  # runner 1 is on its way for the second; a third is asked for
+        assert h.io.control[2:] == [_protocol.StartRunner(2)]
+        assert not third.running()
+    finally:
+        h.close()
+
+
+def test_a_pool_running_one_job_at_a_time_asks_for_one_runner():
+    h = Harness(size=32)
+    try:
+        for seq in range(1, 11):
+            future = h.submit()
+            if seq == 1:
+                h.start_runner(0)
+                h.pool.fill_idle()
+            assert future.running()
+            before = h.words.state(0)
+            h.words.begin(0, before, seq)
+            h.words.finish(0, seq)
+            h.runner_finishes(0, seq, seq)
+        starts = [m for m in h.io.control if isinstance(m, _protocol.StartRunner)]
+        assert starts == [_protocol.StartRunner(0)]
+    finally:
+        h.close()
