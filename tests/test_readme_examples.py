@@ -13,6 +13,7 @@ program a second time inside the supervisor.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -124,7 +125,10 @@ def test_readme_example_runs_under_every_start_method(tmp_path, name):
     text = EXAMPLES[name]
     methods = START_METHODS
     if _uses_dask(text):
-        pytest.importorskip("distributed")
+        # find_spec, not importorskip: importing distributed here would change
+        # how this process pickles every exception (tblib) for later tests.
+        if importlib.util.find_spec("distributed") is None:
+            pytest.skip("dask[distributed] is not installed")
         # The plugin starts its pools with spawn whatever the default is; one
         # cluster is enough (three at once do not fit a 2-core machine).
         methods = ("spawn",)
