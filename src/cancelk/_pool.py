@@ -305,10 +305,13 @@ class Pool:
         placement = job.placement
         assert placement is not None and self.words is not None
         if not self.words.decide_kill(placement.slot, job.seq, flag, placement.state_before):
-            # Lost: the job finished, or another cancel decided first.
+            # Lost: the job finished, or another cancel decided first.  The
+            # word is read before the flag: the winner sets the flag before
+            # it kills, and only after the kill can the word move on to a
+            # new runner, so one of the two reads sees the winner's decision.
             return flag == _slots.KILL_CANCEL and (
-                job.killed_by_cancel
-                or self.words.state(placement.slot) == job.seq | _slots.KILL_CANCEL
+                self.words.state(placement.slot) == job.seq | _slots.KILL_CANCEL
+                or job.killed_by_cancel
             )
         job.killed_by_cancel = flag == _slots.KILL_CANCEL
         if not self.io.kill_now(placement):
@@ -441,21 +444,22 @@ class Pool:
     ) -> None:
         """End the future of a job that was killed or died, once."""
         ending = _ending(job, state, status, slot.pid, detail, peak)
-        if self._count_end(job, ending.counter):
-            out.append(functools.partial(ending.settle, job.future))
+        # Unlinked only once settled: a concurrent cancel() that meets the
+        # still-RUNNING future must find the job, whose word says how it ended.
+        if self._count_end(job, ending.counter, unlink=False):
+            out.append(functools.partial(_settle_then_unlink, ending.settle, job.future))
 
     def count_cancelled(self, job: Job) -> None:
         """A cancel decided the running job's kill: it no longer counts as running."""
         self._count_end(job, "cancelled")
 
-    def _count_end(self, job: Job, counter: str) -> bool:
+    def _count_end(self, job: Job, counter: str, unlink: bool = True) -> bool:
         """Count the job's ending once; False if it was counted already."""
         if job.counted:
             return False
         job.counted = True
-        # Future and job refer to each other: unlinked here, a dropped future
-        # (with its 100 MB result) goes at once, not at the next cyclic GC.
-        job.future._cancelk_job = None  # type: ignore[attr-defined]
+        if unlink:
+            _unlink(job.future)
         self.counts[counter] += 1
         if job.placement is not None:
             self.running -= 1
@@ -511,6 +515,20 @@ class Ending(NamedTuple):
 
     counter: str
     settle: Callable[[Future], object]
+
+
+
+def _unlink(future: Future) -> None:
+    # Future and job refer to each other: unlinked, a dropped future (with
+    # its 100 MB result) goes at once, not at the next cyclic GC.
+    future._cancelk_job = None  # type: ignore[attr-defined]
+
+
+def _settle_then_unlink(settle: Callable[[Future], object], future: Future) -> None:
+    try:
+        settle(future)
+    finally:
+        _unlink(future)
 
 
 def _ending(
