@@ -94,13 +94,13 @@ class Site:
         self.host = host  # a procs.Host at a pool site, else None: this process hosts
         self.futures = []  # of the host pool, for job_guard
 
-    def submit(self, fn, *args, **kwargs):
+    def submit(self, fn, /, *args, **kwargs):
         """killable_wrapper(fn, ...) submitted to the host pool (pool sites)."""
         future = self.host.pool.submit(killable_wrapper, fn, *args, **kwargs)
         self.futures.append(future)
         return future
 
-    def call(self, fn, *args, **kwargs):
+    def call(self, fn, /, *args, **kwargs):
         """killable_wrapper(fn, ...) at this site: its result, or its exception."""
         if self.host is None:
             return killable_wrapper(fn, *args, **kwargs)
@@ -310,6 +310,10 @@ class TestKillableWrapper:
         site.assert_host_ok()
 
     @at(*POOL_SITES)
+    def test_job_keyword_named_fn_reaches_the_job_in_a_pool(self, site):
+        assert site.call(jobs.echo, 1, fn="f") == ((1,), {"fn": "f"})
+
+    @at(*POOL_SITES)
     def test_cancel_grace_sent_while_running_lets_job_finish(self, site, cancel_pipe, record_path):
         sender, receiver = cancel_pipe
         future = site.submit(
@@ -397,6 +401,17 @@ class TestKillableWrapper:
             assert time.monotonic() - start < SLACK
             if os.path.exists(record_path):  # the job may be killed before it records
                 assert_all_gone(procs.read_record(record_path, wait=0))
+
+    @at(DIRECT)
+    def test_job_keyword_named_fn_reaches_the_job(self):
+        # Issue 12.6: the wrapped function is positional-only, as submit's is.
+        assert killable_wrapper(jobs.echo, fn=1) == ((), {"fn": 1})
+        assert killable_wrapper(jobs.echo, 2, fn=jobs.add, args=3) == (
+            (2,),
+            {"fn": jobs.add, "args": 3},
+        )
+        with pytest.raises(TypeError):
+            killable_wrapper(fn=jobs.echo)  # as submit(fn=...): fn is no keyword
 
     @at(DIRECT)
     def test_cancel_grace_sent_before_the_call_lets_job_finish(self, cancel_pipe):

@@ -44,6 +44,7 @@ class _Job(Protocol):
 
 def killable_wrapper(
     fn: Callable[..., Any],
+    /,
     *args: Any,
     killable_wrapper_timeout: float | None = None,
     killable_wrapper_cancel_pipe: Any = None,
