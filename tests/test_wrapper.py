@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import math
 import os
 import pickle
@@ -310,6 +311,20 @@ class TestKillableWrapper:
         site.assert_host_ok()
 
     @at(*POOL_SITES)
+    def test_cancel_by_bytes_that_do_not_unpickle_stops_running_job(
+        self, site, cancel_pipe, record_path
+    ):
+        sender, receiver = cancel_pipe
+        future = site.submit(jobs.sleep_job, record_path, killable_wrapper_cancel_pipe=receiver)
+        with job_guard(record_path, site.futures):
+            records = procs.read_record(record_path)
+            sender.send_bytes(b"stop")
+            with pytest.raises(ProcessCancelledError, match="cancelled"):
+                future.result(timeout=RESULT_WAIT)
+            assert_all_gone(records)
+        site.assert_host_ok()
+
+    @at(*POOL_SITES)
     def test_job_keyword_named_fn_reaches_the_job_in_a_pool(self, site):
         assert site.call(jobs.echo, 1, fn="f") == ((1,), {"fn": "f"})
 
@@ -401,6 +416,41 @@ class TestKillableWrapper:
             assert time.monotonic() - start < SLACK
             if os.path.exists(record_path):  # the job may be killed before it records
                 assert_all_gone(procs.read_record(record_path, wait=0))
+
+    @at(DIRECT)
+    @pytest.mark.parametrize("raw", [b"stop", b"", b"\x80\x04garbage"])
+    def test_cancel_message_that_does_not_unpickle_cancels(self, cancel_pipe, raw, record_path):
+        # Issue 12.5: "anything that arrives cancels", also bytes that are no pickle.
+        sender, receiver = cancel_pipe
+        sender.send_bytes(raw)
+        start = time.monotonic()
+        with job_guard(record_path):
+            with pytest.raises(ProcessCancelledError):
+                killable_wrapper(jobs.sleep_job, record_path, killable_wrapper_cancel_pipe=receiver)
+            assert time.monotonic() - start < SLACK
+            if os.path.exists(record_path):
+                assert_all_gone(procs.read_record(record_path, wait=0))
+
+    @at(DIRECT)
+    @pytest.mark.parametrize(
+        "grace", [-1, -0.5, math.nan, -math.inf, "soon", [1], True], ids=repr
+    )
+    def test_malformed_cancel_grace_kills_now_and_warns(
+        self, cancel_pipe, grace, record_path, caplog
+    ):
+        # Issue 12.5: a grace that is no grace is none: kill now, say so.
+        sender, receiver = cancel_pipe
+        sender.send({"cancel_timeout": grace})
+        start = time.monotonic()
+        with job_guard(record_path), caplog.at_level(logging.WARNING, logger="cancelk"):
+            with pytest.raises(ProcessCancelledError):
+                killable_wrapper(jobs.sleep_job, record_path, killable_wrapper_cancel_pipe=receiver)
+            assert time.monotonic() - start < SLACK
+            if os.path.exists(record_path):
+                assert_all_gone(procs.read_record(record_path, wait=0))
+        warned = [r for r in caplog.records if r.name == "cancelk" and r.levelno == logging.WARNING]
+        assert len(warned) == 1, caplog.records
+        assert repr(grace) in warned[0].getMessage()
 
     @at(DIRECT)
     def test_job_keyword_named_fn_reaches_the_job(self):

@@ -20,10 +20,12 @@ spawn does, but not the host's in-memory state (its initializer's effects).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
 from cancelk import _child, _core, _kill, _wire
@@ -31,6 +33,8 @@ from cancelk.errors import ProcessCancelledError, ProcessTimeoutError, died_erro
 from cancelk.options import check_seconds, seconds_to_ns
 
 __all__ = ["killable_wrapper"]
+
+log = logging.getLogger("cancelk")
 
 _RESULT, _CHILD, _CANCEL = 0, 1, 2
 
@@ -54,9 +58,10 @@ def killable_wrapper(
 
     ``killable_wrapper_timeout``: seconds before the job's whole process group
     is killed and ProcessTimeoutError raised (None: no limit).
-    ``killable_wrapper_cancel_pipe``: a multiprocessing Connection; anything
-    received on it cancels the job (ProcessCancelledError); a dict with
-    ``cancel_timeout`` lets the job finish within that many seconds first.
+    ``killable_wrapper_cancel_pipe``: a multiprocessing Connection; any
+    message received on it cancels the job (ProcessCancelledError); a dict
+    with ``cancel_timeout`` lets the job finish within that many seconds
+    first.
     """
     if not callable(fn):
         raise TypeError(f"killable_wrapper needs a callable, not {type(fn).__name__}")
@@ -283,12 +288,10 @@ class _Watcher:
         assert self.cancel_fd is not None
         self.loop.remove_fd(self.cancel_fd)
         try:
-            message = self.cancel_pipe.recv()
+            message = _receive(self.cancel_pipe)
         except (EOFError, OSError):
-            return  # the sender went away without asking for anything
-        grace: float | None = 0.0
-        if isinstance(message, dict) and "cancel_timeout" in message:
-            grace = check_seconds(message["cancel_timeout"], "cancel_timeout")
+            return  # the sender went away without asking for anything: the job runs on
+        grace = _grace(message)
         if grace is None:
             return  # unlimited grace: the job is left to finish
         self.deadline_error = ProcessCancelledError
@@ -303,3 +306,40 @@ class _Watcher:
         if self.status is None:  # an error or interrupt in the host: never leave the job
             self.status = self.job.finish(whole_tree=True)
         self.loop.close()
+
+
+def _receive(pipe: Any) -> object:
+    """One message from the cancel pipe, whatever it holds: bytes that do not
+    unpickle are a message too.  EOFError/OSError: the sender went away."""
+    recv_bytes = getattr(pipe, "recv_bytes", None)
+    if not callable(recv_bytes):
+        try:
+            return pipe.recv()
+        except (EOFError, OSError):
+            raise
+        except Exception as why:  # it arrived, it did not decode
+            return why
+    data = recv_bytes()
+    try:
+        return ForkingPickler.loads(data)
+    except Exception as why:
+        log.debug("killable_wrapper: a cancel message that does not unpickle (%s): cancel", why)
+        return data
+
+
+def _grace(message: object) -> float | None:
+    """The grace a cancel message grants: 0 (kill now) unless it is a dict
+    with a valid ``cancel_timeout``; None for no limit."""
+    if not (isinstance(message, dict) and "cancel_timeout" in message):
+        return 0.0
+    value = message["cancel_timeout"]
+    try:
+        return check_seconds(value, "cancel_timeout")
+    except (TypeError, ValueError) as why:
+        log.warning(
+            "killable_wrapper: cancel message with cancel_timeout=%r, not a grace period (%s): "
+            "the job is killed now",
+            value,
+            why,
+        )
+        return 0.0
