@@ -22,6 +22,9 @@
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal 424
 #endif
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
 #endif
 
 int64_t cancelk_monotonic_ns(void)
@@ -165,6 +168,99 @@ int cancelk_has_exited(int pid)
 	if (rc < 0)
 		return -1;
 	return info.si_pid != 0;
+}
+
+/* waitid() of one child, retried on EINTR: by its pidfd when there is one
+ * (exact, Linux >= 5.4), else by pid.  A kernel without P_PIDFD (5.3)
+ * refuses it with EINVAL: then by pid. */
+static int waitid_child(int pid, int pidfd, siginfo_t *info, int options)
+{
+	int rc = -1;
+
+	info->si_pid = 0;
+#ifdef __linux__
+	if (pidfd >= 0) {
+		do {
+			rc = waitid((idtype_t)P_PIDFD, (id_t)pidfd, info, options);
+		} while (rc < 0 && errno == EINTR);
+		if (rc == 0 || errno != EINVAL)
+			return rc;
+		info->si_pid = 0;
+	}
+#else
+	(void)pidfd;
+#endif
+	do {
+		rc = waitid(P_PID, (id_t)pid, info, options);
+	} while (rc < 0 && errno == EINTR);
+	return rc;
+}
+
+/* Is the caller's child still unreaped: running, stopped, or a zombie?
+ * While it is, its pid and the id of the group it leads cannot name
+ * another process.  1 yes; 0 no, somebody else reaped it (ECHILD: a host's
+ * SIGCHLD handler, or SIGCHLD ignored); -1 on another error. */
+int cancelk_child_unreaped(int pid, int pidfd)
+{
+	siginfo_t info;
+
+	if (waitid_child(pid, pidfd, &info, WEXITED | WNOHANG | WNOWAIT) == 0)
+		return 1;
+	return errno == ECHILD ? 0 : -1;
+}
+
+/* Send sig to the caller's child, or (group != 0) to the process group it
+ * leads, only while the child is provably not reaped: a pid somebody else
+ * reaped may name another process by now.  To the child itself through its
+ * pidfd when there is one (the kernel refuses a reaped process); otherwise
+ * after cancelk_child_unreaped said yes, SIGCHLD blocked in this thread
+ * between the check and the kill so no handler of this thread reaps it in
+ * between.  1 sent; 0 nothing to send it to (reaped by somebody else, or
+ * nothing left in the group); -1 on error. */
+int cancelk_signal_child(int pid, int pidfd, int sig, int group)
+{
+	sigset_t block, saved;
+	int rc, unreaped, saved_errno;
+
+	if (pid <= 1) {
+		errno = EINVAL;
+		return -1;
+	}
+#ifdef __linux__
+	if (pidfd >= 0 && !group) {
+		if (syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) == 0)
+			return 1;
+		return errno == ESRCH ? 0 : -1;
+	}
+#endif
+	sigemptyset(&block);
+	sigaddset(&block, SIGCHLD);
+	if (sigprocmask(SIG_BLOCK, &block, &saved) != 0)
+		return -1;
+	unreaped = cancelk_child_unreaped(pid, pidfd);
+	rc = unreaped;
+	if (unreaped == 1) {
+		if ((group ? kill(-pid, sig) : kill(pid, sig)) == 0)
+			rc = 1;
+		else
+			rc = errno == ESRCH ? 0 : -1;
+	}
+	saved_errno = errno;
+	sigprocmask(SIG_SETMASK, &saved, NULL);
+	errno = saved_errno;
+	return rc;
+}
+
+/* Wait until the caller's child has stopped (after a SIGSTOP) or exited,
+ * leaving it unreaped.  0 when it has; 0 too when somebody else reaped it
+ * (ECHILD: nothing is left to wait for); -1 on another error. */
+int cancelk_wait_stopped(int pid, int pidfd)
+{
+	siginfo_t info;
+
+	if (waitid_child(pid, pidfd, &info, WSTOPPED | WEXITED | WNOWAIT) == 0)
+		return 0;
+	return errno == ECHILD ? 0 : -1;
 }
 
 /* The job words live in a MAP_SHARED page seen by the user process, the

@@ -21,6 +21,7 @@ __all__ = [
     "SharedWords",
     "become_group_leader",
     "become_job_process",
+    "child_unreaped",
     "die_with_parent",
     "has_exited",
     "kill_descendants",
@@ -33,8 +34,10 @@ __all__ = [
     "reap",
     "selected_backend",
     "set_child_subreaper",
+    "signal_child",
     "signal_dispositions",
     "signals_in",
+    "wait_stopped",
 ]
 
 DEADLINE = int(lib.CANCELK_TOKEN_DEADLINE)
@@ -189,6 +192,34 @@ def has_exited(pid: int) -> bool:
     if rc < 0:
         raise _fail(f"waitid({pid}, WNOWAIT)")
     return rc == 1
+
+
+def child_unreaped(pid: int, pidfd: int = -1) -> bool:
+    """True while the caller's child is not reaped (running, stopped or a
+    zombie): its pid, and its group id, still name it.  False once somebody
+    else reaped it.  ``pidfd`` (>= 0) names the child exactly (Linux)."""
+    rc = int(lib.cancelk_child_unreaped(pid, pidfd))
+    if rc < 0:
+        raise _fail(f"waitid({pid}, WNOWAIT)")
+    return rc == 1
+
+
+def signal_child(pid: int, sig: int, *, pidfd: int = -1, group: bool = False) -> bool:
+    """Signal the caller's child (or, with ``group``, the group it leads)
+    only while it is provably unreaped; through ``pidfd`` when given.
+    False if there was nothing to signal: reaped by somebody else, or gone."""
+    rc = int(lib.cancelk_signal_child(pid, pidfd, sig, 1 if group else 0))
+    if rc < 0:
+        target = f"-{pid}" if group else str(pid)
+        raise _fail(f"kill({target}, {sig}) of a child")
+    return rc == 1
+
+
+def wait_stopped(pid: int, pidfd: int = -1) -> None:
+    """Block until the caller's child has stopped or exited; it stays
+    unreaped.  Returns at once if somebody else reaped it."""
+    if lib.cancelk_wait_stopped(pid, pidfd) != 0:
+        raise _fail(f"waitid({pid}, WSTOPPED | WNOWAIT)")
 
 
 def list_children(parent: int) -> list[int] | None:
