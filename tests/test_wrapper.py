@@ -432,9 +432,7 @@ class TestKillableWrapper:
                 assert_all_gone(procs.read_record(record_path, wait=0))
 
     @at(DIRECT)
-    @pytest.mark.parametrize(
-        "grace", [-1, -0.5, math.nan, -math.inf, "soon", [1], True], ids=repr
-    )
+    @pytest.mark.parametrize("grace", [-1, -0.5, math.nan, -math.inf, "soon", [1], True], ids=repr)
     def test_malformed_cancel_grace_kills_now_and_warns(
         self, cancel_pipe, grace, record_path, caplog
     ):

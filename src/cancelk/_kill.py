@@ -164,7 +164,7 @@ def _wait_stopped(pid: int) -> None:
 
 
 @contextmanager
-def sigchld_blocked() -> Iterator[set[signal.Signals]]:
+def sigchld_blocked() -> Iterator[set[int | signal.Signals]]:
     """SIGCHLD blocked in this thread for the block, handlers already pending
     run first; yields the mask to restore (a child forked inside must).  In a
     single-threaded host this keeps a SIGCHLD handler that reaps (the host's,

@@ -2,13 +2,13 @@
 
     host worker (any pool)                       job process (own process group)
     killable_wrapper(fn, *args, ...)
-      fork  ------------------------------------>  fn(*args, **kwargs)
+      fork (SIGCHLD blocked, pidfd opened) ----->  fn(*args, **kwargs)
       wait in C, GIL released, for the first of:   encode outcome
         result frame    <------ result pipe -----  write frame, _exit
-        job exit (pidfd / waitid)
+        job exit (pidfd; posix: waitid WNOWAIT)
         cancel pipe message
         deadline (CLOCK_MONOTONIC)
-      kill(-pgid, SIGKILL), reap
+      stop: SIGSTOP, tree, group; reap
       return value | raise job's exception | ProcessTimeoutError |
       ProcessCancelledError | ProcessDiedError
 
@@ -16,12 +16,19 @@ If the host runs other threads, forking it is unsafe; the job then runs in a
 clean interpreter started for it (see ``_CleanJob``), which inherits the
 environment, working directory and ``sys.path`` and re-imports ``__main__`` as
 spawn does, but not the host's in-memory state (its initializer's effects).
+
+The host may reap its children behind our back (a SIGCHLD handler that calls
+``waitpid(-1)``): the job's exit is seen through its pidfd, a pid is
+signalled only while provably unreaped, a reaped job's status is reported
+unknown (a result that arrived still counts), and each fd is closed once.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -29,7 +36,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
 from cancelk import _child, _core, _kill, _wire
-from cancelk.errors import ProcessCancelledError, ProcessTimeoutError, died_error
+from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError, died_error
 from cancelk.options import check_seconds, seconds_to_ns
 
 __all__ = ["killable_wrapper"]
@@ -43,7 +50,25 @@ class _Job(Protocol):
     pid: int
     result_fd: int
 
-    def finish(self, *, whole_tree: bool) -> int: ...
+    def start(self) -> None:
+        """Set the job going (it is prepared, not running, before)."""
+
+    def watch(self, loop: _core.Loop, token: int) -> bool:
+        """Have ``loop`` report the job's end under ``token``; False if it
+        has ended already."""
+
+    def exited(self) -> bool:
+        """After ``token`` fired: has the job's process ended?"""
+
+    def finish(self, *, stop: bool) -> int | None:
+        """Kill what is left of the job (with ``stop``: its whole tree, and
+        wait until it is gone); its wait status, or None if unknown."""
+
+    def lost_status(self) -> str:
+        """Why the status is unknown, when ``finish`` returned None."""
+
+    def close(self) -> None:
+        """Stop the job if ``finish`` was not called; release every fd, once."""
 
 
 def killable_wrapper(
@@ -56,7 +81,7 @@ def killable_wrapper(
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` in a child process that can be killed.
 
-    ``killable_wrapper_timeout``: seconds before the job's whole process group
+    ``killable_wrapper_timeout``: seconds before the job's whole process tree
     is killed and ProcessTimeoutError raised (None: no limit).
     ``killable_wrapper_cancel_pipe``: a multiprocessing Connection; any
     message received on it cancels the job (ProcessCancelledError); a dict
@@ -68,23 +93,33 @@ def killable_wrapper(
     timeout = check_seconds(killable_wrapper_timeout, "killable_wrapper_timeout")
     cancel_pipe = killable_wrapper_cancel_pipe
     cancel_fd = _cancel_fd(cancel_pipe)
-    # Everything that can fail is set up before the fork, so a failure never
-    # leaves a job running.
-    loop = _core.Loop()
-    try:
-        started = _core.monotonic_ns()
-        job: _Job = (
-            _ForkedJob(fn, args, kwargs) if _alone_in_process() else _CleanJob(fn, args, kwargs)
-        )
-    except BaseException:
-        loop.close()
-        raise
+    started = _core.monotonic_ns()
     deadline = None if timeout is None else started + seconds_to_ns(timeout)
-    watcher = _Watcher(job, deadline, cancel_pipe, cancel_fd, loop)
+    job: _Job = _ForkedJob(fn, args, kwargs) if _alone_in_process() else _CleanJob(fn, args, kwargs)
+    return _run(job, deadline, cancel_pipe, cancel_fd).unwrap()
+
+
+def _run(job: _Job, deadline: int | None, cancel_pipe: Any, cancel_fd: int | None) -> _wire.Outcome:
+    """Start the job and wait for its outcome."""
+    # Everything that can fail is set up before the job starts, so a failure
+    # never leaves a job running.
     try:
-        return watcher.run().unwrap()
+        loop = _core.Loop()
+    except BaseException:
+        job.close()
+        raise
+    watcher = None
+    try:
+        job.start()
+        watcher = _Watcher(job, deadline, cancel_pipe, cancel_fd, loop)
+        return watcher.run()
     finally:
-        watcher.close()
+        try:
+            if watcher is not None:
+                watcher.close()
+            job.close()
+        finally:
+            loop.close()
 
 
 def _cancel_fd(pipe: Any) -> int | None:
@@ -103,27 +138,118 @@ def _alone_in_process() -> bool:
     return threading.active_count() == 1
 
 
-class _ForkedJob:
-    """The job forked from the host: it inherits the host's state."""
+class _ChildJob:
+    """A job process that is the host's own child: killed and reaped here,
+    never relying on being the only one who reaps it (issue 12.2)."""
+
+    pid: int
+    result_fd: int
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.pidfd = -1
+        self.result_fd = -1
+        self._finished = False
+        self._status: int | None = None
+        self._backend = _core.selected_backend()
+
+    def _adopt(self, pid: int, result_fd: int) -> None:
+        """Right after the fork, SIGCHLD blocked: the pid is still ours."""
+        self.pid = pid
+        self.result_fd = result_fd
+        if self._backend == "pidfd":
+            self.pidfd = _core.pidfd_open(pid)
+
+    def watch(self, loop: _core.Loop, token: int) -> bool:
+        if self.pidfd >= 0:
+            loop.add_fd(self.pidfd, token)  # readable once it exited, reaped or not
+            return True
+        try:
+            loop.add_child(self.pid, token)
+        except OSError as why:
+            if why.errno != errno.ECHILD:
+                raise
+            return False  # somebody reaped it already: it has ended
+        return True
+
+    def exited(self) -> bool:
+        return True
+
+    def finish(self, *, stop: bool) -> int | None:
+        if self._finished:
+            return self._status
+        self._finished = True
+        try:
+            with _kill.sigchld_blocked():  # the host's handler waits until we reaped
+                try:
+                    if stop:
+                        _kill.stop_child_tree(self.pid, self.pidfd)
+                    else:
+                        _core.signal_child(self.pid, signal.SIGKILL, pidfd=self.pidfd, group=True)
+                finally:
+                    # Whatever failed above, the job itself does not outlive the call.
+                    _core.signal_child(self.pid, signal.SIGKILL, pidfd=self.pidfd)
+                    self._status = _kill.reap_child(self.pid)
+        finally:
+            self._close_fds()
+        return self._status
+
+    def lost_status(self) -> str:
+        return (
+            "its exit status is unknown: another part of this process reaped it "
+            "(a SIGCHLD handler?)"
+        )
+
+    def close(self) -> None:
+        if not self._finished and self.pid:
+            self.finish(stop=True)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        fds, self.result_fd, self.pidfd = (self.result_fd, self.pidfd), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+
+class _ForkedJob(_ChildJob):
+    """The job forked from the host at the call: the host's state as it is now."""
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
+        super().__init__()
+        self._call = (fn, args, kwargs)
+
+    def start(self) -> None:
+        fn, args, kwargs = self._call
+        self._call = None  # type: ignore[assignment]
         read_fd, write_fd = os.pipe()
         host = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            _job_child(host, read_fd, write_fd, fn, args, kwargs)
-        os.close(write_fd)
-        _kill.join_own_group(pid)
+        try:
+            with _kill.sigchld_blocked() as mask:
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - runs in the child
+                    _job_child(host, mask, read_fd, write_fd, fn, args, kwargs)
+                os.close(write_fd)
+                write_fd = -1
+                _kill.join_own_group(pid)
+                try:
+                    self._adopt(pid, read_fd)
+                except BaseException:
+                    _core.signal_child(pid, signal.SIGKILL, group=True)
+                    _core.signal_child(pid, signal.SIGKILL)
+                    _kill.reap_child(pid)
+                    raise
+        except BaseException:
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
         os.set_blocking(read_fd, False)
-        self.pid = pid
-        self.result_fd = read_fd
-
-    def finish(self, *, whole_tree: bool) -> int:
-        return _reap_and_close(self.pid, self.result_fd, whole_tree=whole_tree)
 
 
 def _job_child(
     host: int,
+    mask: Any,
     read_fd: int,
     write_fd: int,
     fn: Callable[..., Any],
@@ -132,6 +258,7 @@ def _job_child(
 ) -> None:  # pragma: no cover - runs in the child
     code = 0
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the host's, as it was
         os.close(read_fd)
         _child.become_job_process(host)
         _kind, payload = _wire.run_and_encode(fn, args, kwargs)
@@ -143,38 +270,37 @@ def _job_child(
         os._exit(code)
 
 
-def _reap_and_close(pid: int, fd: int, *, whole_tree: bool) -> int:
-    try:
-        if whole_tree:
-            _kill.freeze_and_kill_tree(pid)
-        else:
-            _kill.kill_group(pid)
-        status = _core.reap(pid)
-        assert status is not None
-        return status
-    finally:
-        os.close(fd)
-
-
-class _CleanJob:
+class _CleanJob(_ChildJob):
     """The job in a fresh interpreter, for hosts where fork() is unsafe."""
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
-        job = _wire.dumps((fn, args, kwargs))
+        super().__init__()
+        self._job = _wire.dumps((fn, args, kwargs))  # an unpicklable call fails here, at once
+        self._popen: Any = None
+
+    def start(self) -> None:
         job_read, job_write = os.pipe()
         result_read, result_write = os.pipe()
         try:
-            self._popen = _child.start_interpreter(
-                "cancelk.wrapper:_clean_job_main",
-                (job_read, result_write),
-                (str(job_read), str(result_write), str(os.getpid())),
-                new_session=True,
-            )
+            with _kill.sigchld_blocked():
+                self._popen = _child.start_interpreter(
+                    "cancelk.wrapper:_clean_job_main",
+                    (job_read, result_write),
+                    (str(job_read), str(result_write), str(os.getpid())),
+                    new_session=True,
+                )
+                # It waits for its job on job_read: it cannot have ended yet.
+                self._adopt(self._popen.pid, result_read)
+        except BaseException:
+            if self._popen is not None:
+                self._popen.kill()
+                self._popen.wait()
+            os.close(result_read)
+            raise
         finally:
             os.close(job_read)
             os.close(result_write)
-        self.pid = self._popen.pid
-        self.result_fd = result_read
+            job, self._job = self._job, b""
         os.set_blocking(result_read, False)
         try:
             _child.send_main_and_payload(job_write, "cancelk-job", job)
@@ -183,9 +309,11 @@ class _CleanJob:
         finally:
             os.close(job_write)
 
-    def finish(self, *, whole_tree: bool) -> int:
-        status = _reap_and_close(self.pid, self.result_fd, whole_tree=whole_tree)
-        self._popen.returncode = os.waitstatus_to_exitcode(status)
+    def finish(self, *, stop: bool) -> int | None:
+        status = super().finish(stop=stop)
+        if self._popen is not None and self._popen.returncode is None:
+            # Popen must not wait for it again (it is reaped, by us or another).
+            self._popen.returncode = 0 if status is None else os.waitstatus_to_exitcode(status)
         return status
 
 
@@ -224,28 +352,24 @@ class _Watcher:
         self.deadline_error: type[Exception] = ProcessTimeoutError
         self.cancel_pipe = cancel_pipe
         self.reader = _wire.FrameReader()
-        self.outcome: _wire.Outcome | None = None
-        self.status: int | None = None
+        self.frame: bytes | None = None
+        self.finished = False
         self.loop = loop
         self.result_open = True
         self.cancel_fd = cancel_fd
-        try:
-            loop.add_fd(job.result_fd, _RESULT)
-            loop.add_child(job.pid, _CHILD)
-            if cancel_fd is not None:
-                loop.add_fd(cancel_fd, _CANCEL)
-        except BaseException:
-            self.close()
-            raise
+        loop.add_fd(job.result_fd, _RESULT)
+        self.pending = [] if job.watch(loop, _CHILD) else [_CHILD]
+        if cancel_fd is not None:
+            loop.add_fd(cancel_fd, _CANCEL)
 
     def run(self) -> _wire.Outcome:
         while True:
-            tokens = self.loop.wait(self.deadline)
+            tokens, self.pending = self.pending or self.loop.wait(self.deadline), []
             if _RESULT in tokens and self._drain():
                 return self._finished()
-            if _CHILD in tokens:
+            if _CHILD in tokens and self.job.exited():
                 self._drain()
-                return self._finished() if self.outcome else self._died()
+                return self._finished() if self.frame is not None else self._died()
             if _CANCEL in tokens:
                 self._on_cancel_message()
             if self.deadline is not None and _core.monotonic_ns() >= self.deadline:
@@ -253,36 +377,46 @@ class _Watcher:
 
     def _drain(self) -> bool:
         """Read what the pipe holds; True once a whole frame is in."""
-        while self.outcome is None and self.result_open:
+        while self.frame is None and self.result_open:
             try:
                 chunk = os.read(self.job.result_fd, 1 << 20)
             except BlockingIOError:
                 return False
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
                 self.result_open = False
                 self.loop.remove_fd(self.job.result_fd)
                 return False
             frames = self.reader.feed(chunk)
             if frames:
-                self.outcome = _wire.decode_outcome(frames[0])
-        return self.outcome is not None
+                self.frame = frames[0]
+        return self.frame is not None
 
     def _finished(self) -> _wire.Outcome:
-        assert self.outcome is not None
-        self.status = self.job.finish(whole_tree=False)
-        return self.outcome
+        assert self.frame is not None
+        self._end(stop=False)
+        return _wire.decode_outcome(self.frame)
 
     def _died(self) -> _wire.Outcome:
-        status = self.status = self.job.finish(whole_tree=False)
-        return _wire.Outcome(exception=died_error(self.job.pid, status))
+        status = self._end(stop=False)
+        if status is None:
+            error = ProcessDiedError(self.job.pid, detail=self.job.lost_status())
+        else:
+            error = died_error(self.job.pid, status)
+        return _wire.Outcome(exception=error)
 
     def _stop(self, error: type[Exception]) -> _wire.Outcome:
-        self.status = self.job.finish(whole_tree=True)
+        self._end(stop=True)
         if error is ProcessTimeoutError:
             message = f"job process {self.job.pid} ran past its time limit and was killed"
         else:
             message = f"job process {self.job.pid} was cancelled and killed"
         return _wire.Outcome(exception=error(message))
+
+    def _end(self, *, stop: bool) -> int | None:
+        self.finished = True
+        return self.job.finish(stop=stop)
 
     def _on_cancel_message(self) -> None:
         assert self.cancel_fd is not None
@@ -303,9 +437,8 @@ class _Watcher:
             self.deadline_error = ProcessTimeoutError
 
     def close(self) -> None:
-        if self.status is None:  # an error or interrupt in the host: never leave the job
-            self.status = self.job.finish(whole_tree=True)
-        self.loop.close()
+        if not self.finished:  # an error or interrupt in the host: never leave the job
+            self._end(stop=True)
 
 
 def _receive(pipe: Any) -> object:
