@@ -4,8 +4,12 @@
  * between a job finishing and a job being killed.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -261,6 +265,118 @@ int cancelk_wait_stopped(int pid, int pidfd)
 	if (waitid_child(pid, pidfd, &info, WSTOPPED | WEXITED | WNOWAIT) == 0)
 		return 0;
 	return errno == ECHILD ? 0 : -1;
+}
+
+/* The caller's open file descriptors, for handing them to another process
+ * (killable_wrapper's standby gets the host's fd table with each job):
+ * each fd in fds[], 1 in cloexec[] where FD_CLOEXEC is set; at most max.
+ * How many, or -1.  Read from /proc/self/fd (Linux) or /dev/fd; the
+ * directory's own descriptor is left out. */
+int cancelk_open_fds(int *fds, int *cloexec, int max)
+{
+#ifdef __linux__
+	const char *where = "/proc/self/fd";
+#else
+	const char *where = "/dev/fd";
+#endif
+	DIR *dir = opendir(where);
+	struct dirent *entry;
+	int own, fd, flags, n = 0, saved;
+
+	if (!dir)
+		return -1;
+	own = dirfd(dir);
+	errno = 0;
+	while ((entry = readdir(dir)) != NULL) {
+		const char *s = entry->d_name;
+
+		if (*s < '0' || *s > '9')
+			continue;
+		for (fd = 0; *s >= '0' && *s <= '9'; s++)
+			fd = fd * 10 + (*s - '0');
+		if (*s || fd == own)
+			continue;
+		flags = fcntl(fd, F_GETFD);
+		if (flags < 0)
+			continue;	/* closed meanwhile */
+		if (n == max) {
+			closedir(dir);
+			errno = EMFILE;
+			return -1;
+		}
+		fds[n] = fd;
+		cloexec[n] = (flags & FD_CLOEXEC) != 0;
+		n++;
+	}
+	saved = errno;
+	closedir(dir);
+	if (saved) {
+		errno = saved;
+		return -1;
+	}
+	return n;
+}
+
+/* Move fd to a number >= base (close-on-exec), closing the old one; the
+ * new number, or -1. */
+static int park_fd(int fd, int base)
+{
+	int moved = fcntl(fd, F_DUPFD_CLOEXEC, base);
+
+	if (moved < 0)
+		return -1;
+	close(fd);
+	return moved;
+}
+
+/* Give this process the file descriptor table it was sent: received[i]
+ * (as it arrived) becomes targets[i], close-on-exec as cloexec[i], for i <
+ * n; the received copies are closed.  The keep[] fds (the caller's own, in
+ * the way of the targets maybe) are moved above every target first, and
+ * keep[] updated to their new numbers; so are the received fds, so that
+ * placing one never overwrites another.  0, or -1 with errno set (a
+ * target or keep fd over the limit of open files: EINVAL or EMFILE). */
+int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int n,
+		      int *keep, int nkeep)
+{
+	struct rlimit limit;
+	int base = 3, i, fd;
+
+	for (i = 0; i < n; i++)
+		if (targets[i] >= base)
+			base = targets[i] + 1;
+	/* Room above the targets for everything moved there, checked first:
+	 * nothing is moved when the table cannot be placed. */
+	if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
+	    (rlim_t)base + (rlim_t)n + (rlim_t)nkeep > limit.rlim_cur) {
+		errno = EMFILE;
+		return -1;
+	}
+	for (i = 0; i < nkeep; i++) {
+		if (keep[i] >= base)
+			continue;
+		if ((fd = park_fd(keep[i], base)) < 0)
+			return -1;
+		keep[i] = fd;
+	}
+	for (i = 0; i < n; i++) {
+		if (received[i] >= base)
+			continue;
+		if ((fd = park_fd(received[i], base)) < 0)
+			return -1;
+		received[i] = fd;
+	}
+	for (i = 0; i < n; i++) {
+		if (dup2(received[i], targets[i]) < 0)
+			return -1;
+		if (!cloexec[i] && fcntl(targets[i], F_SETFD, 0) < 0)
+			return -1;
+		if (cloexec[i] && fcntl(targets[i], F_SETFD, FD_CLOEXEC) < 0)
+			return -1;
+		close(received[i]);
+		received[i] = targets[i];
+	}
+	return 0;
 }
 
 /* The job words live in a MAP_SHARED page seen by the user process, the

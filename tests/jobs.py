@@ -1022,3 +1022,34 @@ def daemon_target(method, conn):
         report["error"] = repr(exc)
     conn.send(report)
     conn.close()
+
+
+# --------------------------------------------------------------------------
+# killable_wrapper's standby processes (the template and its idle standby)
+
+
+def stop_standby_in_worker(directory: str, workers: int) -> int:
+    """In a host worker: stop its killable_wrapper standby processes, then
+    check in under ``directory`` and wait until ``workers`` workers did.
+    Each worker blocks here, so ``workers`` such calls reach every worker."""
+    from cancelk import wrapper
+
+    getattr(wrapper, "stop_standby", lambda: None)()
+    open(os.path.join(directory, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + RESULT_WAIT
+    while len(os.listdir(directory)) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {os.listdir(directory)} of {workers} workers checked in")
+        time.sleep(0.002)
+    return os.getpid()
+
+
+def standby_pids() -> dict[str, object]:
+    """In a host: the pids of its template and of the idle standbys it knows of."""
+    from cancelk import _standby
+
+    template = _standby._template
+    if template is None:
+        return {"template": None, "ready": []}
+    template.read_records(block=False)
+    return {"template": template.pid, "ready": [pid for pid, _, _ in template.ready]}

@@ -541,3 +541,33 @@ with open(out + ".tmp", "w") as f:
     json.dump({"priority": priority, "died": {str(k): v for k, v in died.items()}}, f)
 os.replace(out + ".tmp", out)
 """
+
+
+# --------------------------------------------------------------------------
+# killable_wrapper's standby processes in host pools
+
+
+def stop_standbys(host: Host) -> None:
+    """Stop the killable_wrapper standby processes of every worker of a host
+    pool (they would outlive the test that made them)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        futures = [
+            host.pool.submit(jobs.stop_standby_in_worker, directory, HOST_WORKERS)
+            for _ in range(HOST_WORKERS)
+        ]
+        pids = {f.result(timeout=RESULT_WAIT) for f in futures}
+    assert pids == {w.pid for w in host.workers}, (pids, host.workers)
+
+
+def host_worker_of(job_pid: int, workers) -> int:
+    """The host worker a wrapped job runs for: its parent when the worker
+    forked it, its grandparent when a standby ran it (the worker's template
+    forked the standby)."""
+    pid = job_pid
+    for _ in range(2):
+        pid = psutil.Process(pid).ppid()
+        if pid in workers:
+            return pid
+    raise AssertionError(f"job {job_pid} descends from none of the workers {workers}")

@@ -120,12 +120,20 @@ class Site:
 
 @pytest.fixture
 def site(request, site_setup, backend):
+    """The test's site; afterwards the killable_wrapper standby processes it
+    left (in the host pool's workers, or here) are stopped."""
     name, hosts = site_setup
     if name == DIRECT:
         request.getfixturevalue("single_threaded")
     elif name == THREADED:
         request.getfixturevalue("extra_thread")
-    return Site(name, hosts.get((name.removeprefix("pool-"), backend)))
+    site = Site(name, hosts.get((name.removeprefix("pool-"), backend)))
+    yield site
+    if site.host is not None:
+        concurrent.futures.wait(site.futures, timeout=RESULT_WAIT)
+        procs.stop_standbys(site.host)
+    else:
+        getattr(cancelk.wrapper, "stop_standby", lambda: None)()  # (none before the standbys)
 
 
 def assert_all_gone(records, job_pid=None, timeout=GONE):
@@ -289,12 +297,20 @@ class TestKillableWrapper:
     @at(*POOL_SITES)
     def test_job_is_forked_from_host_worker_with_its_state(self, site):
         host = site.host
+        workers = {w.pid for w in host.workers}
         info = site.call(jobs.host_info)
         assert info["state"] == host.token  # the initializer ran in the host, the job inherits
-        assert info["ppid"] in {w.pid for w in host.workers}
+        # By default a standby runs it: forked by the worker's template, the
+        # worker's own child (the template lives on until stopped).
+        template = psutil.Process(info["ppid"])
+        assert template.ppid() in workers
         assert info["pgid"] == info["pid"]  # its own process group
         assert info["backend_env"] == host.backend
         assert info["backend"] == host.backend  # what the wrapper's loop is built with
+        fresh = site.call(jobs.host_info, killable_wrapper_fresh=True)
+        assert fresh["state"] == host.token
+        assert fresh["ppid"] in workers  # forked by the worker at the call
+        assert fresh["pgid"] == fresh["pid"]
 
     @at(*POOL_SITES)
     def test_cancel_message_stops_running_job(self, site, cancel_pipe, record_path):

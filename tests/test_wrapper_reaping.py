@@ -103,6 +103,7 @@ for i in range(calls):
         key = "right" if right else what
         outcomes[kind][key] = outcomes[kind].get(key, 0) + 1
 
+getattr(cancelk.wrapper, "stop_standby", lambda: None)()
 deadline = time.monotonic() + 3
 while time.monotonic() < deadline:
     left = [f"{p.pid} {p.status()}" for p in psutil.Process().children(recursive=True)]
@@ -116,13 +117,14 @@ print(json.dumps({"outcomes": outcomes, "left": left, "reaped_by_handler": len(r
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("standby", ["0", "1"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reaping_sigchld_handler_never_breaks_a_call(backend, tmp_path):
+def test_reaping_sigchld_handler_never_breaks_a_call(backend, standby, tmp_path):
     if backend == "pidfd" and not procs.pidfd_supported():
         pytest.skip("this kernel (or a seccomp filter) does not allow pidfd_open(2)")
     script = tmp_path / "reaping_host.py"
     script.write_text(HOST)
-    env = dict(os.environ, CANCELK_BACKEND=backend)
+    env = dict(os.environ, CANCELK_BACKEND=backend, CANCELK_WRAPPER_STANDBY=standby)
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     before = set(procs.descendant_infos())
     try:
@@ -147,6 +149,6 @@ def test_reaping_sigchld_handler_never_breaks_a_call(backend, tmp_path):
     assert not report["left"], f"processes left in the host: {report['left']}"
     assert not left, f"processes left under the test: {[i.describe() for i in left]}"
     print(
-        f"{backend}: {5 * CALLS} calls right; the host's handler "
+        f"{backend}, standby {standby}: {5 * CALLS} calls right; the host's handler "
         f"reaped {reaped} children; {report['fds']} fds open at the end"
     )

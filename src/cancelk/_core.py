@@ -29,8 +29,10 @@ __all__ = [
     "kill_pid",
     "list_children",
     "monotonic_ns",
+    "open_fds",
     "pidfd_kill",
     "pidfd_open",
+    "place_fds",
     "reap",
     "selected_backend",
     "set_child_subreaper",
@@ -220,6 +222,37 @@ def wait_stopped(pid: int, pidfd: int = -1) -> None:
     unreaped.  Returns at once if somebody else reaped it."""
     if lib.cancelk_wait_stopped(pid, pidfd) != 0:
         raise _fail(f"waitid({pid}, WSTOPPED | WNOWAIT)")
+
+
+def open_fds() -> list[tuple[int, bool]]:
+    """This process's open file descriptors: (fd, close-on-exec) each."""
+    limit = 256
+    while True:
+        fds = ffi.new("int[]", limit)
+        cloexec = ffi.new("int[]", limit)
+        n = int(lib.cancelk_open_fds(fds, cloexec, limit))
+        if n >= 0:
+            return [(int(fds[i]), bool(cloexec[i])) for i in range(n)]
+        if ffi.errno != _errno.EMFILE or limit >= 1 << 24:
+            raise _fail("listing the open file descriptors")
+        limit *= 8
+
+
+def place_fds(received: list[int], targets: list[tuple[int, bool]], keep: list[int]) -> list[int]:
+    """Install a file descriptor table sent by another process: each received
+    fd moves to its target number (with its close-on-exec flag), the received
+    copies closed.  ``keep``, this process's own fds, are moved out of the way
+    first; their new numbers are returned."""
+    n = len(received)
+    if len(targets) != n:
+        raise ValueError(f"{n} fds received for {len(targets)} targets")
+    c_received = ffi.new("int[]", received or [0])
+    c_targets = ffi.new("int[]", [fd for fd, _ in targets] or [0])
+    c_cloexec = ffi.new("int[]", [int(flag) for _, flag in targets] or [0])
+    c_keep = ffi.new("int[]", keep or [0])
+    if lib.cancelk_place_fds(c_received, c_targets, c_cloexec, n, c_keep, len(keep)) != 0:
+        raise _fail("installing the file descriptors sent")
+    return [int(c_keep[i]) for i in range(len(keep))]
 
 
 def list_children(parent: int) -> list[int] | None:

@@ -1,23 +1,37 @@
 """killable_wrapper: a hard stop for jobs in pools cancelk does not own.
 
-    host worker (any pool)                       job process (own process group)
-    killable_wrapper(fn, *args, ...)
-      fork (SIGCHLD blocked, pidfd opened) ----->  fn(*args, **kwargs)
-      wait in C, GIL released, for the first of:   encode outcome
-        result frame    <------ result pipe -----  write frame, _exit
-        job exit (pidfd; posix: waitid WNOWAIT)
-        cancel pipe message
+    host worker H (any pool; one thread)          template T     standby S (own group)
+    killable_wrapper(fn, *args, ...)              (_standby)     forked by T ahead of
+      pickle (fn, args, kwargs)                                  time, blocked in read()
+      job frame -------------- S's channel ------------------->  fn(*args, **kwargs)
+      wait in C, GIL released, for the first of:                 encode outcome
+        result frame  <----------- S's channel ---------------   write frame, SIGKILL
+        S's end       <-- control: "S exited, status" --  T      its own group
+        cancel pipe message                               reaps S, kills its tree
         deadline (CLOCK_MONOTONIC)
-      stop: SIGSTOP, tree, group; reap
+      stop: SIGKILL S through its pidfd, "kill S" to T, wait for "S exited"
       return value | raise job's exception | ProcessTimeoutError |
       ProcessCancelledError | ProcessDiedError
 
-If the host runs other threads, forking it is unsafe; the job then runs in a
-clean interpreter started for it (see ``_CleanJob``), which inherits the
+The fork is T's, done while H waits for the previous job: a call costs H a
+pickle and two socket writes (``_standby`` has the processes, the protocol
+and what differs from forking at the call).  The job is forked from H at the
+call instead (``_ForkedJob``, the only way before) when asked
+(``killable_wrapper_fresh=True``, ``CANCELK_WRAPPER_STANDBY=0``), outside
+multiprocessing children unless ``CANCELK_WRAPPER_STANDBY=1``, when the call
+does not pickle, and when a standby could not load it:
+
+    H: fork (SIGCHLD blocked, pidfd opened before the host's handler can run)
+       ---> job: fn(*args, **kwargs), write result frame, _exit
+       wait as above on {result pipe, job's pidfd (posix: waitid WNOWAIT),
+       cancel pipe, deadline}; stop: SIGSTOP, tree, group; reap
+
+If H runs other threads, forking it is unsafe; the job then runs in a clean
+interpreter started for it (see ``_CleanJob``), which inherits the
 environment, working directory and ``sys.path`` and re-imports ``__main__`` as
 spawn does, but not the host's in-memory state (its initializer's effects).
 
-The host may reap its children behind our back (a SIGCHLD handler that calls
+H may reap its children behind our back (a SIGCHLD handler that calls
 ``waitpid(-1)``): the job's exit is seen through its pidfd, a pid is
 signalled only while provably unreaped, a reaped job's status is reported
 unknown (a result that arrived still counts), and each fd is closed once.
@@ -35,11 +49,13 @@ from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
-from cancelk import _child, _core, _kill, _wire
+from cancelk import _child, _core, _kill, _standby, _wire
 from cancelk.errors import ProcessCancelledError, ProcessDiedError, ProcessTimeoutError, died_error
 from cancelk.options import check_seconds, seconds_to_ns
 
-__all__ = ["killable_wrapper"]
+__all__ = ["killable_wrapper", "stop_standby"]
+
+stop_standby = _standby.stop_standby
 
 log = logging.getLogger("cancelk")
 
@@ -50,8 +66,9 @@ class _Job(Protocol):
     pid: int
     result_fd: int
 
-    def start(self) -> None:
-        """Set the job going (it is prepared, not running, before)."""
+    def start(self) -> bool:
+        """Set the job going (it is prepared, not running, before); False if
+        it could not be handed over and nothing ran."""
 
     def watch(self, loop: _core.Loop, token: int) -> bool:
         """Have ``loop`` report the job's end under ``token``; False if it
@@ -77,6 +94,7 @@ def killable_wrapper(
     *args: Any,
     killable_wrapper_timeout: float | None = None,
     killable_wrapper_cancel_pipe: Any = None,
+    killable_wrapper_fresh: bool = False,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` in a child process that can be killed.
@@ -86,21 +104,40 @@ def killable_wrapper(
     ``killable_wrapper_cancel_pipe``: a multiprocessing Connection; any
     message received on it cancels the job (ProcessCancelledError); a dict
     with ``cancel_timeout`` lets the job finish within that many seconds
-    first.
+    first.  ``killable_wrapper_fresh``: fork the job from this process now,
+    so it sees this process's state as it is at the call, rather than
+    handing it to a standby process forked earlier (see the README).
     """
     if not callable(fn):
         raise TypeError(f"killable_wrapper needs a callable, not {type(fn).__name__}")
     timeout = check_seconds(killable_wrapper_timeout, "killable_wrapper_timeout")
+    if not isinstance(killable_wrapper_fresh, bool):
+        raise TypeError("killable_wrapper_fresh must be True or False")
     cancel_pipe = killable_wrapper_cancel_pipe
     cancel_fd = _cancel_fd(cancel_pipe)
     started = _core.monotonic_ns()
     deadline = None if timeout is None else started + seconds_to_ns(timeout)
-    job: _Job = _ForkedJob(fn, args, kwargs) if _alone_in_process() else _CleanJob(fn, args, kwargs)
-    return _run(job, deadline, cancel_pipe, cancel_fd).unwrap()
+    fresh = killable_wrapper_fresh or not _alone_in_process() or not _standby.wanted()
+    if not fresh:
+        job = _standby.acquire(fn, args, kwargs)
+        if job is not None:
+            outcome = _run(job, deadline, cancel_pipe, cancel_fd)
+            if outcome is not None:
+                return outcome.unwrap()
+            # The standby could not load the job from its older state: fork it now.
+    job_here: _Job = (
+        _ForkedJob(fn, args, kwargs) if _alone_in_process() else _CleanJob(fn, args, kwargs)
+    )
+    outcome = _run(job_here, deadline, cancel_pipe, cancel_fd)
+    assert outcome is not None
+    return outcome.unwrap()
 
 
-def _run(job: _Job, deadline: int | None, cancel_pipe: Any, cancel_fd: int | None) -> _wire.Outcome:
-    """Start the job and wait for its outcome."""
+def _run(
+    job: _Job, deadline: int | None, cancel_pipe: Any, cancel_fd: int | None
+) -> _wire.Outcome | None:
+    """Start the job and wait for its outcome; None if it did not run (a
+    standby could not take it or load it)."""
     # Everything that can fail is set up before the job starts, so a failure
     # never leaves a job running.
     try:
@@ -110,7 +147,8 @@ def _run(job: _Job, deadline: int | None, cancel_pipe: Any, cancel_fd: int | Non
         raise
     watcher = None
     try:
-        job.start()
+        if not job.start():
+            return None
         watcher = _Watcher(job, deadline, cancel_pipe, cancel_fd, loop)
         return watcher.run()
     finally:
@@ -219,7 +257,7 @@ class _ForkedJob(_ChildJob):
         super().__init__()
         self._call = (fn, args, kwargs)
 
-    def start(self) -> None:
+    def start(self) -> bool:
         fn, args, kwargs = self._call
         self._call = None  # type: ignore[assignment]
         read_fd, write_fd = os.pipe()
@@ -245,6 +283,7 @@ class _ForkedJob(_ChildJob):
                     os.close(fd)
             raise
         os.set_blocking(read_fd, False)
+        return True
 
 
 def _job_child(
@@ -278,7 +317,7 @@ class _CleanJob(_ChildJob):
         self._job = _wire.dumps((fn, args, kwargs))  # an unpicklable call fails here, at once
         self._popen: Any = None
 
-    def start(self) -> None:
+    def start(self) -> bool:
         job_read, job_write = os.pipe()
         result_read, result_write = os.pipe()
         try:
@@ -308,6 +347,7 @@ class _CleanJob(_ChildJob):
             pass  # the job died before reading; its exit is reported as a death
         finally:
             os.close(job_write)
+        return True
 
     def finish(self, *, stop: bool) -> int | None:
         status = super().finish(stop=stop)
@@ -362,7 +402,7 @@ class _Watcher:
         if cancel_fd is not None:
             loop.add_fd(cancel_fd, _CANCEL)
 
-    def run(self) -> _wire.Outcome:
+    def run(self) -> _wire.Outcome | None:
         while True:
             tokens, self.pending = self.pending or self.loop.wait(self.deadline), []
             if _RESULT in tokens and self._drain():
@@ -393,9 +433,13 @@ class _Watcher:
                 self.frame = frames[0]
         return self.frame is not None
 
-    def _finished(self) -> _wire.Outcome:
+    def _finished(self) -> _wire.Outcome | None:
         assert self.frame is not None
         self._end(stop=False)
+        if self.frame == _standby.NOT_LOADED:
+            if isinstance(self.job, _standby.StandbyJob):
+                self.job.template.stale = True
+            return None
         return _wire.decode_outcome(self.frame)
 
     def _died(self) -> _wire.Outcome:
