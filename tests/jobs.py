@@ -1053,3 +1053,56 @@ def standby_pids() -> dict[str, object]:
         return {"template": None, "ready": []}
     template.read_records(block=False)
     return {"template": template.pid, "ready": [pid for pid, _, _ in template.ready]}
+
+
+def set_state(key: str, value: object) -> int:
+    """A plain (unwrapped) function run by a host: it changes the host's memory."""
+    STATE[key] = value
+    return os.getpid()
+
+
+def get_state(key: str) -> dict[str, object]:
+    """The job's view of STATE[key], with its pid and parent."""
+    return {"value": STATE.get(key), "pid": os.getpid(), "ppid": os.getppid()}
+
+
+def import_in_host(name: str) -> bool:
+    """A plain function run by a host: imports a module there (it was not, before)."""
+    import importlib
+
+    fresh = name not in sys.modules
+    importlib.import_module(name)
+    return fresh
+
+
+def define_late_job(value: object) -> int:
+    """A plain function run by a host: defines ``jobs.late_job`` there (after any
+    standby template was forked, so the template's jobs module lacks it)."""
+
+    def late_job():
+        return value, os.getppid()
+
+    late_job.__qualname__ = late_job.__name__ = "late_job"
+    globals()["late_job"] = late_job
+    return os.getpid()
+
+
+def write_fd(fd: int, data: bytes) -> int:
+    """Write to a descriptor the host opened: the job sees the host's fd table."""
+    os.write(fd, data)
+    return os.getpid()
+
+
+def open_fds_of_job() -> list[int]:
+    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
+
+
+def change_cwd(path: str) -> str:
+    """A plain function run by a host: changes its working directory."""
+    previous = os.getcwd()
+    os.chdir(path)
+    return previous
+
+
+def cwd() -> str:
+    return os.getcwd()

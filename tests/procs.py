@@ -571,3 +571,29 @@ def host_worker_of(job_pid: int, workers) -> int:
         if pid in workers:
             return pid
     raise AssertionError(f"job {job_pid} descends from none of the workers {workers}")
+
+
+def standby_processes(worker_pid: int) -> list[psutil.Process]:
+    """The killable_wrapper template of a host (its child running the host's
+    command line) and the standbys under it."""
+    found = []
+    try:
+        for child in psutil.Process(worker_pid).children():
+            found.append(child)
+            found.extend(child.children())
+    except psutil.NoSuchProcess:
+        pass
+    return found
+
+
+def pipe_and_socket_targets(pid: int) -> dict[int, str]:
+    """fd -> 'pipe:[inode]' / 'socket:[inode]' of a process (what it can hold open)."""
+    targets = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(("pipe:", "socket:")):
+            targets[int(name)] = target
+    return targets

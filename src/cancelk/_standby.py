@@ -271,6 +271,8 @@ class _Template:
         """The next standby: (pid, channel fd, pidfd or -1), now the caller's."""
         self.read_records(block=False)
         while True:
+            if self.gone:  # its standbys die with it: none may get a job now
+                raise _TemplateGone
             while self.ready:
                 pid, channel, pidfd = self.ready.popleft()
                 if _readable(channel):  # EOF: it died idle (killed from outside)
@@ -278,7 +280,7 @@ class _Template:
                     continue
                 self.watching.add(pid)
                 return pid, channel, pidfd
-            if self.gone or self.failed:
+            if self.failed:
                 raise _TemplateGone
             self.read_records(block=True)
 
@@ -554,12 +556,17 @@ class StandbyJob:
         return "its exit status is unknown: the standby's template process ended"
 
     def close(self) -> None:
-        global _busy
-        if not self._finished:
-            self.finish(stop=True)
-        fds, self.result_fd, self.pidfd = (self.result_fd, self.pidfd), -1, -1
-        _close_fds(*fds)
-        _busy = False
+        global _busy, _template
+        try:
+            if not self._finished:
+                self.finish(stop=True)
+        finally:
+            fds, self.result_fd, self.pidfd = (self.result_fd, self.pidfd), -1, -1
+            _close_fds(*fds)
+            _busy = False
+        if self.template.gone and _template is self.template:
+            _template = None  # it ended: reaped now, not left a zombie until the next call
+            self.template.close()
 
 
 # ------------------------------------------------------------ template side
