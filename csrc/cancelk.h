@@ -64,7 +64,7 @@ int cancelk_has_exited(int pid);
 int cancelk_child_unreaped(int pid, int pidfd);
 int cancelk_signal_child(int pid, int pidfd, int sig, int group);
 int cancelk_wait_stopped(int pid, int pidfd);
-int cancelk_open_fds(int *fds, int *cloexec, int max);
+int cancelk_open_fds(int dir, int *fds, int *cloexec, int max);
 int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int n,
                       int *keep, int nkeep);
 int64_t cancelk_word_load(int64_t *word);

@@ -270,46 +270,88 @@ int cancelk_wait_stopped(int pid, int pidfd)
 /* The caller's open file descriptors, for handing them to another process
  * (killable_wrapper's standby gets the host's fd table with each job):
  * each fd in fds[], 1 in cloexec[] where FD_CLOEXEC is set; at most max.
- * How many, or -1.  Read from /proc/self/fd (Linux) or /dev/fd; the
+ * How many, or -1.  Read from /proc/self/fd (Linux) or /dev/fd.  On Linux
+ * dir may be a descriptor of /proc/self/fd kept open by the caller (read
+ * again from its start: no path lookup, no open per call); else -1.  The
  * directory's own descriptor is left out. */
-int cancelk_open_fds(int *fds, int *cloexec, int max)
+static int add_fd(int fd, int skip, int *fds, int *cloexec, int max, int *n)
+{
+	int flags;
+
+	if (fd == skip)
+		return 0;
+	flags = fcntl(fd, F_GETFD);
+	if (flags < 0)
+		return 0;	/* closed meanwhile */
+	if (*n == max) {
+		errno = EMFILE;
+		return -1;
+	}
+	fds[*n] = fd;
+	cloexec[*n] = (flags & FD_CLOEXEC) != 0;
+	(*n)++;
+	return 0;
+}
+
+static int parse_fd(const char *s)
+{
+	int fd = 0;
+
+	if (*s < '0' || *s > '9')
+		return -1;
+	while (*s >= '0' && *s <= '9')
+		fd = fd * 10 + (*s++ - '0');
+	return *s ? -1 : fd;
+}
+
+int cancelk_open_fds(int dir, int *fds, int *cloexec, int max)
 {
 #ifdef __linux__
 	const char *where = "/proc/self/fd";
 #else
 	const char *where = "/dev/fd";
 #endif
-	DIR *dir = opendir(where);
+	DIR *listing;
 	struct dirent *entry;
-	int own, fd, flags, n = 0, saved;
+	int fd, n = 0, saved;
 
-	if (!dir)
+#ifdef __linux__
+	if (dir >= 0) {
+		char buf[4096];
+		long got, off;
+
+		if (lseek(dir, 0, SEEK_SET) < 0)
+			return -1;
+		while ((got = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
+			for (off = 0; off < got;) {
+				/* struct linux_dirent64: ino, off, reclen, type, name */
+				unsigned short reclen = *(unsigned short *)(buf + off + 16);
+
+				fd = parse_fd(buf + off + 19);
+				off += reclen;
+				if (fd >= 0 && add_fd(fd, dir, fds, cloexec, max, &n) != 0)
+					return -1;
+			}
+		}
+		return got < 0 ? -1 : n;
+	}
+#else
+	(void)dir;
+#endif
+	listing = opendir(where);
+	if (!listing)
 		return -1;
-	own = dirfd(dir);
 	errno = 0;
-	while ((entry = readdir(dir)) != NULL) {
-		const char *s = entry->d_name;
-
-		if (*s < '0' || *s > '9')
-			continue;
-		for (fd = 0; *s >= '0' && *s <= '9'; s++)
-			fd = fd * 10 + (*s - '0');
-		if (*s || fd == own)
-			continue;
-		flags = fcntl(fd, F_GETFD);
-		if (flags < 0)
-			continue;	/* closed meanwhile */
-		if (n == max) {
-			closedir(dir);
+	while ((entry = readdir(listing)) != NULL) {
+		fd = parse_fd(entry->d_name);
+		if (fd >= 0 && add_fd(fd, dirfd(listing), fds, cloexec, max, &n) != 0) {
+			closedir(listing);
 			errno = EMFILE;
 			return -1;
 		}
-		fds[n] = fd;
-		cloexec[n] = (flags & FD_CLOEXEC) != 0;
-		n++;
 	}
 	saved = errno;
-	closedir(dir);
+	closedir(listing);
 	if (saved) {
 		errno = saved;
 		return -1;

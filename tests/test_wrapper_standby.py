@@ -253,13 +253,16 @@ def start_pool(method, backend, **options):
     return pool
 
 
+IDLE = 1 + _standby._SPARES  # a template and its idle standbys
+
+
 def standbys_of(workers):
-    """{worker pid: [its template, its idle standby]}, once each worker has
-    just those (the standby of the last job reaped)."""
+    """{worker pid: [its template, its idle standbys]}, once each worker has
+    just those (the standby of the last job reaped, the spares forked)."""
     deadline = time.monotonic() + RESULT_WAIT
     while True:
         found = {pid: procs.standby_processes(pid) for pid in workers}
-        if all(len(found[pid]) == 2 for pid in workers) or time.monotonic() > deadline:
+        if all(len(found[pid]) == IDLE for pid in workers) or time.monotonic() > deadline:
             return found
         time.sleep(0.01)
 
@@ -283,7 +286,7 @@ def test_worker_sigkilled_while_idle_is_seen_at_once_and_takes_its_standbys(back
         workers = sorted(pool._processes)
         standbys = standbys_of(workers)
         for worker in workers:
-            assert len(standbys[worker]) == 2, standbys
+            assert len(standbys[worker]) == IDLE, standbys
             assert_no_pool_fds(worker, standbys[worker])
         victim = workers[0]
         busy = pool.submit(jobs.sleep_return, 30)  # a plain job: the other worker

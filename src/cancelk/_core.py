@@ -224,13 +224,15 @@ def wait_stopped(pid: int, pidfd: int = -1) -> None:
         raise _fail(f"waitid({pid}, WSTOPPED | WNOWAIT)")
 
 
-def open_fds() -> list[tuple[int, bool]]:
-    """This process's open file descriptors: (fd, close-on-exec) each."""
+def open_fds(directory: int = -1) -> list[tuple[int, bool]]:
+    """This process's open file descriptors: (fd, close-on-exec) each.
+    ``directory``: an fd of /proc/self/fd the caller keeps open (Linux: no
+    lookup and open per call), left out of the list; -1 to open one."""
     limit = 256
     while True:
         fds = ffi.new("int[]", limit)
         cloexec = ffi.new("int[]", limit)
-        n = int(lib.cancelk_open_fds(fds, cloexec, limit))
+        n = int(lib.cancelk_open_fds(directory, fds, cloexec, limit))
         if n >= 0:
             return [(int(fds[i]), bool(cloexec[i])) for i in range(n)]
         if ffi.errno != _errno.EMFILE or limit >= 1 << 24:

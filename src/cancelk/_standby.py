@@ -1,32 +1,39 @@
 """Standby job processes for killable_wrapper: the fork taken off the call's path.
 
-    host worker H (any pool)          template T                 standby S (one-shot)
-    killable_wrapper(fn, ...)         forked from H once; H's    forked from T ahead of
-                                      state as of that fork      time, waits in read()
-     take S  <---- control socket ---- "standby S" + S's channel
-                                       end and pidfd (SCM_RIGHTS)
-     H's fd table (SCM_RIGHTS), job frame -- S's channel ---->  same fds as H, then
+    host worker H (any pool)         template T (H's child)        standby S (T's child)
+    killable_wrapper(fn, ...)        forked from H once: H's       one-shot; two kept
+                                     memory as of that fork,       forked ahead of time
+                                     none of H's fds               warm-up, then "r" -->T
+     take S  <------- control ------ "standby S" + H's end of
+                      socket         S's channel and S's pidfd
+                                     (SCM_RIGHTS)
+     H's fd table (SCM_RIGHTS) and the job -- S's channel ---->  H's fds in place,
+                                                                 "j" --> T, then
                                                                  fn(*args, **kwargs)
-                                      "taken" pipe <-----------  (T forks the next S)
-     result frame <-------------------------------------------  result, then SIGKILL
-     SIGKILL S by pidfd ------------------------------------------->  of its own group
-     "kill S" ------ control ------>  S exits: kill S's group,
-     "S exited, status" <-----------   reap S, sweep orphans
+     result frame <----------------------- S's channel -------  result frame; waits
+     close S's channel, SIGKILL S by pidfd ---------------------->  kills its group
+                                     S exits: T kills its group,
+                                     reaps it, sweeps its orphans;
+                                     forks the next standby
+     stop (time limit, cancel): SIGKILL S by pidfd, "kill S" -> T; wait for
+     "S exited, status" <- T  (a death: that report, with no result before it)
 
-Every call costs H a pickle, a listing of its fds and two socket writes, not
-a fork: T forks the next standby while H is elsewhere.  T keeps none of H's
-file descriptors (a pipe H closes later must reach EOF; a pool must see its
-worker's exit), so a standby holds none while idle; with its job it gets H's
-fd table as it is at the call, same numbers, same close-on-exec flags.
+A call costs H a pickle, a listing of its fds and two socket writes, not a
+fork: T forks the next standby while H is elsewhere (SCHED_BATCH: it preempts
+nobody; after a job took its standby, when that job ended or 2 ms later).  T
+keeps none of H's file descriptors (a pipe H closes later must reach EOF; a
+pool must see its worker's exit), so an idle standby holds none either; with
+its job it gets H's fd table as it is at the call, same numbers, same
+close-on-exec flags.
 
 T and S are job processes (``_child.become_job_process``): own process
 group, child subreaper, dead with their parent -- T with H, S with T -- tree
-and all.  T also exits on EOF of
-its control socket (H gone, or ``stop_standby``), killing its standbys first.
+and all.  T also ends on EOF of its control socket (H gone, or
+``stop_standby``), killing its standbys first; S on EOF of its channel.
 
-T is H's child; S is T's child, so T alone reaps S, and a pid or group id of
-S is acted on only in T, while S is unreaped (or in H through S's pidfd).
-H's SIGCHLD handler, if it reaps, never sees S.
+T is H's child; S is T's child, so T alone reaps S: a pid or group id of S
+is acted on only in T, while S is unreaped, or in H through S's pidfd.  A
+SIGCHLD handler of H's that reaps never sees S.
 
 What differs from forking the job at the call (``killable_wrapper_fresh=True``
 or ``CANCELK_WRAPPER_STANDBY=0`` restore that):
@@ -40,7 +47,7 @@ or ``CANCELK_WRAPPER_STANDBY=0`` restore that):
   when they do not pickle, the call forks the job from H as before;
 - the job's parent is T, not H;
 - after a result the call returns without waiting for the job's process to
-  be torn down: it has been sent SIGKILL, and T reaps it.
+  be torn down: it has been sent SIGKILL (it kills its group), T reaps it.
 
 By default standbys serve hosts that are multiprocessing children (pool
 workers), where what runs between two calls is the pool's own loop; a main
@@ -76,10 +83,11 @@ _EXITED = 2  # T -> H: a standby was reaped, its tree killed (value: wait status
 _FAILED = 3  # T -> H: no standby will come (value: errno); H ends T
 _KILL = 4  # H -> T: stop this standby's job, tree and all
 
-_CONTROL = 0  # T's loop token of the control socket; a standby's are pid*2 (exit), pid*2+1 (taken)
+_CONTROL = 0  # T's loop token of the control socket; a standby's: pid*2 exit, pid*2+1 news
 _WAIT_T = 10.0  # seconds H waits for T to answer before it gives T up
 _SPARE_DELAY_NS = 2_000_000  # T forks the next standby this long after one took its job
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_FD = struct.Struct("i")
 
 # The outcome frame of a job its standby could not unpickle (a name the host
 # defined after the template's fork): empty, which no encoded outcome is.
@@ -164,19 +172,59 @@ def _take() -> tuple[_Template, int, int, int] | None:
 
 def stop_standby() -> None:
     """Stop this process's standby processes (the template and its idle
-    standby) and wait until they are gone; the next call forks new ones.
-    Call it after changing state that later jobs must see."""
-    global _template
+    standbys) and wait until they are gone; the next call forks new ones.
+    Call it after changing state that later jobs must see.  No process or
+    descriptor of cancelk's is left in this process afterwards."""
+    global _template, _loop, _fd_directory
     template, _template = _template, None
-    if template is not None:
-        template.close()
+    try:
+        if template is not None:
+            template.close()
+    finally:
+        loop, _loop = _loop, None
+        if loop is not None:
+            loop.close()
+        if _fd_directory >= 0:
+            os.close(_fd_directory)
+        _fd_directory = -2
+
+
+_fd_directory = -2  # this process's /proc/self/fd, kept open (-1: none to keep)
+_loop: _core.Loop | None = None  # the loop standby calls wait in, kept from call to call
+
+
+def _call_loop(backend: str) -> _core.Loop:
+    global _loop
+    if _loop is None or _loop.backend != backend:
+        if _loop is not None:
+            _loop.close()
+        _loop = None
+        _loop = _core.Loop(backend)
+    return _loop
+
+
+def _fd_dir() -> int:
+    global _fd_directory
+    if _fd_directory == -2:
+        try:
+            _fd_directory = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            _fd_directory = -1
+    return _fd_directory
 
 
 def _forget_in_child() -> None:
-    """After any fork of this process: the child is not the template's host."""
-    global _template, _busy
+    """After any fork of this process: the child is not the template's host
+    (and /proc/self/fd, opened here, lists the parent's fds)."""
+    global _template, _busy, _fd_directory, _loop
     template, _template = _template, None
     _busy = False
+    if _fd_directory >= 0:
+        os.close(_fd_directory)
+    _fd_directory = -2
+    loop, _loop = _loop, None
+    if loop is not None:
+        loop.close()  # our copies of its epoll and timer fds, closed now
     if template is not None:
         template.forget()
 
@@ -269,15 +317,13 @@ class _Template:
 
     def take(self) -> tuple[int, int, int]:
         """The next standby: (pid, channel fd, pidfd or -1), now the caller's."""
-        self.read_records(block=False)
+        if _readable(self.control.fileno()):  # news, or EOF: T is gone
+            self.read_records(block=False)
         while True:
             if self.gone:  # its standbys die with it: none may get a job now
                 raise _TemplateGone
-            while self.ready:
+            if self.ready:
                 pid, channel, pidfd = self.ready.popleft()
-                if _readable(channel):  # EOF: it died idle (killed from outside)
-                    _close_fds(channel, pidfd)
-                    continue
                 self.watching.add(pid)
                 return pid, channel, pidfd
             if self.failed:
@@ -288,9 +334,7 @@ class _Template:
         """Take in what T sent; with ``block``, wait for one record at least."""
         while not self.gone:
             try:
-                data, fds, _flags, _address = socket.recv_fds(
-                    self.control, _RECORD.size - len(self._buffer), 2, _RECV_FLAGS
-                )
+                data, fds = _recv_fds(self.control, _RECORD.size - len(self._buffer), 2)
             except BlockingIOError:
                 if not block:
                     return
@@ -301,8 +345,6 @@ class _Template:
             except OSError:
                 self._lost()
                 return
-            for fd in fds:
-                os.set_inheritable(fd, False)
             self._fds.extend(fds)
             if not data:
                 self._lost()
@@ -324,6 +366,10 @@ class _Template:
         if kind == _EXITED:
             if pid in self.watching:
                 self.exits[pid] = value
+            else:  # an idle standby ended (killed from outside): not to be handed a job
+                for entry in [e for e in self.ready if e[0] == pid]:
+                    self.ready.remove(entry)
+                    _close_fds(entry[1], entry[2])
         elif kind == _FAILED:
             log.debug("killable_wrapper: template %d cannot fork: %s", self.pid, os.strerror(value))
             self.failed = True
@@ -388,7 +434,7 @@ def _host_fds(template: _Template, exclude: tuple[int, ...]) -> list[tuple[int, 
     ours = {template.control.fileno(), *exclude, *template._fds}
     for _pid, channel, pidfd in template.ready:
         ours.update((channel, pidfd))
-    return [(fd, cloexec) for fd, cloexec in _core.open_fds() if fd not in ours]
+    return [(fd, cloexec) for fd, cloexec in _core.open_fds(_fd_dir()) if fd not in ours]
 
 
 # Per message on the channel: how many fds the job's table has, then each
@@ -400,7 +446,7 @@ _CHUNK = 250  # SCM_MAX_FD is 253
 
 def _send_job(channel: int, table: list[tuple[int, bool]], payload: bytes) -> None:
     """H's fd table and the job, in one sendmsg when the table fits one."""
-    sock = socket.socket(fileno=channel)
+    sock = _socket(channel)
     try:
         head = _COUNT.pack(len(table)) + b"".join(
             _ENTRY.pack(fd, int(cloexec)) for fd, cloexec in table
@@ -428,9 +474,9 @@ def _send_all(sock: socket.socket, buffers: list[bytes], fds: list[int]) -> None
 
 def _receive_fds(channel: int) -> tuple[list[int], list[tuple[int, bool]]] | None:
     """In the standby: the fds H sent and where they go; None on EOF."""
-    sock = socket.socket(fileno=channel)
+    sock = _socket(channel)
     try:
-        head, received, _flags, _address = socket.recv_fds(sock, _COUNT.size, _CHUNK, _RECV_FLAGS)
+        head, received = _recv_fds(sock, _COUNT.size, _CHUNK)
         if not head:
             return None
         if len(head) < _COUNT.size:
@@ -440,7 +486,7 @@ def _receive_fds(channel: int) -> tuple[list[int], list[tuple[int, bool]]] | Non
         if table_bytes is None:
             return None
         while len(received) < count:
-            _, more, _flags, _address = socket.recv_fds(sock, 1, _CHUNK, _RECV_FLAGS)
+            _, more = _recv_fds(sock, 1, _CHUNK)
             if not more:
                 return None
             received += more
@@ -448,6 +494,28 @@ def _receive_fds(channel: int) -> tuple[list[int], list[tuple[int, bool]]] | Non
         sock.detach()
     table = [(fd, bool(cloexec)) for fd, cloexec in _ENTRY.iter_unpack(table_bytes)]
     return received, table
+
+
+def _socket(fd: int) -> socket.socket:
+    """A socket object on one of our socketpair fds; detach() it when done.
+    (Given family and type, Python asks the kernel nothing.)"""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+
+
+def _recv_fds(sock: socket.socket, size: int, most: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """recvmsg of up to ``size`` bytes and ``most`` fds (close-on-exec)."""
+    data, ancillary, _flags, _address = sock.recvmsg(
+        size, socket.CMSG_SPACE(most * _FD.size), flags | _RECV_FLAGS
+    )
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            whole = len(payload) - len(payload) % _FD.size
+            fds.extend(fd for (fd,) in _FD.iter_unpack(payload[:whole]))
+    if not _RECV_FLAGS:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+    return data, fds
 
 
 def _readable(fd: int, timeout: float = 0.0) -> bool:
@@ -519,6 +587,19 @@ class StandbyJob:
             self._fds = []
         os.set_blocking(self.result_fd, False)
         return True
+
+    def open_loop(self) -> _core.Loop:
+        return _call_loop(self.template.backend)
+
+    def close_loop(self, loop: _core.Loop, *, clean: bool) -> None:
+        global _loop
+        try:
+            loop.remove_fd(self.template.control.fileno())
+        except OSError:
+            clean = False
+        if not clean and _loop is loop:
+            _loop = None
+            loop.close()
 
     def watch(self, loop: _core.Loop, token: int) -> bool:
         loop.add_fd(self.template.control.fileno(), token)
@@ -604,25 +685,37 @@ def _drop_host_fds(keep: int) -> None:  # pragma: no cover - runs in the templat
             os.close(fd)
 
 
-_IDLE, _BUSY = 0, 1  # a standby, as T sees it
+_STARTING, _READY, _BUSY = 0, 1, 2  # a standby, as T sees it
+_SPARES = 2  # standbys kept starting or ready: a call finds one warmed up
 _IDLE_DEATHS = 3  # standbys in a row that end idle: T gives up forking them
 
 
 class _Standby:  # pragma: no cover - lives in the template
-    __slots__ = ("news", "state")
+    __slots__ = ("channel", "news", "pidfd", "state")
 
-    def __init__(self, news: int) -> None:
-        self.news = news  # read end of its news pipe ("j": it took its job); -1 closed
-        self.state = _IDLE
+    def __init__(self, news: int, channel: socket.socket, pidfd: int) -> None:
+        self.news = news  # read end of its news pipe ("r" ready, "j" job taken); -1 closed
+        self.channel: socket.socket | None = channel  # H's end, sent when it is ready
+        self.pidfd = pidfd
+        self.state = _STARTING
+
+    def forget_h_end(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        _close_fds(self.pidfd)
+        self.pidfd = -1
 
 
 class _Server:  # pragma: no cover - runs in the template
-    """T: keeps one idle standby forked, cleans up after each standby's end.
+    """T: keeps ``_SPARES`` standbys started, cleans up after each one's end.
 
-    Its own work (a fork, a reap) is kept off the calls' path: the next
-    standby is forked when the busy one has ended, or ``_SPARE_DELAY_NS``
-    after it took its job, whichever comes first -- not the moment it took
-    its job, when a fork here would take the CPU from that job.
+    A standby is announced to H when it is warmed up and blocked in read().
+    The work here (a fork, a reap) is kept off the calls' path: after a
+    standby took its job, the next one is forked when that one has ended or
+    ``_SPARE_DELAY_NS`` later, whichever comes first -- not at once, when a
+    fork here would take the CPU from that job; and forks run SCHED_BATCH,
+    preempting nobody (the standby starts so too, and leaves it when ready).
     """
 
     def __init__(self, control: socket.socket) -> None:
@@ -631,13 +724,13 @@ class _Server:  # pragma: no cover - runs in the template
         self.pidfds = self.loop.backend == "pidfd"
         self.loop.add_fd(control.fileno(), _CONTROL)
         self.kids: dict[int, _Standby] = {}  # every unreaped standby
-        self.spare_due: int | None = None  # when to fork the next standby, if none is idle
+        self.spare_due: int | None = None  # when to fork the next standby
         self.idle_deaths = 0  # standbys in a row that ended before taking a job
         self.buffer = bytearray()
         self.children_file = f"/proc/self/task/{os.getpid()}/children"
 
     def serve(self) -> None:
-        self.fork_standby()
+        self.ensure_spares()
         while True:
             for token in self.loop.wait(self.spare_due):
                 if token == _CONTROL:
@@ -645,72 +738,80 @@ class _Server:  # pragma: no cover - runs in the template
                         self.shutdown()
                         return
                 elif token == _core.DEADLINE:
-                    self.ensure_spare()
+                    self.ensure_spares()
                 elif token & 1:
                     self.on_news(token >> 1)
                 else:
                     self.on_exit(token >> 1)
 
-    def ensure_spare(self) -> None:
+    def ensure_spares(self) -> None:
         self.spare_due = None
-        if self.idle_deaths >= _IDLE_DEATHS:
-            return  # they cannot start here: H was told, and forks its jobs itself
-        if not any(kid.state == _IDLE for kid in self.kids.values()):
-            self.fork_standby()
+        spares = sum(kid.state != _BUSY for kid in self.kids.values())
+        while spares < _SPARES and self.idle_deaths < _IDLE_DEATHS:
+            if not self.fork_standby():
+                return
+            spares += 1
 
-    def fork_standby(self) -> None:
-        """Fork the next standby; on failure tell H (which then forks its jobs
+    def fork_standby(self) -> bool:
+        """Fork a standby; on failure tell H (which then forks its jobs
         itself and ends us), and keep serving the standbys running jobs."""
         try:
             channel, channel_s = socket.socketpair()
             news_r, news_w = os.pipe()
         except OSError as why:
             self.send(_FAILED, 0, why.errno or errno.EIO)
-            return
+            return False
         keep_out = [self.control.fileno(), channel.fileno(), news_r]
-        keep_out += [kid.news for kid in self.kids.values() if kid.news >= 0]
+        for kid in self.kids.values():
+            keep_out += [fd for fd in (kid.news, kid.pidfd) if fd >= 0]
+            if kid.channel is not None:
+                keep_out.append(kid.channel.fileno())
+        _policy(batch=True)  # the fork, and the standby's start, preempt nobody
         try:
             pid = os.fork()
         except OSError as why:
+            _policy(batch=False)
             for sock in (channel, channel_s):
                 sock.close()
             _close_fds(news_r, news_w)
             self.send(_FAILED, 0, why.errno or errno.EIO)
-            return
+            return False
         if pid == 0:
             _standby_main(os.getppid(), channel_s.fileno(), news_w, keep_out, self.loop)
+        _policy(batch=False)
         _kill.join_own_group(pid)
         channel_s.close()
         os.close(news_w)
-        fds = [channel.fileno()]
         pidfd = _core.pidfd_open(pid) if self.pidfds else -1  # our unreaped child: exact
-        if pidfd >= 0:
-            fds.append(pidfd)
-        try:
-            socket.send_fds(self.control, [_RECORD.pack(_STANDBY, pid, 0)], fds)
-        except OSError:
-            pass  # H is gone: the loop sees EOF next
-        finally:
-            channel.close()
-            _close_fds(pidfd)
         self.loop.add_child(pid, pid << 1)
         self.loop.add_fd(news_r, pid << 1 | 1)
-        self.kids[pid] = _Standby(news_r)
+        self.kids[pid] = _Standby(news_r, channel, pidfd)
+        return True
 
     def on_news(self, pid: int) -> None:
-        """The standby took its job (the next one is due soon), or ended
-        (EOF; its exit follows)."""
+        """ "r": the standby is ready (H is told); "j": it took its job (the
+        next one is due soon); EOF: it ended (its exit follows)."""
         kid = self.kids.get(pid)
         if kid is None or kid.news < 0:
             return
         news = os.read(kid.news, 16)
+        if news == b"r" and kid.channel is not None:
+            kid.state = _READY
+            fds = [kid.channel.fileno()] + ([kid.pidfd] if kid.pidfd >= 0 else [])
+            try:
+                socket.send_fds(self.control, [_RECORD.pack(_STANDBY, pid, 0)], fds)
+            except OSError:
+                pass  # H is gone: the loop sees EOF next
+            kid.forget_h_end()
+            return
         self.loop.remove_fd(kid.news)
         os.close(kid.news)
         kid.news = -1
-        kid.state = _BUSY
         if not news:
-            self.ensure_spare()
-        elif self.spare_due is None:
+            return
+        kid.state = _BUSY
+        self.idle_deaths = 0
+        if self.spare_due is None:
             self.spare_due = _core.monotonic_ns() + _SPARE_DELAY_NS
 
     def on_exit(self, pid: int) -> None:
@@ -723,18 +824,17 @@ class _Server:  # pragma: no cover - runs in the template
         if kid.news >= 0:
             self.loop.remove_fd(kid.news)
             os.close(kid.news)
+        kid.forget_h_end()
         _kill.kill_group(pid)
         status = _core.reap(pid)
         if self.strays():
             _kill.sweep_orphans(self.kids.keys())
         self.send(_EXITED, pid, status if status is not None else 0)
-        if kid.state == _IDLE:  # killed from outside, or it cannot start at all
+        if kid.state != _BUSY:  # killed from outside, or it cannot start at all
             self.idle_deaths += 1
             if self.idle_deaths == _IDLE_DEATHS:
                 self.send(_FAILED, 0, errno.ECHILD)
-        else:
-            self.idle_deaths = 0
-        self.ensure_spare()
+        self.ensure_spares()
 
     def strays(self) -> bool:
         """Has T children other than its standbys (orphans of a standby's
@@ -782,13 +882,17 @@ class _Server:  # pragma: no cover - runs in the template
         _kill.sweep_orphans(())
 
 
-def _batch() -> None:  # pragma: no cover - runs in a standby
-    """SCHED_BATCH (Linux) for a standby's teardown: woken up, it preempts
-    nobody, yet it gets its fair share (SCHED_IDLE could starve it, the
-    memory of a dead job kept meanwhile)."""
+def _policy(*, batch: bool) -> None:  # pragma: no cover - runs in the template and standbys
+    """SCHED_BATCH (Linux) for work that must preempt nobody when it wakes
+    up, yet gets its fair share (SCHED_IDLE could starve it, and could not be
+    left again unprivileged): a fork in T, a standby's start and teardown.
+    ``batch=False``: back to SCHED_OTHER, which SCHED_BATCH may always do."""
+    policy = getattr(os, "SCHED_BATCH" if batch else "SCHED_OTHER", None)
+    if policy is None:
+        return
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
         pass
 
 
@@ -823,7 +927,7 @@ def _warm_up() -> None:  # pragma: no cover - runs in the standby
 
 
 def _standby_main(
-    template: int, channel: int, taken: int, keep_out: list[int], loop: _core.Loop
+    template: int, channel: int, news: int, keep_out: list[int], loop: _core.Loop
 ) -> None:  # pragma: no cover - runs in the standby
     code = 70
     try:
@@ -835,12 +939,14 @@ def _standby_main(
             _warm_up()
         except Exception:
             pass  # only an optimization
+        _policy(batch=False)  # the job runs, and wakes up, as H would
+        os.write(news, b"r")  # T tells H now
         sent = _receive_fds(channel)
         if sent is None:
             code = 0
             return  # H gave it back, or is gone
-        os.write(taken, b"j")
-        os.close(taken)
+        os.write(news, b"j")  # T forks the next standby soon
+        os.close(news)
         received, table = sent
         try:
             (channel,) = _core.place_fds(received, table, [channel])
@@ -856,7 +962,7 @@ def _standby_main(
         # without preempting anyone when woken: tearing down this copy of H
         # costs about what forking it did, better not spent in front of H on
         # its way back.
-        _batch()
+        _policy(batch=True)
         while os.read(channel, 4096):
             pass
         _core.kill_group(os.getpid(), signal.SIGKILL)  # what the job left running, and us

@@ -66,6 +66,12 @@ class _Job(Protocol):
     pid: int
     result_fd: int
 
+    def open_loop(self) -> _core.Loop:
+        """The loop to wait in (made for the call, or kept from call to call)."""
+
+    def close_loop(self, loop: _core.Loop, *, clean: bool) -> None:
+        """Done with the loop; ``clean``: nothing of this call is left in it."""
+
     def start(self) -> bool:
         """Set the job going (it is prepared, not running, before); False if
         it could not be handed over and nothing ran."""
@@ -141,23 +147,28 @@ def _run(
     # Everything that can fail is set up before the job starts, so a failure
     # never leaves a job running.
     try:
-        loop = _core.Loop()
+        loop = job.open_loop()
     except BaseException:
         job.close()
         raise
     watcher = None
+    clean = False
     try:
         if not job.start():
+            clean = True
             return None
         watcher = _Watcher(job, deadline, cancel_pipe, cancel_fd, loop)
         return watcher.run()
     finally:
         try:
             if watcher is not None:
-                watcher.close()
+                try:
+                    watcher.close()
+                finally:
+                    clean = watcher.unwatch()
             job.close()
         finally:
-            loop.close()
+            job.close_loop(loop, clean=clean)
 
 
 def _cancel_fd(pipe: Any) -> int | None:
@@ -197,6 +208,12 @@ class _ChildJob:
         self.result_fd = result_fd
         if self._backend == "pidfd":
             self.pidfd = _core.pidfd_open(pid)
+
+    def open_loop(self) -> _core.Loop:
+        return _core.Loop()
+
+    def close_loop(self, loop: _core.Loop, *, clean: bool) -> None:
+        loop.close()
 
     def watch(self, loop: _core.Loop, token: int) -> bool:
         if self.pidfd >= 0:
@@ -397,10 +414,16 @@ class _Watcher:
         self.loop = loop
         self.result_open = True
         self.cancel_fd = cancel_fd
+        self.watched = [job.result_fd]  # fds added to the loop (a kept loop must lose them)
         loop.add_fd(job.result_fd, _RESULT)
-        self.pending = [] if job.watch(loop, _CHILD) else [_CHILD]
-        if cancel_fd is not None:
-            loop.add_fd(cancel_fd, _CANCEL)
+        try:
+            self.pending = [] if job.watch(loop, _CHILD) else [_CHILD]
+            if cancel_fd is not None:
+                loop.add_fd(cancel_fd, _CANCEL)
+                self.watched.append(cancel_fd)
+        except BaseException:
+            self.unwatch()
+            raise
 
     def run(self) -> _wire.Outcome | None:
         while True:
@@ -427,6 +450,7 @@ class _Watcher:
             if not chunk:
                 self.result_open = False
                 self.loop.remove_fd(self.job.result_fd)
+                self.watched.remove(self.job.result_fd)
                 return False
             frames = self.reader.feed(chunk)
             if frames:
@@ -465,6 +489,7 @@ class _Watcher:
     def _on_cancel_message(self) -> None:
         assert self.cancel_fd is not None
         self.loop.remove_fd(self.cancel_fd)
+        self.watched.remove(self.cancel_fd)
         try:
             message = _receive(self.cancel_pipe)
         except (EOFError, OSError):
@@ -483,6 +508,18 @@ class _Watcher:
     def close(self) -> None:
         if not self.finished:  # an error or interrupt in the host: never leave the job
             self._end(stop=True)
+
+    def unwatch(self) -> bool:
+        """Take this call's fds out of the loop (the job's own watch, a kept
+        loop's business, is the job's); False if the loop may be unusable."""
+        ok = True
+        for fd in self.watched:
+            try:
+                self.loop.remove_fd(fd)
+            except OSError as why:
+                ok = ok and why.errno == errno.ENOENT  # taken out already (EOF)
+        self.watched = []
+        return ok
 
 
 def _receive(pipe: Any) -> object:
