@@ -371,13 +371,37 @@ static int park_fd(int fd, int base)
 	return moved;
 }
 
+static int in(const int *fds, int n, int fd)
+{
+	int i;
+
+	for (i = 0; i < n; i++)
+		if (fds[i] == fd)
+			return 1;
+	return 0;
+}
+
+/* dup2 with the close-on-exec flag set as asked, in one call where the OS
+ * has dup3. */
+static int dup_to(int fd, int target, int cloexec)
+{
+#ifdef __linux__
+	return dup3(fd, target, cloexec ? O_CLOEXEC : 0);
+#else
+	if (dup2(fd, target) < 0)
+		return -1;
+	return cloexec ? fcntl(target, F_SETFD, FD_CLOEXEC) : 0;
+#endif
+}
+
 /* Give this process the file descriptor table it was sent: received[i]
  * (as it arrived) becomes targets[i], close-on-exec as cloexec[i], for i <
- * n; the received copies are closed.  The keep[] fds (the caller's own, in
- * the way of the targets maybe) are moved above every target first, and
- * keep[] updated to their new numbers; so are the received fds, so that
- * placing one never overwrites another.  0, or -1 with errno set (a
- * target or keep fd over the limit of open files: EINVAL or EMFILE). */
+ * n; the received copies are closed.  The keep[] fds (the caller's own)
+ * that sit on a target's number are first moved above every target (keep[]
+ * updated to their new numbers), and so is a received fd on the number the
+ * next one goes to: placing one never overwrites another.  0, or -1 with
+ * errno set (EMFILE: no room above the targets, checked before anything is
+ * moved). */
 int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int n,
 		      int *keep, int nkeep)
 {
@@ -387,33 +411,39 @@ int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int
 	for (i = 0; i < n; i++)
 		if (targets[i] >= base)
 			base = targets[i] + 1;
-	/* Room above the targets for everything moved there, checked first:
-	 * nothing is moved when the table cannot be placed. */
 	if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
 	    (rlim_t)base + (rlim_t)n + (rlim_t)nkeep > limit.rlim_cur) {
 		errno = EMFILE;
 		return -1;
 	}
 	for (i = 0; i < nkeep; i++) {
-		if (keep[i] >= base)
+		if (!in(targets, n, keep[i]))
 			continue;
 		if ((fd = park_fd(keep[i], base)) < 0)
 			return -1;
 		keep[i] = fd;
 	}
+	/* In order: a target's number is moved out of the way only if a
+	 * received fd not placed yet sits on it.  The received fds arrive at
+	 * the lowest free numbers, mostly above their targets, so placing them
+	 * from the lowest target up seldom moves any. */
 	for (i = 0; i < n; i++) {
-		if (received[i] >= base)
+		int j;
+
+		for (j = i + 1; j < n; j++) {
+			if (received[j] != targets[i])
+				continue;
+			if ((fd = park_fd(received[j], base)) < 0)
+				return -1;
+			received[j] = fd;
+			break;
+		}
+		if (received[i] == targets[i]) {
+			if (fcntl(targets[i], F_SETFD, cloexec[i] ? FD_CLOEXEC : 0) < 0)
+				return -1;
 			continue;
-		if ((fd = park_fd(received[i], base)) < 0)
-			return -1;
-		received[i] = fd;
-	}
-	for (i = 0; i < n; i++) {
-		if (dup2(received[i], targets[i]) < 0)
-			return -1;
-		if (!cloexec[i] && fcntl(targets[i], F_SETFD, 0) < 0)
-			return -1;
-		if (cloexec[i] && fcntl(targets[i], F_SETFD, FD_CLOEXEC) < 0)
+		}
+		if (dup_to(received[i], targets[i], cloexec[i]) < 0)
 			return -1;
 		close(received[i]);
 		received[i] = targets[i];

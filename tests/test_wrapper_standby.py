@@ -485,3 +485,67 @@ def test_stop_standby_leaves_no_process_and_no_fd(standby_here):
     assert not procs.still_there([(p.pid, p.create_time()) for p in processes])
     assert set(os.listdir("/proc/self/fd")) <= fds_before | {str(max(map(int, fds_before)) + 1)}
     assert killable_wrapper(jobs.add, 1, 1) == 2  # and a new one on demand
+
+
+# ==========================================================================
+# the C helpers that move an fd table between processes
+
+
+@pytest.mark.timeout(60)
+def test_place_fds_installs_any_table_without_clobbering(tmp_path):
+    """_core.place_fds puts each received fd at its target number, with its
+    close-on-exec flag, whatever the overlap between where the fds arrived,
+    where they go and the caller's own fds (which it moves out of the way)."""
+    from cancelk import _core
+
+    for trial in range(200):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - a child per table
+            code = 1
+            try:
+                import random
+
+                rng = random.Random(trial)
+                null = os.open(os.devnull, os.O_RDONLY)
+                count = rng.randint(0, 20)
+                targets = sorted(rng.sample(range(40), count))
+                sent = []
+                for _ in range(count):
+                    read_end, write_end = os.pipe()
+                    os.close(write_end)
+                    sent.append(read_end)
+                identity = [os.fstat(fd).st_ino for fd in sent]
+                keep = [os.dup(null) for _ in range(2)]
+                kept = [os.fstat(fd).st_ino for fd in keep]
+                flags = [rng.random() < 0.5 for _ in range(count)]
+                moved = _core.place_fds(sent, list(zip(targets, flags)), keep)
+                for target, inode, flag in zip(targets, identity, flags):
+                    assert os.fstat(target).st_ino == inode
+                    assert os.get_inheritable(target) is not flag
+                for fd, inode in zip(moved, kept):
+                    assert fd not in targets and os.fstat(fd).st_ino == inode
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, f"table {trial} misplaced"
+
+
+@pytest.mark.timeout(60)
+def test_open_fds_lists_this_process_fds():
+    from cancelk import _core
+
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    directory = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for listing in (_core.open_fds(), _core.open_fds(directory)):
+            table = dict(listing)
+            assert table[read_end] is True  # close-on-exec (Python's default)
+            assert table[write_end] is False
+            assert directory not in table or listing == _core.open_fds()
+        assert directory not in dict(_core.open_fds(directory))
+    finally:
+        for fd in (read_end, write_end, directory):
+            os.close(fd)
+    assert read_end not in dict(_core.open_fds())

@@ -8,19 +8,18 @@
                       socket         S's channel and S's pidfd
                                      (SCM_RIGHTS)
      H's fd table (SCM_RIGHTS) and the job -- S's channel ---->  H's fds in place,
-                                                                 "j" --> T, then
                                                                  fn(*args, **kwargs)
-     result frame <----------------------- S's channel -------  result frame; waits
+     result frame <----------------------- S's channel -------  result frame, "d" -->T
+                                     forks the next standby      waits for EOF, then
      close S's channel, SIGKILL S by pidfd ---------------------->  kills its group
                                      S exits: T kills its group,
-                                     reaps it, sweeps its orphans;
-                                     forks the next standby
+                                     reaps it, sweeps its orphans
      stop (time limit, cancel): SIGKILL S by pidfd, "kill S" -> T; wait for
      "S exited, status" <- T  (a death: that report, with no result before it)
 
 A call costs H a pickle, a listing of its fds and two socket writes, not a
 fork: T forks the next standby while H is elsewhere (SCHED_BATCH: it preempts
-nobody; after a job took its standby, when that job ended or 2 ms later).  T
+nobody), and H reads T's news while the job runs.  T
 keeps none of H's file descriptors (a pipe H closes later must reach EOF; a
 pool must see its worker's exit), so an idle standby holds none either; with
 its job it gets H's fd table as it is at the call, same numbers, same
@@ -85,7 +84,6 @@ _KILL = 4  # H -> T: stop this standby's job, tree and all
 
 _CONTROL = 0  # T's loop token of the control socket; a standby's: pid*2 exit, pid*2+1 news
 _WAIT_T = 10.0  # seconds H waits for T to answer before it gives T up
-_SPARE_DELAY_NS = 2_000_000  # T forks the next standby this long after one took its job
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _FD = struct.Struct("i")
 
@@ -317,8 +315,13 @@ class _Template:
 
     def take(self) -> tuple[int, int, int]:
         """The next standby: (pid, channel fd, pidfd or -1), now the caller's."""
-        if _readable(self.control.fileno()):  # news, or EOF: T is gone
-            self.read_records(block=False)
+        # T's news is read while jobs run (the loop watches the control
+        # socket), here only when no standby is known: one syscall asks
+        # whether T lives (its standbys die with it).  A standby that died
+        # idle refuses its job (EPIPE); one whose T died just now leaves it
+        # unrun: both jobs are forked from H then, nothing lost.
+        if not self.alive():
+            self.gone = True
         while True:
             if self.gone:  # its standbys die with it: none may get a job now
                 raise _TemplateGone
@@ -329,6 +332,14 @@ class _Template:
             if self.failed:
                 raise _TemplateGone
             self.read_records(block=True)
+
+    def alive(self) -> bool:
+        if self.pidfd >= 0:
+            return not _readable(self.pidfd)  # readable once it exited
+        try:
+            return not _core.has_exited(self.pid)
+        except OSError:
+            return False  # reaped by somebody else: exited
 
     def read_records(self, block: bool) -> None:
         """Take in what T sent; with ``block``, wait for one record at least."""
@@ -472,28 +483,54 @@ def _send_all(sock: socket.socket, buffers: list[bytes], fds: list[int]) -> None
         sock.sendall(rest)
 
 
-def _receive_fds(channel: int) -> tuple[list[int], list[tuple[int, bool]]] | None:
-    """In the standby: the fds H sent and where they go; None on EOF."""
+def _receive_job(channel: int) -> tuple[list[int], list[tuple[int, bool]], bytes] | None:
+    """In the standby: the fds H sent, where they go, and what arrived of the
+    job frame with them (all of a small one: one recvmsg in all); None on
+    EOF (H gave the standby back, or is gone)."""
     sock = _socket(channel)
     try:
-        head, received = _recv_fds(sock, _COUNT.size, _CHUNK)
-        if not head:
-            return None
-        if len(head) < _COUNT.size:
-            head += _wire.read_exact(channel, _COUNT.size - len(head)) or b""
-        (count,) = _COUNT.unpack(head)
-        table_bytes = _wire.read_exact(channel, count * _ENTRY.size) if count else b""
-        if table_bytes is None:
-            return None
-        while len(received) < count:
-            _, more = _recv_fds(sock, 1, _CHUNK)
+        data, received = _recv_fds(sock, 1 << 16, _CHUNK)
+        while len(data) < _COUNT.size:
+            if not data:
+                return None
+            more = os.read(channel, _COUNT.size - len(data))
             if not more:
                 return None
-            received += more
+            data += more
+        (count,) = _COUNT.unpack_from(data)
+        need = _COUNT.size + count * _ENTRY.size
+        if len(data) < need:
+            rest = _wire.read_exact(channel, need - len(data))
+            if rest is None:
+                return None
+            data += rest
+        while len(received) < count:
+            _, more_fds = _recv_fds(sock, 1, _CHUNK)
+            if not more_fds:
+                return None
+            received += more_fds
     finally:
         sock.detach()
-    table = [(fd, bool(cloexec)) for fd, cloexec in _ENTRY.iter_unpack(table_bytes)]
-    return received, table
+    table = [(fd, bool(cloexec)) for fd, cloexec in _ENTRY.iter_unpack(data[_COUNT.size : need])]
+    return received, table, data[need:]
+
+
+def _read_frame(channel: int, start: bytes) -> bytes | None:
+    """The frame whose first bytes are ``start``, the rest read from ``channel``."""
+    head = _wire.HEADER.size
+    if len(start) < head:
+        more = _wire.read_exact(channel, head - len(start))
+        if more is None:
+            return None
+        start += more
+    (size,) = _wire.HEADER.unpack_from(start)
+    body = start[head:]
+    if len(body) < size:
+        more = _wire.read_exact(channel, size - len(body))
+        if more is None:
+            return None
+        body += more
+    return bytes(body)
 
 
 def _socket(fd: int) -> socket.socket:
@@ -581,6 +618,8 @@ class StandbyJob:
         try:
             _send_job(self.result_fd, self._fds, self._payload)
         except (BrokenPipeError, ConnectionResetError):
+            self._finished = True  # it died idle: nothing to stop or wait for
+            self.template.done_with(self.pid)
             return False
         finally:
             self._payload = b""
@@ -685,19 +724,21 @@ def _drop_host_fds(keep: int) -> None:  # pragma: no cover - runs in the templat
             os.close(fd)
 
 
-_STARTING, _READY, _BUSY = 0, 1, 2  # a standby, as T sees it
+_STARTING, _READY, _DONE = 0, 1, 2  # a standby, as T sees it
 _SPARES = 2  # standbys kept starting or ready: a call finds one warmed up
-_IDLE_DEATHS = 3  # standbys in a row that end idle: T gives up forking them
+_IDLE_DEATHS = 3  # standbys in a row that end before they are ready: T gives up
+_WARM_FDS = 16  # fds a standby's warm-up passes itself, as many as a pool worker has
 
 
 class _Standby:  # pragma: no cover - lives in the template
-    __slots__ = ("channel", "news", "pidfd", "state")
+    __slots__ = ("channel", "news", "pidfd", "report", "state")
 
     def __init__(self, news: int, channel: socket.socket, pidfd: int) -> None:
-        self.news = news  # read end of its news pipe ("r" ready, "j" job taken); -1 closed
+        self.news = news  # read end of its news pipe ("r" ready, "d" done); -1 closed
         self.channel: socket.socket | None = channel  # H's end, sent when it is ready
         self.pidfd = pidfd
         self.state = _STARTING
+        self.report = False  # H asked to be told of its end (it stopped its job)
 
     def forget_h_end(self) -> None:
         if self.channel is not None:
@@ -710,12 +751,12 @@ class _Standby:  # pragma: no cover - lives in the template
 class _Server:  # pragma: no cover - runs in the template
     """T: keeps ``_SPARES`` standbys started, cleans up after each one's end.
 
-    A standby is announced to H when it is warmed up and blocked in read().
-    The work here (a fork, a reap) is kept off the calls' path: after a
-    standby took its job, the next one is forked when that one has ended or
-    ``_SPARE_DELAY_NS`` later, whichever comes first -- not at once, when a
-    fork here would take the CPU from that job; and forks run SCHED_BATCH,
-    preempting nobody (the standby starts so too, and leaves it when ready).
+    A standby is announced to H when it is warmed up and blocked in read()
+    ("r" on its news pipe).  When one is done with a job ("d": its result is
+    written) the next one is forked, SCHED_BATCH: the fork, and the standby's
+    start, preempt nobody (the standby leaves BATCH when ready).  H hears of
+    a standby's end only when that end is news: it asked (it stopped the job),
+    or the standby ended without being done (a death, or killed idle).
     """
 
     def __init__(self, control: socket.socket) -> None:
@@ -724,29 +765,25 @@ class _Server:  # pragma: no cover - runs in the template
         self.pidfds = self.loop.backend == "pidfd"
         self.loop.add_fd(control.fileno(), _CONTROL)
         self.kids: dict[int, _Standby] = {}  # every unreaped standby
-        self.spare_due: int | None = None  # when to fork the next standby
-        self.idle_deaths = 0  # standbys in a row that ended before taking a job
+        self.idle_deaths = 0  # standbys in a row that ended before they were ready
         self.buffer = bytearray()
         self.children_file = f"/proc/self/task/{os.getpid()}/children"
 
     def serve(self) -> None:
         self.ensure_spares()
         while True:
-            for token in self.loop.wait(self.spare_due):
+            for token in self.loop.wait(None):
                 if token == _CONTROL:
                     if not self.read_control():
                         self.shutdown()
                         return
-                elif token == _core.DEADLINE:
-                    self.ensure_spares()
                 elif token & 1:
                     self.on_news(token >> 1)
                 else:
                     self.on_exit(token >> 1)
 
     def ensure_spares(self) -> None:
-        self.spare_due = None
-        spares = sum(kid.state != _BUSY for kid in self.kids.values())
+        spares = sum(kid.state != _DONE for kid in self.kids.values())
         while spares < _SPARES and self.idle_deaths < _IDLE_DEATHS:
             if not self.fork_standby():
                 return
@@ -789,14 +826,15 @@ class _Server:  # pragma: no cover - runs in the template
         return True
 
     def on_news(self, pid: int) -> None:
-        """ "r": the standby is ready (H is told); "j": it took its job (the
-        next one is due soon); EOF: it ended (its exit follows)."""
+        """ "r": the standby is ready (H is told); "d": it is done with its
+        job (the next one is forked); EOF: it ended (its exit follows)."""
         kid = self.kids.get(pid)
         if kid is None or kid.news < 0:
             return
         news = os.read(kid.news, 16)
         if news == b"r" and kid.channel is not None:
             kid.state = _READY
+            self.idle_deaths = 0
             fds = [kid.channel.fileno()] + ([kid.pidfd] if kid.pidfd >= 0 else [])
             try:
                 socket.send_fds(self.control, [_RECORD.pack(_STANDBY, pid, 0)], fds)
@@ -807,16 +845,14 @@ class _Server:  # pragma: no cover - runs in the template
         self.loop.remove_fd(kid.news)
         os.close(kid.news)
         kid.news = -1
-        if not news:
-            return
-        kid.state = _BUSY
-        self.idle_deaths = 0
-        if self.spare_due is None:
-            self.spare_due = _core.monotonic_ns() + _SPARE_DELAY_NS
+        if news:
+            kid.state = _DONE
+            self.ensure_spares()
 
     def on_exit(self, pid: int) -> None:
         """A standby ended: its group killed while it is unreaped (its id is
-        still its own), reaped, the orphans of its tree killed, H told."""
+        still its own), reaped, the orphans of its tree killed, H told if it
+        is news to H."""
         kid = self.kids.pop(pid, None)
         if kid is None:
             return
@@ -829,8 +865,9 @@ class _Server:  # pragma: no cover - runs in the template
         status = _core.reap(pid)
         if self.strays():
             _kill.sweep_orphans(self.kids.keys())
-        self.send(_EXITED, pid, status if status is not None else 0)
-        if kid.state != _BUSY:  # killed from outside, or it cannot start at all
+        if kid.report or kid.state != _DONE:
+            self.send(_EXITED, pid, status if status is not None else 0)
+        if kid.state == _STARTING:  # it cannot start here, or was killed from outside
             self.idle_deaths += 1
             if self.idle_deaths == _IDLE_DEATHS:
                 self.send(_FAILED, 0, errno.ECHILD)
@@ -864,6 +901,7 @@ class _Server:  # pragma: no cover - runs in the template
             kind, pid, _value = _RECORD.unpack(self.buffer)
             self.buffer.clear()
             if kind == _KILL and pid in self.kids:
+                self.kids[pid].report = True
                 _kill.freeze_and_kill_tree(pid)  # our unreaped child: its pid is safe
         return True
 
@@ -904,26 +942,29 @@ def _warm_up() -> None:  # pragma: no cover - runs in the standby
     """Go through a job's whole path once, with nothing in it, while idle:
     each page of the template this process writes costs it a copy-on-write
     fault (some 5 us on a VM), better taken now than between the job's
-    arrival and its result.  Every fd it opens is closed again."""
+    arrival and its result.  The fd table "sent" is of the size a pool
+    worker's is.  Every fd it opens is closed again."""
     ours, theirs = socket.socketpair()
-    spare = os.open(os.devnull, os.O_RDONLY)
+    spares = [os.open(os.devnull, os.O_RDONLY) for _ in range(_WARM_FDS)]
     try:
-        target = os.dup(spare)
-        os.close(target)  # a free number, for the one fd "sent"
-        _send_job(ours.fileno(), [(spare, True)], _wire.dumps((_noop, (), {})))
-        received, table = _receive_fds(theirs.fileno()) or ([], [])
-        table = [(target, True)] if len(received) == 1 else []
+        targets = [os.dup(spares[0]) for _ in range(_WARM_FDS)]
+        for fd in targets:
+            os.close(fd)  # free numbers, for the fds "sent"
+        _send_job(ours.fileno(), [(fd, True) for fd in spares], _wire.dumps((_noop, (), {})))
+        received, _table, start = _receive_job(theirs.fileno()) or ([], [], b"")
+        table = [(fd, True) for fd in targets[: len(received)]]
         (channel,) = _core.place_fds(received, table, [theirs.detach()])
-        if table:
-            os.close(target)
-        fn, args, kwargs = _wire.loads(_wire.read_frame(channel) or b"")
+        for fd, _cloexec in table:
+            os.close(fd)
+        fn, args, kwargs = _wire.loads(_read_frame(channel, start) or b"")
         _wire.write_frame(channel, _wire.run_and_encode(fn, args, kwargs)[1])
         _child.flush_std_streams()
-        _wire.decode_outcome(_wire.read_frame(ours.fileno()) or b"")
+        _wire.decode_outcome(_read_frame(ours.fileno(), b"") or b"")
         os.close(channel)
     finally:
         ours.close()
-        os.close(spare)
+        for fd in spares:
+            os.close(fd)
 
 
 def _standby_main(
@@ -941,22 +982,24 @@ def _standby_main(
             pass  # only an optimization
         _policy(batch=False)  # the job runs, and wakes up, as H would
         os.write(news, b"r")  # T tells H now
-        sent = _receive_fds(channel)
+        sent = _receive_job(channel)
         if sent is None:
             code = 0
             return  # H gave it back, or is gone
-        os.write(news, b"j")  # T forks the next standby soon
-        os.close(news)
-        received, table = sent
+        received, table, start = sent
         try:
-            (channel,) = _core.place_fds(received, table, [channel])
-            fn, args, kwargs = _wire.loads(_wire.read_frame(channel) or b"")
+            channel, news = _core.place_fds(received, table, [channel, news])
+            frame = _read_frame(channel, start)
+            if os.getppid() != template:
+                raise _TemplateGone  # dying with T: better not started at all
+            fn, args, kwargs = _wire.loads(frame or b"")
         except Exception:
             payload = NOT_LOADED  # not run: H forks the job itself, from its own state
         else:
             _kind, payload = _wire.run_and_encode(fn, args, kwargs)
         _child.flush_std_streams()
         _wire.write_frame(channel, payload)
+        os.write(news, b"d")  # T forks the next standby
         code = 0
         # Die when H is done reading (it closes the channel, or kills us),
         # without preempting anyone when woken: tearing down this copy of H
