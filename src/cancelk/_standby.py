@@ -902,7 +902,7 @@ class _Server:  # pragma: no cover - runs in the template
             self.buffer.clear()
             if kind == _KILL and pid in self.kids:
                 self.kids[pid].report = True
-                _kill.freeze_and_kill_tree(pid)  # our unreaped child: its pid is safe
+                self.kill(pid)
         return True
 
     def send(self, kind: int, pid: int, value: int) -> None:
@@ -911,10 +911,20 @@ class _Server:  # pragma: no cover - runs in the template
         except OSError:
             pass  # H is gone: the loop sees EOF next
 
+    def kill(self, pid: int) -> None:
+        """SIGKILL a standby and its group (our unreaped child: its pid and
+        group id are its own).  What its job started outside the group is
+        ours once it is dead (we are a subreaper): on_exit sweeps it.  No
+        SIGSTOP first, as killable_wrapper's own child gets: a process in a
+        subreaper's tree cannot get away from the sweep."""
+        _core.kill_pid(pid, signal.SIGKILL)
+        _kill.kill_group(pid)
+
     def shutdown(self) -> None:
         """H is gone or done with us: no standby may outlive T."""
-        for pid in list(self.kids):
-            _kill.freeze_and_kill_tree(pid)
+        for pid in self.kids:
+            self.kill(pid)
+        for pid in self.kids:
             _core.reap(pid)
         self.kids.clear()
         _kill.sweep_orphans(())
