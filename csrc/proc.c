@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -200,17 +201,24 @@ static int waitid_child(int pid, int pidfd, siginfo_t *info, int options)
 	return rc;
 }
 
+/* waitid_child with WNOWAIT: 1 done, 0 the child is reaped already (ECHILD),
+ * -1 on another error. */
+static int peek_child(int pid, int pidfd, int options)
+{
+	siginfo_t info;
+
+	if (waitid_child(pid, pidfd, &info, options | WNOWAIT) == 0)
+		return 1;
+	return errno == ECHILD ? 0 : -1;
+}
+
 /* Is the caller's child still unreaped: running, stopped, or a zombie?
  * While it is, its pid and the id of the group it leads cannot name
  * another process.  1 yes; 0 no, somebody else reaped it (ECHILD: a host's
  * SIGCHLD handler, or SIGCHLD ignored); -1 on another error. */
 int cancelk_child_unreaped(int pid, int pidfd)
 {
-	siginfo_t info;
-
-	if (waitid_child(pid, pidfd, &info, WEXITED | WNOHANG | WNOWAIT) == 0)
-		return 1;
-	return errno == ECHILD ? 0 : -1;
+	return peek_child(pid, pidfd, WEXITED | WNOHANG);
 }
 
 /* Send sig to the caller's child, or (group != 0) to the process group it
@@ -260,11 +268,7 @@ int cancelk_signal_child(int pid, int pidfd, int sig, int group)
  * (ECHILD: nothing is left to wait for); -1 on another error. */
 int cancelk_wait_stopped(int pid, int pidfd)
 {
-	siginfo_t info;
-
-	if (waitid_child(pid, pidfd, &info, WSTOPPED | WEXITED | WNOWAIT) == 0)
-		return 0;
-	return errno == ECHILD ? 0 : -1;
+	return peek_child(pid, pidfd, WSTOPPED | WEXITED) < 0 ? -1 : 0;
 }
 
 /* The caller's open file descriptors, for handing them to another process
@@ -293,15 +297,17 @@ static int add_fd(int fd, int skip, int *fds, int *cloexec, int max, int *n)
 	return 0;
 }
 
-static int parse_fd(const char *s)
+/* The fd a directory entry of /proc/self/fd (or /dev/fd) names; -1 for
+ * "." and "..". */
+static int parse_fd(const char *name)
 {
-	int fd = 0;
+	char *end;
+	long fd;
 
-	if (*s < '0' || *s > '9')
+	if (*name < '0' || *name > '9')
 		return -1;
-	while (*s >= '0' && *s <= '9')
-		fd = fd * 10 + (*s++ - '0');
-	return *s ? -1 : fd;
+	fd = strtol(name, &end, 10);
+	return *end || fd > INT_MAX ? -1 : (int)fd;
 }
 
 int cancelk_open_fds(int dir, int *fds, int *cloexec, int max)
@@ -371,16 +377,6 @@ static int park_fd(int fd, int base)
 	return moved;
 }
 
-static int in(const int *fds, int n, int fd)
-{
-	int i;
-
-	for (i = 0; i < n; i++)
-		if (fds[i] == fd)
-			return 1;
-	return 0;
-}
-
 /* dup2 with the close-on-exec flag set as asked, in one call where the OS
  * has dup3. */
 static int dup_to(int fd, int target, int cloexec)
@@ -417,8 +413,12 @@ int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int
 		return -1;
 	}
 	for (i = 0; i < nkeep; i++) {
-		if (!in(targets, n, keep[i]))
-			continue;
+		int j = 0;
+
+		while (j < n && targets[j] != keep[i])
+			j++;
+		if (j == n)
+			continue;	/* not in the way */
 		if ((fd = park_fd(keep[i], base)) < 0)
 			return -1;
 		keep[i] = fd;

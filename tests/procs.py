@@ -597,3 +597,21 @@ def pipe_and_socket_targets(pid: int) -> dict[int, str]:
         if target.startswith(("pipe:", "socket:")):
             targets[int(name)] = target
     return targets
+
+
+# A process that plays the OOM killer (python -c KILL_RECORDED <record path>
+# job|parent): it waits for a job's record, then SIGKILLs the job, or the
+# job's parent (a killable_wrapper standby's template).
+KILL_RECORDED = """
+import json, os, sys, time
+path, whom = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 30
+while not os.path.exists(path) and time.monotonic() < deadline:
+    time.sleep(0.005)
+with open(path) as f:
+    pid = json.load(f)[0][0]
+if whom == "parent":
+    with open(f"/proc/{pid}/stat") as f:
+        pid = int(f.read().rpartition(")")[2].split()[1])
+os.kill(pid, 9)
+"""

@@ -159,18 +159,6 @@ def job_guard(record_path, futures=()):
         concurrent.futures.wait(list(futures), timeout=RESULT_WAIT)
 
 
-KILLER = """
-import json, os, sys, time
-path = sys.argv[1]
-deadline = time.monotonic() + 30
-while not os.path.exists(path) and time.monotonic() < deadline:
-    time.sleep(0.005)
-with open(path) as f:
-    pid = json.load(f)[0][0]
-os.kill(pid, 9)
-"""
-
-
 def no_new_descendants(before):
     now = {p.pid for p in psutil.Process().children(recursive=True)}
     return now - before
@@ -421,30 +409,28 @@ class TestKillableWrapper:
             assert_all_gone(records)
 
     @at(DIRECT)
-    @pytest.mark.parametrize("message", ["cancel", None, {"unrelated": 1}, 0])
-    def test_any_cancel_message_cancels(self, cancel_pipe, message, record_path):
+    @pytest.mark.parametrize(
+        ("send", "message"),
+        [
+            ("send", "cancel"),
+            ("send", None),
+            ("send", {"unrelated": 1}),
+            ("send", 0),
+            # issue 12.5: "anything that arrives cancels", also bytes that are no pickle
+            ("send_bytes", b"stop"),
+            ("send_bytes", b""),
+            ("send_bytes", b"\x80\x04garbage"),
+        ],
+    )
+    def test_any_cancel_message_cancels(self, cancel_pipe, send, message, record_path):
         sender, receiver = cancel_pipe
-        sender.send(message)
+        getattr(sender, send)(message)
         start = time.monotonic()
         with job_guard(record_path):
             with pytest.raises(ProcessCancelledError):
                 killable_wrapper(jobs.sleep_job, record_path, killable_wrapper_cancel_pipe=receiver)
             assert time.monotonic() - start < SLACK
             if os.path.exists(record_path):  # the job may be killed before it records
-                assert_all_gone(procs.read_record(record_path, wait=0))
-
-    @at(DIRECT)
-    @pytest.mark.parametrize("raw", [b"stop", b"", b"\x80\x04garbage"])
-    def test_cancel_message_that_does_not_unpickle_cancels(self, cancel_pipe, raw, record_path):
-        # Issue 12.5: "anything that arrives cancels", also bytes that are no pickle.
-        sender, receiver = cancel_pipe
-        sender.send_bytes(raw)
-        start = time.monotonic()
-        with job_guard(record_path):
-            with pytest.raises(ProcessCancelledError):
-                killable_wrapper(jobs.sleep_job, record_path, killable_wrapper_cancel_pipe=receiver)
-            assert time.monotonic() - start < SLACK
-            if os.path.exists(record_path):
                 assert_all_gone(procs.read_record(record_path, wait=0))
 
     @at(DIRECT)
@@ -550,7 +536,7 @@ class TestKillableWrapper:
     def test_sigkill_from_another_process_suggests_oom(self, record_path):
         # Another process plays the OOM killer: it waits for the job's record,
         # then SIGKILLs the job while killable_wrapper waits for it.
-        killer = subprocess.Popen([sys.executable, "-c", KILLER, record_path])
+        killer = subprocess.Popen([sys.executable, "-c", procs.KILL_RECORDED, record_path, "job"])
         try:
             with job_guard(record_path):
                 with pytest.raises(ProcessDiedError, match="OOM") as info:

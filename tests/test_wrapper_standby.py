@@ -445,7 +445,7 @@ def test_template_killed_while_its_job_runs(standby_here, record_path):
     killable_wrapper(jobs.add, 1, 2)
     template = template_pid()
     reader = subprocess.Popen(
-        [sys.executable, "-c", KILL_PARENT_OF_RECORDED_JOB, record_path],
+        [sys.executable, "-c", procs.KILL_RECORDED, record_path, "parent"],
     )
     try:
         with pytest.raises(ProcessDiedError, match="template"):
@@ -457,20 +457,6 @@ def test_template_killed_while_its_job_runs(standby_here, record_path):
         reader.wait()
     assert gone(template)
     assert killable_wrapper(jobs.add, 3, 2) == 5  # a new template
-
-
-KILL_PARENT_OF_RECORDED_JOB = """
-import json, os, sys, time
-path = sys.argv[1]
-deadline = time.monotonic() + 30
-while not os.path.exists(path) and time.monotonic() < deadline:
-    time.sleep(0.005)
-with open(path) as f:
-    job = json.load(f)[0][0]
-with open(f"/proc/{job}/stat") as f:
-    parent = int(f.read().rpartition(")")[2].split()[1])
-os.kill(parent, 9)
-"""
 
 
 @pytest.mark.timeout(60)

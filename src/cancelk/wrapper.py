@@ -1,30 +1,35 @@
 """killable_wrapper: a hard stop for jobs in pools cancelk does not own.
 
-    host worker H (any pool; one thread)          template T     standby S (own group)
-    killable_wrapper(fn, *args, ...)              (_standby)     forked by T ahead of
-      pickle (fn, args, kwargs)                                  time, blocked in read()
-      job frame -------------- S's channel ------------------->  fn(*args, **kwargs)
-      wait in C, GIL released, for the first of:                 encode outcome
-        result frame  <----------- S's channel ---------------   write frame, SIGKILL
-        S's end       <-- control: "S exited, status" --  T      its own group
-        cancel pipe message                               reaps S, kills its tree
-        deadline (CLOCK_MONOTONIC)
-      stop: SIGKILL S through its pidfd, "kill S" to T, wait for "S exited"
+The default path, in a pool worker (a multiprocessing child; see _standby):
+
+    host worker H (one thread)              template T           standby S
+    killable_wrapper(fn, *args, ...)        H's child, forked    T's child, forked
+      pickle (fn, args, kwargs)             once: H's memory     ahead of time, own
+      list H's open fds                     then, none of H's    group, warmed up,
+                                            fds; keeps 2 ready   blocked in read()
+      H's fds (SCM_RIGHTS), job frame ----- S's channel ------>  H's fds in place,
+      wait in C, GIL released, for the first of:                 fn(*args, **kwargs)
+        result frame  <------------------- S's channel -------   write result frame
+        "S exited, status"  <-- control socket --  T reaps S,    (then, when H has
+                                                   kills its     read it: SIGKILL of
+        cancel pipe message                        group, sweeps its own group)
+        deadline (CLOCK_MONOTONIC)                 its orphans
+      result: close S's channel, SIGKILL S by pidfd, return (T reaps S)
+      stop: SIGKILL S by pidfd, "kill S" to T, wait for "S exited"
       return value | raise job's exception | ProcessTimeoutError |
       ProcessCancelledError | ProcessDiedError
 
-The fork is T's, done while H waits for the previous job: a call costs H a
-pickle and two socket writes (``_standby`` has the processes, the protocol
-and what differs from forking at the call).  The job is forked from H at the
-call instead (``_ForkedJob``, the only way before) when asked
-(``killable_wrapper_fresh=True``, ``CANCELK_WRAPPER_STANDBY=0``), outside
-multiprocessing children unless ``CANCELK_WRAPPER_STANDBY=1``, when the call
-does not pickle, and when a standby could not load it:
+No fork on the call's path: T forks the next standby while H is elsewhere.
+The job is forked from H at the call instead (``_ForkedJob``, the only way
+before) when asked (``killable_wrapper_fresh=True``,
+``CANCELK_WRAPPER_STANDBY=0``), outside multiprocessing children unless
+``CANCELK_WRAPPER_STANDBY=1``, when the call does not pickle, and when a
+standby could not load it (a name H defined after T's fork):
 
-    H: fork (SIGCHLD blocked, pidfd opened before the host's handler can run)
-       ---> job: fn(*args, **kwargs), write result frame, _exit
-       wait as above on {result pipe, job's pidfd (posix: waitid WNOWAIT),
-       cancel pipe, deadline}; stop: SIGSTOP, tree, group; reap
+    H: fork (SIGCHLD blocked until the job's pidfd is open) ---> job: own group,
+       wait as above on {result pipe, job's pidfd          fn(*args, **kwargs),
+       (posix: waitid WNOWAIT), cancel pipe, deadline}     write result frame, _exit
+       result or death: SIGKILL the group; stop: SIGSTOP, tree, group; reap
 
 If H runs other threads, forking it is unsafe; the job then runs in a clean
 interpreter started for it (see ``_CleanJob``), which inherits the
@@ -35,6 +40,7 @@ H may reap its children behind our back (a SIGCHLD handler that calls
 ``waitpid(-1)``): the job's exit is seen through its pidfd, a pid is
 signalled only while provably unreaped, a reaped job's status is reported
 unknown (a result that arrived still counts), and each fd is closed once.
+A standby is T's child, never H's: such a handler does not see it at all.
 """
 
 from __future__ import annotations
