@@ -10,6 +10,7 @@
 #include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -331,7 +332,9 @@ int cancelk_open_fds(int dir, int *fds, int *cloexec, int max)
 		while ((got = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
 			for (off = 0; off < got;) {
 				/* struct linux_dirent64: ino, off, reclen, type, name */
-				unsigned short reclen = *(unsigned short *)(buf + off + 16);
+				unsigned short reclen;
+
+				memcpy(&reclen, buf + off + 16, sizeof(reclen));
 
 				fd = parse_fd(buf + off + 19);
 				off += reclen;
