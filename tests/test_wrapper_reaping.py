@@ -42,15 +42,12 @@ import jobs
 
 reaped = []
 
-def reap_everything(signum, frame):
-    while True:
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        reaped.append(pid)
+def reap_everything(signum, frame):  # what daemons do: every child, whoever's
+    try:
+        while (pid := os.waitpid(-1, os.WNOHANG)[0]) > 0:
+            reaped.append(pid)
+    except ChildProcessError:
+        pass  # no child left
 
 signal.signal(signal.SIGCHLD, reap_everything)
 
