@@ -3,15 +3,23 @@
     user process                       host worker (stdlib ProcessPoolExecutor, 1 worker;
     ------------                       initializer sets CANCELK_BACKEND)
     round trips: submit(noop)  ----->  noop()
-           vs submit(killable_wrapper, noop) -> fork job, wait in C, reap
-    submit(measuring fn)       ----->  times N x noop() and N x killable_wrapper(noop)
+           vs submit(killable_wrapper, noop) -> a standby runs it, wait in C
+    submit(measuring fn)       ----->  times N x noop(), N x killable_wrapper(noop),
+                                       N x killable_wrapper(noop, fresh: fork at
+                                       the call), N bare fork+_exit+waitpid
                                        times killable_wrapper(job, timeout=50 ms):
                                          t0 = monotonic_ns(); deadline = t0 + 50 ms
                                          ProcessTimeoutError raised  -> "raised"
                                          every job process gone      -> "all gone"
 
 P6: overhead per call = killable_wrapper(noop) - median(noop()), measured inside
-the host worker and as a round trip from the user process.  Target <= 2 ms.
+the host worker and as a round trip from the user process.  Target <= 0.5 ms
+(the design's raised figure).  The default path is measured: in a pool worker
+a standby process, forked ahead of time, runs the job; the fork-at-call path
+(``killable_wrapper_fresh=True``, the only one before) is measured beside it in
+the same loop.  The standbys' own work (the next fork, the last teardown) runs
+between the calls, so the bare-fork row, timed in the same loop, is slowed by
+it: it is the floor of the fresh path, not of the default one.
 
 P3: overshoot past the deadline for the jobs of wrapper_jobs.py, which runs in
 the host worker.  Target: p50 <= 0.5 ms, p99 <= 2 ms.
@@ -131,6 +139,8 @@ def measure_backend(backend: str, plan: Plan, start_method: str) -> dict[str, An
             "noop": stats.summarize(calls["direct"]),
             "killable_wrapper": stats.summarize(calls["wrapped"]),
             "overhead": stats.summarize(_overhead(calls["wrapped"], calls["direct"])),
+            "fresh": stats.summarize(calls["fresh"]),
+            "fresh_overhead": stats.summarize(_overhead(calls["fresh"], calls["direct"])),
             "fork_exit_reap": stats.summarize(calls["fork_floor"]),
         },
         "p6_round_trip": {

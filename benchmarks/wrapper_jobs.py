@@ -7,7 +7,10 @@ these functions to it); everything here is timed there, not in the user process.
                     (b) a pure-Python spin, (c) a C call holding the GIL (libc
                     ``sleep`` through ``ctypes.PyDLL``), (d) a ``sleep`` grandchild;
                     each reports its pids over a pipe
-    time_calls_in_worker      N x noop(), N x killable_wrapper(noop), N bare forks
+    time_calls_in_worker      N x noop(), N x killable_wrapper(noop) (the default:
+                              a standby runs it), N x the same forked at the call
+                              (killable_wrapper_fresh=True, the only way before),
+                              N bare forks
     timeout_trials_in_worker  killable_wrapper(job, timeout=50 ms): deadline ->
                               ProcessTimeoutError raised, -> every job process gone
 
@@ -113,12 +116,18 @@ def set_backend(backend: str) -> None:
 
 def worker_facts() -> dict[str, Any]:
     """What the host worker looks like; raises if the backend is unavailable."""
-    from cancelk import _core
+    from cancelk import _core, _standby
 
+    if threading.active_count() > 1:
+        start = "clean interpreter"
+    elif _standby.wanted():
+        start = "standby"
+    else:
+        start = "fork"
     return {
         "backend": _core.selected_backend(),
         "threads": threading.active_count(),
-        "job_start": "fork" if threading.active_count() == 1 else "clean interpreter",
+        "job_start": start,
     }
 
 
@@ -130,14 +139,17 @@ def _fork_exit_reap() -> None:
 
 
 def time_calls_in_worker(calls: int, warmup: int) -> dict[str, list[int]]:
-    """Per-call ns of noop(), killable_wrapper(noop) and a bare fork, interleaved."""
+    """Per-call ns of noop(), killable_wrapper(noop), the same forked at the
+    call, and a bare fork, interleaved."""
     clock = time.perf_counter_ns
     for _ in range(warmup):
         noop()
         killable_wrapper(noop)
+        killable_wrapper(noop, killable_wrapper_fresh=True)
         _fork_exit_reap()
     direct: list[int] = []
     wrapped: list[int] = []
+    fresh: list[int] = []
     forked: list[int] = []
     for _ in range(calls):
         t = clock()
@@ -147,9 +159,12 @@ def time_calls_in_worker(calls: int, warmup: int) -> dict[str, list[int]]:
         killable_wrapper(noop)
         wrapped.append(clock() - t)
         t = clock()
+        killable_wrapper(noop, killable_wrapper_fresh=True)
+        fresh.append(clock() - t)
+        t = clock()
         _fork_exit_reap()
         forked.append(clock() - t)
-    return {"direct": direct, "wrapped": wrapped, "fork_floor": forked}
+    return {"direct": direct, "wrapped": wrapped, "fresh": fresh, "fork_floor": forked}
 
 
 def _is_gone(pid: int) -> bool:

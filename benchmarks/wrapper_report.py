@@ -24,10 +24,14 @@ def _backend_columns(backends: Sequence[str]) -> list[str]:
     return [f"{b} {what}" for b in backends for what in ("p50", "p99")]
 
 
+P6_TARGET_MS = 0.5  # the design's raised P6 figure (it was 2 ms)
+
 P6_ROWS = (
     ("p6_in_worker", "noop", "in worker: noop()"),
     ("p6_in_worker", "killable_wrapper", "in worker: killable_wrapper(noop)"),
     ("p6_in_worker", "overhead", "in worker: OVERHEAD"),
+    ("p6_in_worker", "fresh", "in worker: forked at the call (fresh=True)"),
+    ("p6_in_worker", "fresh_overhead", "in worker: OVERHEAD, forked at the call"),
     ("p6_in_worker", "fork_exit_reap", "in worker: bare fork+_exit+waitpid"),
     ("p6_round_trip", "plain", "round trip: submit(noop)"),
     ("p6_round_trip", "killable_wrapper", "round trip: submit(killable_wrapper, noop)"),
@@ -39,6 +43,8 @@ def _p6_table(measured: dict[str, Any]) -> str:
     names = list(measured)
     rows = []
     for section, key, label in P6_ROWS:
+        if any(key not in measured[name][section] for name in names):
+            continue  # a result from before the row existed
         row = [label, str(measured[names[0]][section][key]["n"])]
         for name in names:
             row += _cells(measured[name][section][key])
@@ -87,14 +93,14 @@ def _verdicts(measured: dict[str, Any]) -> list[str]:
     lines = []
     for name, result in measured.items():
         overhead = result["p6_in_worker"]["overhead"]
-        ok6 = overhead["median_ms"] <= 2.0
+        ok6 = overhead["median_ms"] <= P6_TARGET_MS
         worst = max(KINDS, key=lambda kind: result["p3"][kind]["gone"]["p99_ms"])
         gone = result["p3"][worst]["gone"]
         worst50 = max(result["p3"][kind]["gone"]["median_ms"] for kind in KINDS)
         ok3 = gone["p99_ms"] <= 2.0 and worst50 <= 0.5
         failures = sum(len(result["p3"][kind]["failures"]) for kind in KINDS)
         lines.append(
-            f"{name}: P6 overhead p50 {overhead['median_ms']:.3f} ms (target <= 2) "
+            f"{name}: P6 overhead p50 {overhead['median_ms']:.3f} ms (target <= {P6_TARGET_MS}) "
             f"{'MET' if ok6 else 'NOT MET'}; P3 worst all-gone p50 {worst50:.3f} / "
             f"p99 {gone['p99_ms']:.3f} ms ({KIND_LABELS[worst]}; target 0.5 / 2) "
             f"{'MET' if ok3 else 'NOT MET'}; failed trials: {failures}"

@@ -61,6 +61,12 @@ int cancelk_set_child_subreaper(void);
 int cancelk_become_job_process(int parent, uint64_t *dispositions);
 int cancelk_reap(int pid, int nohang, int *status);
 int cancelk_has_exited(int pid);
+int cancelk_child_unreaped(int pid, int pidfd);
+int cancelk_signal_child(int pid, int pidfd, int sig, int group);
+int cancelk_wait_stopped(int pid, int pidfd);
+int cancelk_open_fds(int dir, int *fds, int *cloexec, int max);
+int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int n,
+                      int *keep, int nkeep);
 int64_t cancelk_word_load(int64_t *word);
 void cancelk_word_store(int64_t *word, int64_t value);
 int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);

@@ -4,8 +4,14 @@
  * between a job finishing and a job being killed.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -21,6 +27,9 @@
 #endif
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal 424
+#endif
+#ifndef P_PIDFD
+#define P_PIDFD 3
 #endif
 #endif
 
@@ -165,6 +174,284 @@ int cancelk_has_exited(int pid)
 	if (rc < 0)
 		return -1;
 	return info.si_pid != 0;
+}
+
+/* waitid() of one child, retried on EINTR: by its pidfd when there is one
+ * (exact, Linux >= 5.4), else by pid.  A kernel without P_PIDFD (5.3)
+ * refuses it with EINVAL: then by pid. */
+static int waitid_child(int pid, int pidfd, siginfo_t *info, int options)
+{
+	int rc = -1;
+
+	info->si_pid = 0;
+#ifdef __linux__
+	if (pidfd >= 0) {
+		do {
+			rc = waitid((idtype_t)P_PIDFD, (id_t)pidfd, info, options);
+		} while (rc < 0 && errno == EINTR);
+		if (rc == 0 || errno != EINVAL)
+			return rc;
+		info->si_pid = 0;
+	}
+#else
+	(void)pidfd;
+#endif
+	do {
+		rc = waitid(P_PID, (id_t)pid, info, options);
+	} while (rc < 0 && errno == EINTR);
+	return rc;
+}
+
+/* waitid_child with WNOWAIT: 1 done, 0 the child is reaped already (ECHILD),
+ * -1 on another error. */
+static int peek_child(int pid, int pidfd, int options)
+{
+	siginfo_t info;
+
+	if (waitid_child(pid, pidfd, &info, options | WNOWAIT) == 0)
+		return 1;
+	return errno == ECHILD ? 0 : -1;
+}
+
+/* Is the caller's child still unreaped: running, stopped, or a zombie?
+ * While it is, its pid and the id of the group it leads cannot name
+ * another process.  1 yes; 0 no, somebody else reaped it (ECHILD: a host's
+ * SIGCHLD handler, or SIGCHLD ignored); -1 on another error. */
+int cancelk_child_unreaped(int pid, int pidfd)
+{
+	return peek_child(pid, pidfd, WEXITED | WNOHANG);
+}
+
+/* Send sig to the caller's child, or (group != 0) to the process group it
+ * leads, only while the child is provably not reaped: a pid somebody else
+ * reaped may name another process by now.  To the child itself through its
+ * pidfd when there is one (the kernel refuses a reaped process); otherwise
+ * after cancelk_child_unreaped said yes, SIGCHLD blocked in this thread
+ * between the check and the kill so no handler of this thread reaps it in
+ * between.  1 sent; 0 nothing to send it to (reaped by somebody else, or
+ * nothing left in the group); -1 on error. */
+int cancelk_signal_child(int pid, int pidfd, int sig, int group)
+{
+	sigset_t block, saved;
+	int rc, unreaped, saved_errno;
+
+	if (pid <= 1) {
+		errno = EINVAL;
+		return -1;
+	}
+#ifdef __linux__
+	if (pidfd >= 0 && !group) {
+		if (syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) == 0)
+			return 1;
+		return errno == ESRCH ? 0 : -1;
+	}
+#endif
+	sigemptyset(&block);
+	sigaddset(&block, SIGCHLD);
+	if (sigprocmask(SIG_BLOCK, &block, &saved) != 0)
+		return -1;
+	unreaped = cancelk_child_unreaped(pid, pidfd);
+	rc = unreaped;
+	if (unreaped == 1) {
+		if ((group ? kill(-pid, sig) : kill(pid, sig)) == 0)
+			rc = 1;
+		else
+			rc = errno == ESRCH ? 0 : -1;
+	}
+	saved_errno = errno;
+	sigprocmask(SIG_SETMASK, &saved, NULL);
+	errno = saved_errno;
+	return rc;
+}
+
+/* Wait until the caller's child has stopped (after a SIGSTOP) or exited,
+ * leaving it unreaped.  0 when it has; 0 too when somebody else reaped it
+ * (ECHILD: nothing is left to wait for); -1 on another error. */
+int cancelk_wait_stopped(int pid, int pidfd)
+{
+	return peek_child(pid, pidfd, WSTOPPED | WEXITED) < 0 ? -1 : 0;
+}
+
+/* The caller's open file descriptors, for handing them to another process
+ * (killable_wrapper's standby gets the host's fd table with each job):
+ * each fd in fds[], 1 in cloexec[] where FD_CLOEXEC is set; at most max.
+ * How many, or -1.  Read from /proc/self/fd (Linux) or /dev/fd.  On Linux
+ * dir may be a descriptor of /proc/self/fd kept open by the caller (read
+ * again from its start: no path lookup, no open per call); else -1.  The
+ * directory's own descriptor is left out. */
+static int add_fd(int fd, int skip, int *fds, int *cloexec, int max, int *n)
+{
+	int flags;
+
+	if (fd == skip)
+		return 0;
+	flags = fcntl(fd, F_GETFD);
+	if (flags < 0)
+		return 0;	/* closed meanwhile */
+	if (*n == max) {
+		errno = EMFILE;
+		return -1;
+	}
+	fds[*n] = fd;
+	cloexec[*n] = (flags & FD_CLOEXEC) != 0;
+	(*n)++;
+	return 0;
+}
+
+/* The fd a directory entry of /proc/self/fd (or /dev/fd) names; -1 for
+ * "." and "..". */
+static int parse_fd(const char *name)
+{
+	char *end;
+	long fd;
+
+	if (*name < '0' || *name > '9')
+		return -1;
+	fd = strtol(name, &end, 10);
+	return *end || fd > INT_MAX ? -1 : (int)fd;
+}
+
+int cancelk_open_fds(int dir, int *fds, int *cloexec, int max)
+{
+#ifdef __linux__
+	const char *where = "/proc/self/fd";
+#else
+	const char *where = "/dev/fd";
+#endif
+	DIR *listing;
+	struct dirent *entry;
+	int fd, n = 0, saved;
+
+#ifdef __linux__
+	if (dir >= 0) {
+		char buf[4096];
+		long got, off;
+
+		if (lseek(dir, 0, SEEK_SET) < 0)
+			return -1;
+		while ((got = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
+			for (off = 0; off < got;) {
+				/* struct linux_dirent64: ino, off, reclen, type, name */
+				unsigned short reclen;
+
+				memcpy(&reclen, buf + off + 16, sizeof(reclen));
+
+				fd = parse_fd(buf + off + 19);
+				off += reclen;
+				if (fd >= 0 && add_fd(fd, dir, fds, cloexec, max, &n) != 0)
+					return -1;
+			}
+		}
+		return got < 0 ? -1 : n;
+	}
+#else
+	(void)dir;
+#endif
+	listing = opendir(where);
+	if (!listing)
+		return -1;
+	errno = 0;
+	while ((entry = readdir(listing)) != NULL) {
+		fd = parse_fd(entry->d_name);
+		if (fd >= 0 && add_fd(fd, dirfd(listing), fds, cloexec, max, &n) != 0) {
+			closedir(listing);
+			errno = EMFILE;
+			return -1;
+		}
+	}
+	saved = errno;
+	closedir(listing);
+	if (saved) {
+		errno = saved;
+		return -1;
+	}
+	return n;
+}
+
+/* Move fd to a number >= base (close-on-exec), closing the old one; the
+ * new number, or -1. */
+static int park_fd(int fd, int base)
+{
+	int moved = fcntl(fd, F_DUPFD_CLOEXEC, base);
+
+	if (moved < 0)
+		return -1;
+	close(fd);
+	return moved;
+}
+
+/* dup2 with the close-on-exec flag set as asked, in one call where the OS
+ * has dup3. */
+static int dup_to(int fd, int target, int cloexec)
+{
+#ifdef __linux__
+	return dup3(fd, target, cloexec ? O_CLOEXEC : 0);
+#else
+	if (dup2(fd, target) < 0)
+		return -1;
+	return cloexec ? fcntl(target, F_SETFD, FD_CLOEXEC) : 0;
+#endif
+}
+
+/* Give this process the file descriptor table it was sent: received[i]
+ * (as it arrived) becomes targets[i], close-on-exec as cloexec[i], for i <
+ * n; the received copies are closed.  The keep[] fds (the caller's own)
+ * that sit on a target's number are first moved above every target (keep[]
+ * updated to their new numbers), and so is a received fd on the number the
+ * next one goes to: placing one never overwrites another.  0, or -1 with
+ * errno set (EMFILE: no room above the targets, checked before anything is
+ * moved). */
+int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int n,
+		      int *keep, int nkeep)
+{
+	struct rlimit limit;
+	int base = 3, i, fd;
+
+	for (i = 0; i < n; i++)
+		if (targets[i] >= base)
+			base = targets[i] + 1;
+	if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
+	    (rlim_t)base + (rlim_t)n + (rlim_t)nkeep > limit.rlim_cur) {
+		errno = EMFILE;
+		return -1;
+	}
+	for (i = 0; i < nkeep; i++) {
+		int j = 0;
+
+		while (j < n && targets[j] != keep[i])
+			j++;
+		if (j == n)
+			continue;	/* not in the way */
+		if ((fd = park_fd(keep[i], base)) < 0)
+			return -1;
+		keep[i] = fd;
+	}
+	/* In order: a target's number is moved out of the way only if a
+	 * received fd not placed yet sits on it.  The received fds arrive at
+	 * the lowest free numbers, mostly above their targets, so placing them
+	 * from the lowest target up seldom moves any. */
+	for (i = 0; i < n; i++) {
+		int j;
+
+		for (j = i + 1; j < n; j++) {
+			if (received[j] != targets[i])
+				continue;
+			if ((fd = park_fd(received[j], base)) < 0)
+				return -1;
+			received[j] = fd;
+			break;
+		}
+		if (received[i] == targets[i]) {
+			if (fcntl(targets[i], F_SETFD, cloexec[i] ? FD_CLOEXEC : 0) < 0)
+				return -1;
+			continue;
+		}
+		if (dup_to(received[i], targets[i], cloexec[i]) < 0)
+			return -1;
+		close(received[i]);
+		received[i] = targets[i];
+	}
+	return 0;
 }
 
 /* The job words live in a MAP_SHARED page seen by the user process, the

@@ -1113,3 +1113,100 @@ def mark_then_sleep(path, seconds):
         f.write(str(os.getpid()))
     time.sleep(seconds)
     return seconds
+
+
+# --------------------------------------------------------------------------
+# killable_wrapper's standby processes (the template and its idle standby)
+
+
+def stop_standby_in_worker(directory: str, workers: int) -> int:
+    """In a host worker: stop its killable_wrapper standby processes, then
+    check in under ``directory`` and wait until ``workers`` workers did.
+    Each worker blocks here, so ``workers`` such calls reach every worker."""
+    from cancelk import wrapper
+
+    getattr(wrapper, "stop_standby", lambda: None)()
+    open(os.path.join(directory, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + RESULT_WAIT
+    while len(os.listdir(directory)) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {os.listdir(directory)} of {workers} workers checked in")
+        time.sleep(0.002)
+    return os.getpid()
+
+
+def standby_pids() -> dict[str, object]:
+    """In a host: the pids of its template and of the idle standbys it knows of."""
+    from cancelk import _standby
+
+    template = _standby._template
+    if template is None:
+        return {"template": None, "ready": []}
+    template.read_records(block=False)
+    return {"template": template.pid, "ready": [pid for pid, _, _ in template.ready]}
+
+
+def set_state(key: str, value: object) -> int:
+    """A plain (unwrapped) function run by a host: it changes the host's memory."""
+    STATE[key] = value
+    return os.getpid()
+
+
+def get_state(key: str) -> dict[str, object]:
+    """The job's view of STATE[key], with its pid and parent."""
+    return {"value": STATE.get(key), "pid": os.getpid(), "ppid": os.getppid()}
+
+
+def import_in_host(name: str) -> bool:
+    """A plain function run by a host: imports a module there (it was not, before)."""
+    import importlib
+
+    fresh = name not in sys.modules
+    importlib.import_module(name)
+    return fresh
+
+
+def define_late_job(value: object) -> int:
+    """A plain function run by a host: defines ``jobs.late_job`` there (after any
+    standby template was forked, so the template's jobs module lacks it)."""
+
+    def late_job():
+        return value, os.getppid()
+
+    late_job.__qualname__ = late_job.__name__ = "late_job"
+    globals()["late_job"] = late_job
+    return os.getpid()
+
+
+def write_fd(fd: int, data: bytes) -> int:
+    """Write to a descriptor the host opened: the job sees the host's fd table."""
+    os.write(fd, data)
+    return os.getpid()
+
+
+def open_fds_of_job() -> list[int]:
+    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
+
+
+def change_cwd(path: str) -> str:
+    """A plain function run by a host: changes its working directory."""
+    previous = os.getcwd()
+    os.chdir(path)
+    return previous
+
+
+def cwd() -> str:
+    return os.getcwd()
+
+
+def fork_and_return(path):
+    """Fork, and let the child *return* from the job's function first (no
+    os._exit): only the job process's own return may become the result.
+    The child's pid and start time are written to ``path``."""
+    child = os.fork()
+    if child == 0:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()} {psutil.Process().create_time()}")
+        return "child"
+    time.sleep(0.2)  # the child's return comes first
+    return "parent"

@@ -549,3 +549,77 @@ with open(out + ".tmp", "w") as f:
     json.dump({"priority": priority, "died": {str(k): v for k, v in died.items()}}, f)
 os.replace(out + ".tmp", out)
 """
+
+
+# --------------------------------------------------------------------------
+# killable_wrapper's standby processes in host pools
+
+
+def stop_standbys(host: Host) -> None:
+    """Stop the killable_wrapper standby processes of every worker of a host
+    pool (they would outlive the test that made them)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        futures = [
+            host.pool.submit(jobs.stop_standby_in_worker, directory, HOST_WORKERS)
+            for _ in range(HOST_WORKERS)
+        ]
+        pids = {f.result(timeout=RESULT_WAIT) for f in futures}
+    assert pids == {w.pid for w in host.workers}, (pids, host.workers)
+
+
+def host_worker_of(job_pid: int, workers) -> int:
+    """The host worker a wrapped job runs for: its parent when the worker
+    forked it, its grandparent when a standby ran it (the worker's template
+    forked the standby)."""
+    pid = job_pid
+    for _ in range(2):
+        pid = psutil.Process(pid).ppid()
+        if pid in workers:
+            return pid
+    raise AssertionError(f"job {job_pid} descends from none of the workers {workers}")
+
+
+def standby_processes(worker_pid: int) -> list[psutil.Process]:
+    """The killable_wrapper template of a host (its child running the host's
+    command line) and the standbys under it."""
+    found = []
+    try:
+        for child in psutil.Process(worker_pid).children():
+            found.append(child)
+            found.extend(child.children())
+    except psutil.NoSuchProcess:
+        pass
+    return found
+
+
+def pipe_and_socket_targets(pid: int) -> dict[int, str]:
+    """fd -> 'pipe:[inode]' / 'socket:[inode]' of a process (what it can hold open)."""
+    targets = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(("pipe:", "socket:")):
+            targets[int(name)] = target
+    return targets
+
+
+# A process that plays the OOM killer (python -c KILL_RECORDED <record path>
+# job|parent): it waits for a job's record, then SIGKILLs the job, or the
+# job's parent (a killable_wrapper standby's template).
+KILL_RECORDED = """
+import json, os, sys, time
+path, whom = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 30
+while not os.path.exists(path) and time.monotonic() < deadline:
+    time.sleep(0.005)
+with open(path) as f:
+    pid = json.load(f)[0][0]
+if whom == "parent":
+    with open(f"/proc/{pid}/stat") as f:
+        pid = int(f.read().rpartition(")")[2].split()[1])
+os.kill(pid, 9)
+"""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import math
 import os
 import pickle
@@ -94,13 +95,13 @@ class Site:
         self.host = host  # a procs.Host at a pool site, else None: this process hosts
         self.futures = []  # of the host pool, for job_guard
 
-    def submit(self, fn, *args, **kwargs):
+    def submit(self, fn, /, *args, **kwargs):
         """killable_wrapper(fn, ...) submitted to the host pool (pool sites)."""
         future = self.host.pool.submit(killable_wrapper, fn, *args, **kwargs)
         self.futures.append(future)
         return future
 
-    def call(self, fn, *args, **kwargs):
+    def call(self, fn, /, *args, **kwargs):
         """killable_wrapper(fn, ...) at this site: its result, or its exception."""
         if self.host is None:
             return killable_wrapper(fn, *args, **kwargs)
@@ -119,12 +120,20 @@ class Site:
 
 @pytest.fixture
 def site(request, site_setup, backend):
+    """The test's site; afterwards the killable_wrapper standby processes it
+    left (in the host pool's workers, or here) are stopped."""
     name, hosts = site_setup
     if name == DIRECT:
         request.getfixturevalue("single_threaded")
     elif name == THREADED:
         request.getfixturevalue("extra_thread")
-    return Site(name, hosts.get((name.removeprefix("pool-"), backend)))
+    site = Site(name, hosts.get((name.removeprefix("pool-"), backend)))
+    yield site
+    if site.host is not None:
+        concurrent.futures.wait(site.futures, timeout=RESULT_WAIT)
+        procs.stop_standbys(site.host)
+    else:
+        getattr(cancelk.wrapper, "stop_standby", lambda: None)()  # (none before the standbys)
 
 
 def assert_all_gone(records, job_pid=None, timeout=GONE):
@@ -148,18 +157,6 @@ def job_guard(record_path, futures=()):
         if os.path.exists(record_path):
             procs.kill_records(procs.read_record(record_path, wait=0), reap=True)
         concurrent.futures.wait(list(futures), timeout=RESULT_WAIT)
-
-
-KILLER = """
-import json, os, sys, time
-path = sys.argv[1]
-deadline = time.monotonic() + 30
-while not os.path.exists(path) and time.monotonic() < deadline:
-    time.sleep(0.005)
-with open(path) as f:
-    pid = json.load(f)[0][0]
-os.kill(pid, 9)
-"""
 
 
 def no_new_descendants(before):
@@ -191,6 +188,14 @@ class TestKillableWrapper:
         assert info.value.exitcode == 3
         assert info.value.signal is None
         assert not psutil.pid_exists(info.value.pid)
+        site.assert_host_ok()
+
+    def test_child_the_job_forks_never_reports_a_result(self, site, tmp_path):
+        path = tmp_path / "child"
+        assert site.call(jobs.fork_and_return, str(path)) == "parent"
+        pid, created = path.read_text().split()
+        left = procs.wait_gone([(int(pid), float(created))], GONE, orphaned_zombies_ok=True)
+        assert not left, f"the job's child lives on: {left}"
         site.assert_host_ok()
 
     def test_result_larger_than_pipe_buffer(self, site):
@@ -288,12 +293,20 @@ class TestKillableWrapper:
     @at(*POOL_SITES)
     def test_job_is_forked_from_host_worker_with_its_state(self, site):
         host = site.host
+        workers = {w.pid for w in host.workers}
         info = site.call(jobs.host_info)
         assert info["state"] == host.token  # the initializer ran in the host, the job inherits
-        assert info["ppid"] in {w.pid for w in host.workers}
+        # By default a standby runs it: forked by the worker's template, the
+        # worker's own child (the template lives on until stopped).
+        template = psutil.Process(info["ppid"])
+        assert template.ppid() in workers
         assert info["pgid"] == info["pid"]  # its own process group
         assert info["backend_env"] == host.backend
         assert info["backend"] == host.backend  # what the wrapper's loop is built with
+        fresh = site.call(jobs.host_info, killable_wrapper_fresh=True)
+        assert fresh["state"] == host.token
+        assert fresh["ppid"] in workers  # forked by the worker at the call
+        assert fresh["pgid"] == fresh["pid"]
 
     @at(*POOL_SITES)
     def test_cancel_message_stops_running_job(self, site, cancel_pipe, record_path):
@@ -308,6 +321,24 @@ class TestKillableWrapper:
             assert time.monotonic() - start < SLACK
             assert_all_gone(records)
         site.assert_host_ok()
+
+    @at(*POOL_SITES)
+    def test_cancel_by_bytes_that_do_not_unpickle_stops_running_job(
+        self, site, cancel_pipe, record_path
+    ):
+        sender, receiver = cancel_pipe
+        future = site.submit(jobs.sleep_job, record_path, killable_wrapper_cancel_pipe=receiver)
+        with job_guard(record_path, site.futures):
+            records = procs.read_record(record_path)
+            sender.send_bytes(b"stop")
+            with pytest.raises(ProcessCancelledError, match="cancelled"):
+                future.result(timeout=RESULT_WAIT)
+            assert_all_gone(records)
+        site.assert_host_ok()
+
+    @at(*POOL_SITES)
+    def test_job_keyword_named_fn_reaches_the_job_in_a_pool(self, site):
+        assert site.call(jobs.echo, 1, fn="f") == ((1,), {"fn": "f"})
 
     @at(*POOL_SITES)
     def test_cancel_grace_sent_while_running_lets_job_finish(self, site, cancel_pipe, record_path):
@@ -387,10 +418,22 @@ class TestKillableWrapper:
             assert_all_gone(records)
 
     @at(DIRECT)
-    @pytest.mark.parametrize("message", ["cancel", None, {"unrelated": 1}, 0])
-    def test_any_cancel_message_cancels(self, cancel_pipe, message, record_path):
+    @pytest.mark.parametrize(
+        ("send", "message"),
+        [
+            ("send", "cancel"),
+            ("send", None),
+            ("send", {"unrelated": 1}),
+            ("send", 0),
+            # issue 12.5: "anything that arrives cancels", also bytes that are no pickle
+            ("send_bytes", b"stop"),
+            ("send_bytes", b""),
+            ("send_bytes", b"\x80\x04garbage"),
+        ],
+    )
+    def test_any_cancel_message_cancels(self, cancel_pipe, send, message, record_path):
         sender, receiver = cancel_pipe
-        sender.send(message)
+        getattr(sender, send)(message)
         start = time.monotonic()
         with job_guard(record_path):
             with pytest.raises(ProcessCancelledError):
@@ -398,6 +441,36 @@ class TestKillableWrapper:
             assert time.monotonic() - start < SLACK
             if os.path.exists(record_path):  # the job may be killed before it records
                 assert_all_gone(procs.read_record(record_path, wait=0))
+
+    @at(DIRECT)
+    @pytest.mark.parametrize("grace", [-1, -0.5, math.nan, -math.inf, "soon", [1], True], ids=repr)
+    def test_malformed_cancel_grace_kills_now_and_warns(
+        self, cancel_pipe, grace, record_path, caplog
+    ):
+        # Issue 12.5: a grace that is no grace is none: kill now, say so.
+        sender, receiver = cancel_pipe
+        sender.send({"cancel_timeout": grace})
+        start = time.monotonic()
+        with job_guard(record_path), caplog.at_level(logging.WARNING, logger="cancelk"):
+            with pytest.raises(ProcessCancelledError):
+                killable_wrapper(jobs.sleep_job, record_path, killable_wrapper_cancel_pipe=receiver)
+            assert time.monotonic() - start < SLACK
+            if os.path.exists(record_path):
+                assert_all_gone(procs.read_record(record_path, wait=0))
+        warned = [r for r in caplog.records if r.name == "cancelk" and r.levelno == logging.WARNING]
+        assert len(warned) == 1, caplog.records
+        assert repr(grace) in warned[0].getMessage()
+
+    @at(DIRECT)
+    def test_job_keyword_named_fn_reaches_the_job(self):
+        # Issue 12.6: the wrapped function is positional-only, as submit's is.
+        assert killable_wrapper(jobs.echo, fn=1) == ((), {"fn": 1})
+        assert killable_wrapper(jobs.echo, 2, fn=jobs.add, args=3) == (
+            (2,),
+            {"fn": jobs.add, "args": 3},
+        )
+        with pytest.raises(TypeError):
+            killable_wrapper(fn=jobs.echo)  # as submit(fn=...): fn is no keyword
 
     @at(DIRECT)
     def test_cancel_grace_sent_before_the_call_lets_job_finish(self, cancel_pipe):
@@ -472,7 +545,7 @@ class TestKillableWrapper:
     def test_sigkill_from_another_process_is_named_so(self, record_path):
         # Another process plays the OOM killer: it waits for the job's record,
         # then SIGKILLs the job while killable_wrapper waits for it.
-        killer = subprocess.Popen([sys.executable, "-c", KILLER, record_path])
+        killer = subprocess.Popen([sys.executable, "-c", procs.KILL_RECORDED, record_path, "job"])
         try:
             with job_guard(record_path):
                 with pytest.raises(ProcessDiedError, match="outside cancelk") as info:

@@ -79,6 +79,16 @@ def race_host(request, host_pools, backend):
     return host_pools[request.param, backend]
 
 
+@pytest.fixture(autouse=True)
+def stop_standbys_after(request):
+    """After a test on the class's host pools, stop the killable_wrapper
+    standby processes it left in their workers."""
+    yield
+    if "host_pools" in request.fixturenames:
+        for host in request.getfixturevalue("host_pools").values():
+            procs.stop_standbys(host)
+
+
 # ==========================================================================
 # races inside a long-lived host pool
 
@@ -313,8 +323,7 @@ def test_host_worker_sigkilled_takes_every_wrapped_job_tree_with_it(backend, met
         ended = []
         for future in futures:
             future.add_done_callback(lambda _: ended.append(time.perf_counter()))
-        victim = psutil.Process(jobs_only[0][0]).ppid()
-        assert victim in worker_pids
+        victim = procs.host_worker_of(jobs_only[0][0], worker_pids)
         start = time.perf_counter()
         os.kill(victim, signal.SIGKILL)
         jobs_gone_after, jobs_left = time_until_gone(jobs_only, GONE)

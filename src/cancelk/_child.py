@@ -181,6 +181,14 @@ def flush_std_streams() -> None:
             pass
 
 
+def leave_if_forked_by_job(job_process: int) -> None:
+    """A child the job forked came back from the job's function: it is not
+    the job process, and must neither report a result nor go on as one."""
+    if os.getpid() != job_process:
+        flush_std_streams()
+        os._exit(0)
+
+
 def start_interpreter(
     entry: str, pass_fds: Sequence[int], args: Sequence[str] = (), *, new_session: bool = False
 ) -> subprocess.Popen[bytes]:

@@ -21,6 +21,7 @@ __all__ = [
     "SharedWords",
     "become_group_leader",
     "become_job_process",
+    "child_unreaped",
     "die_with_parent",
     "has_exited",
     "kill_descendants",
@@ -29,14 +30,18 @@ __all__ = [
     "kill_trees",
     "list_children",
     "monotonic_ns",
+    "open_fds",
     "pidfd_kill",
     "pidfd_open",
+    "place_fds",
     "reap",
     "selected_backend",
     "set_child_subreaper",
+    "signal_child",
     "signal_dispositions",
     "signals_in",
     "tree_rss",
+    "wait_stopped",
 ]
 
 DEADLINE = int(lib.CANCELK_TOKEN_DEADLINE)
@@ -191,6 +196,67 @@ def has_exited(pid: int) -> bool:
     if rc < 0:
         raise _fail(f"waitid({pid}, WNOWAIT)")
     return rc == 1
+
+
+def child_unreaped(pid: int, pidfd: int = -1) -> bool:
+    """True while the caller's child is not reaped (running, stopped or a
+    zombie): its pid, and its group id, still name it.  False once somebody
+    else reaped it.  ``pidfd`` (>= 0) names the child exactly (Linux)."""
+    rc = int(lib.cancelk_child_unreaped(pid, pidfd))
+    if rc < 0:
+        raise _fail(f"waitid({pid}, WNOWAIT)")
+    return rc == 1
+
+
+def signal_child(pid: int, sig: int, *, pidfd: int = -1, group: bool = False) -> bool:
+    """Signal the caller's child (or, with ``group``, the group it leads)
+    only while it is provably unreaped; through ``pidfd`` when given.
+    False if there was nothing to signal: reaped by somebody else, or gone."""
+    rc = int(lib.cancelk_signal_child(pid, pidfd, sig, 1 if group else 0))
+    if rc < 0:
+        target = f"-{pid}" if group else str(pid)
+        raise _fail(f"kill({target}, {sig}) of a child")
+    return rc == 1
+
+
+def wait_stopped(pid: int, pidfd: int = -1) -> None:
+    """Block until the caller's child has stopped or exited; it stays
+    unreaped.  Returns at once if somebody else reaped it."""
+    if lib.cancelk_wait_stopped(pid, pidfd) != 0:
+        raise _fail(f"waitid({pid}, WSTOPPED | WNOWAIT)")
+
+
+def open_fds(directory: int = -1) -> list[tuple[int, bool]]:
+    """This process's open file descriptors: (fd, close-on-exec) each.
+    ``directory``: an fd of /proc/self/fd the caller keeps open (Linux: no
+    lookup and open per call), left out of the list; -1 to open one."""
+    limit = 256
+    while True:
+        fds = ffi.new("int[]", limit)
+        cloexec = ffi.new("int[]", limit)
+        n = int(lib.cancelk_open_fds(directory, fds, cloexec, limit))
+        if n >= 0:
+            return [(int(fds[i]), bool(cloexec[i])) for i in range(n)]
+        if ffi.errno != _errno.EMFILE or limit >= 1 << 24:
+            raise _fail("listing the open file descriptors")
+        limit *= 8
+
+
+def place_fds(received: list[int], targets: list[tuple[int, bool]], keep: list[int]) -> list[int]:
+    """Install a file descriptor table sent by another process: each received
+    fd moves to its target number (with its close-on-exec flag), the received
+    copies closed.  ``keep``, this process's own fds, are moved out of the way
+    first; their new numbers are returned."""
+    n = len(received)
+    if len(targets) != n:
+        raise ValueError(f"{n} fds received for {len(targets)} targets")
+    c_received = ffi.new("int[]", received or [0])
+    c_targets = ffi.new("int[]", [fd for fd, _ in targets] or [0])
+    c_cloexec = ffi.new("int[]", [int(flag) for _, flag in targets] or [0])
+    c_keep = ffi.new("int[]", keep or [0])
+    if lib.cancelk_place_fds(c_received, c_targets, c_cloexec, n, c_keep, len(keep)) != 0:
+        raise _fail("installing the file descriptors sent")
+    return [int(c_keep[i]) for i in range(len(keep))]
 
 
 def list_children(parent: int) -> list[int] | None:

@@ -8,6 +8,8 @@
     user process: supervisor died          kill_orphaned_runner(runner, pidfd)
     user process: supervisor untrusted     kill_child(supervisor)
     killable_wrapper: stop the job         freeze_and_kill_tree(job)
+    killable_wrapper: stop its own child   stop_child_tree(job, pidfd), reap_child
+      in a host that may reap it too         (inside sigchld_blocked())
     parent right after fork()              join_own_group(child)
 
 A job process (runner or wrapped job) leads its own process group and is a
@@ -16,6 +18,12 @@ left the group, still in its tree.  A kill therefore takes the tree first
 (``_core.kill_descendants`` scans /proc) and the group second.  Every recipe
 acts on a pid only while that pid is provably still the same process: an
 unreaped child of the caller, or one whose pidfd has not reported its exit.
+
+killable_wrapper runs in hosts it does not own, where a SIGCHLD handler may
+reap its job first (``os.waitpid(-1, WNOHANG)`` in a loop is common): there
+"unreaped" is checked (waitid WNOWAIT, or the job's pidfd) right before each
+signal, and ``sigchld_blocked`` keeps the host's handler from running between
+the check, the kill and the reap.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import logging
 import os
 import select
 import signal
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 
 from cancelk import _core
 
@@ -149,12 +158,15 @@ def freeze_and_kill_tree(pid: int) -> None:
     """Stop an unreaped child job and everything it started, leaving none behind.
 
     SIGSTOP first: a stopped job cannot start another process (which might
-    setsid) behind the tree scan; then the tree, then the group.
+    setsid) behind the tree scan; then the tree, then the group, then the
+    job itself (it may not lead its group yet, or have left it: stopped and
+    never killed, it could not be reaped).
     """
     _core.kill_pid(pid, signal.SIGSTOP)
     _wait_stopped(pid)
     _core.kill_descendants(pid)
     kill_group(pid)
+    _core.kill_pid(pid, _KILL)
 
 
 def oom_kills() -> int:
@@ -188,3 +200,46 @@ def _wait_stopped(pid: int) -> None:
         waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
     except ChildProcessError:
         pass
+
+
+@contextmanager
+def sigchld_blocked() -> Iterator[set[int | signal.Signals]]:
+    """SIGCHLD blocked in this thread for the block, handlers already pending
+    run first; yields the mask to restore (a child forked inside must).  In a
+    single-threaded host this keeps a SIGCHLD handler that reaps (the host's,
+    not ours) from running in the middle of a sequence that must act on an
+    unreaped child: pidfd_open after fork(), a check-then-kill, a kill then
+    reap."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield previous
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_child_tree(pid: int, pidfd: int = -1) -> bool:
+    """Stop a job that is the caller's child and everything it started, never
+    signalling its pid once somebody else may have reaped it.
+
+    As ``freeze_and_kill_tree``: SIGSTOP, wait until stopped, the tree, the
+    group; then the job itself, in case it left its group.  False if the job
+    was reaped by somebody else before it could be stopped (it had exited:
+    its pid may be another's, so nothing is sent).
+    """
+    if not _core.signal_child(pid, signal.SIGSTOP, pidfd=pidfd):
+        return False
+    _core.wait_stopped(pid, pidfd)
+    if _core.child_unreaped(pid, pidfd):
+        _core.kill_descendants(pid)
+    _core.signal_child(pid, _KILL, pidfd=pidfd, group=True)
+    _core.signal_child(pid, _KILL, pidfd=pidfd)
+    return True
+
+
+def reap_child(pid: int) -> int | None:
+    """Reap the caller's exited (or killed) child: its wait status, or None
+    if somebody else reaped it first (the status is lost)."""
+    try:
+        return _core.reap(pid)
+    except ChildProcessError:
+        return None

@@ -105,8 +105,8 @@ class Slot:
     """One runner place and what the pool knows of its current runner."""
 
     __slots__ = (
-        "connected",
         "coming",
+        "connected",
         "index",
         "job",
         "pid",
@@ -189,7 +189,7 @@ class Pool:
         """Ask for a runner per queued job that no runner on its way will take,
         while slots have none: runners start on demand, as the stdlib's
         workers do, so a big pool that runs one job at a time holds one."""
-        if self.broken is not None or self.shutting_down and not self.pending:
+        if self.broken is not None or (self.shutting_down and not self.pending):
             return
         waiting = len(self.pending) - self.ended_in_queue
         on_their_way = sum(1 for s in self.slots if s.coming or (s.connected and not s.ready))
@@ -515,7 +515,6 @@ class Ending(NamedTuple):
 
     counter: str
     settle: Callable[[Future], object]
-
 
 
 def _unlink(future: Future) -> None:

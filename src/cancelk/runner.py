@@ -102,9 +102,7 @@ def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner
         held = [job]
         del job
         kind, outcome = _run_job(held)
-        if os.getpid() != me:  # a child the job forked returned here: not the runner
-            _child.flush_std_streams()
-            os._exit(0)
+        _child.leave_if_forked_by_job(me)
         _child.flush_std_streams()
         if not words.finish(slot, seq):
             _await_kill()
