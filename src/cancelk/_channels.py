@@ -181,18 +181,21 @@ class Waker:
         self.read_fd, self._write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self._write_fd, False)
-        self._lock = threading.Lock()
+        # Reentrant, and every wake writes: a wake that gave up because
+        # another was under way could come after the manager read that one's
+        # byte, and sleep through its own news.  A signal handler or finalizer
+        # interrupting a wake in its own thread re-enters; another thread
+        # waits for one os.write.  Held while closing, so that no wake writes
+        # to a descriptor number that is closed and maybe reused.
+        self._lock = threading.RLock()
 
     def wake(self) -> None:
-        if not self._lock.acquire(blocking=False):
-            return  # another wake is under way, or the pipe is being closed
-        try:
+        with self._lock:
             if self._write_fd >= 0:
-                os.write(self._write_fd, b"\0")
-        except OSError:
-            pass  # full: the manager is awake already
-        finally:
-            self._lock.release()
+                try:
+                    os.write(self._write_fd, b"\0")
+                except OSError:
+                    pass  # full: the manager is awake already
 
     def drain(self) -> None:
         try:
@@ -207,9 +210,10 @@ class Waker:
 
     def abandon(self) -> None:
         """Close; without the lock only in a forked child, where nobody else runs."""
-        for fd in (self.read_fd, self._write_fd):
+        fds = self._write_fd, self.read_fd
+        self.read_fd = self._write_fd = -1  # first: a reentrant wake then writes nothing
+        for fd in fds:
             close_quietly(fd)
-        self.read_fd = self._write_fd = -1
 
 
 def close_quietly(fd: int) -> None:

@@ -29,6 +29,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 
 from cancelk._manager_thread import Command, ManagerThread, PoolLock, run_completions
@@ -132,9 +133,16 @@ class Manager:
         # future, and a concurrent cancel() that then finds no job answers
         # from the future's state, which must already say cancelled.
         reason = "the job was cancelled; its processes were killed"
-        answer = future._mark_cancelled(reason) or future.cancelled()
+        answer = future._mark_cancelled(reason, by_caller=True) or future.cancelled()
         self._run(lambda out: self.pool.count_cancelled(job))
         return answer
+
+    def call_soon(self, call: Callable[[], object]) -> None:
+        """Run ``call`` on the manager thread, outside the lock; from any context."""
+        if self.forked_away:
+            call()
+        else:
+            self.io.call_soon(call)
 
     def cancelled_in_queue(self, future: Future) -> None:
         """Future.cancel() took a queued job: count it now."""

@@ -98,6 +98,8 @@ class ManagerThread(threading.Thread):
         self.supervisor_ready = False  # the current supervisor sent SupervisorReady
         self.start_failure: _protocol.StartFailed | None = None
         self.handles = RunnerHandles()  # what executor._processes gave out
+        self.soon: deque[Callable[[], object]] = deque()  # calls from any context
+        self.ending = False  # the loop has ended: nothing more runs ``soon``
 
     # -- PoolIO: never blocks, any thread -----------------------------------------
     def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
@@ -125,6 +127,27 @@ class ManagerThread(threading.Thread):
         waker = self.waker
         if waker is not None:
             waker.wake()
+
+    def call_soon(self, call: Callable[[], object]) -> None:
+        """Run ``call`` on this thread, outside the lock, from any context
+        (a signal handler, a finalizer): only appends and wakes.  Once the
+        loop has ended the caller runs it, since nobody else will."""
+        self.soon.append(call)
+        if self.ending or not self.is_alive():
+            self._run_soon()
+        else:
+            self.wake()
+
+    def _run_soon(self) -> None:
+        while True:
+            try:
+                call = self.soon.popleft()
+            except IndexError:
+                return
+            try:
+                call()
+            except Exception:
+                log.exception("cancelk: a call on the manager thread failed")
 
     def add_timer(self, at: float, command: Command) -> None:
         """Run ``command`` under the lock at ``time.monotonic()`` ``at``; with
@@ -174,12 +197,18 @@ class ManagerThread(threading.Thread):
             # A bug here must not leave futures waiting forever (I3).
             log.exception("cancelk manager thread failed; stopping the pool")
             self._crash(why)
+        finally:
+            # Set before the last run: a call appended after it sees the flag
+            # and runs itself; one appended before it is run here.
+            self.ending = True
+            self._run_soon()
 
     def _loop(self) -> None:
         assert self.selector is not None
         while not self.stopped:
             events = self.selector.select(self._until_next_timer())
             self._locked(functools.partial(self._handle_events, events))
+            self._run_soon()
         self._locked(self._run_intake)  # submits that raced the end: refused
 
     def _locked(self, work: Command) -> None:

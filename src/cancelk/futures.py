@@ -10,6 +10,7 @@ result()/exception() on a cancelled future raise ProcessCancelledError.
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Callable
 from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -28,6 +29,8 @@ class _Owner(Protocol):
     def cancel_running(self, future: Future) -> bool: ...
 
     def cancelled_in_queue(self, future: Future) -> None: ...
+
+    def call_soon(self, call: Callable[[], object]) -> None: ...
 
 
 class Future(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -69,9 +72,9 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 return False
         if state == RUNNING:
             return self._owner.cancel_running(self)
-        # Queued: cancelled and notified at once, so wait() and as_completed()
-        # see it now rather than when the pool would have reached it.
-        if self._mark_cancelled("the job was cancelled before it started"):
+        # Queued: cancelled at once, so wait() and as_completed() see it now
+        # rather than when the pool would have reached it.
+        if self._mark_cancelled("the job was cancelled before it started", by_caller=True):
             self._owner.cancelled_in_queue(self)
             return True
         return self.cancelled()
@@ -112,15 +115,35 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 raise
             raise ProcessCancelledError(self._cancel_reason) from None
 
-    def _mark_cancelled(self, reason: str) -> bool:
-        """End a queued or running future as cancelled; False if it already ended."""
+    def _mark_cancelled(self, reason: str, by_caller: bool = False) -> bool:
+        """End a queued or running future as cancelled; False if it already ended.
+
+        ``by_caller``: from ``cancel()``, which may run in a signal handler or
+        a finalizer that interrupted this very thread inside ``wait()`` or
+        ``as_completed()``, holding the lock of the waiter they installed.
+        Those waiters are then told on the pool's manager thread, as the
+        stdlib's pool tells them of a cancel on its own thread.
+        """
         with self._condition:
             if self._state not in (PENDING, RUNNING):
                 return False
             self._cancel_reason = reason
+            later = by_caller and bool(self._waiters) and self._owner is not None
+            self._state = CANCELLED if later else CANCELLED_AND_NOTIFIED
+            if not later:
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+            self._condition.notify_all()
+        if later:
+            assert self._owner is not None
+            self._owner.call_soon(self._notify_waiters_of_cancel)
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
+
+    def _notify_waiters_of_cancel(self) -> None:
+        with self._condition:
+            if self._state != CANCELLED:
+                return
             self._state = CANCELLED_AND_NOTIFIED
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
-        return True
