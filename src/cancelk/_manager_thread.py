@@ -19,6 +19,10 @@
 
 It is also the pool logic's ``PoolIO``: ``send_job``, ``send_control`` and
 ``kill_now`` queue bytes or signal without blocking, from any thread.
+
+Why one module of this size: it is one thread's whole work; the selector,
+the links it owns and the supervisor's life cycle share that thread's state,
+which would otherwise be passed between modules.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ Nothing here touches a socket, a selector, a thread or the OS: every effect
 outside goes through ``PoolIO``, which ``_manager`` implements and the unit
 tests fake.  Futures are settled only through completions, so no user
 callback runs while the lock is held.
+
+Why one module of this size: every method reads and changes the same few
+structures (pending jobs, slots, idle runners, counters) under the one lock;
+cut apart, each part would reach into the others.  It does no I/O, and
+tests/unit/test_pool_logic.py drives all of it through a fake PoolIO.
 """
 
 from __future__ import annotations

@@ -52,6 +52,10 @@ By default standbys serve hosts that are multiprocessing children (pool
 workers), where what runs between two calls is the pool's own loop; a main
 program, whose own code runs between calls, forks at the call unless
 ``CANCELK_WRAPPER_STANDBY=1``.
+
+Why one module of this size: it holds the three sides (H, T, S) of one
+private protocol; each message is written and read within a screen of each
+other, and nothing outside killable_wrapper imports it.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ which Dask records as a task error (and retries, with ``retries=``).
 
 Only cancelk's public API is used: a ``cancelk.ProcessPoolExecutor``, its
 ``options()`` views, ``Future.cancel()`` and the exceptions.
+
+Why one module of this size: everything Dask-specific is behind this one
+optional import (``import cancelk`` never imports Dask); the plugin, the
+executor it installs and the annotations only make sense together.
 """
 
 from __future__ import annotations

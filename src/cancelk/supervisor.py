@@ -15,6 +15,10 @@ It never runs user code except to unpickle the initializer.  When the user
 process goes away the control socket reads EOF and the supervisor kills every
 runner's tree and every orphan before it exits (I6).  The messages are
 declared in ``_protocol``; the deadlines are kept by ``_deadlines``.
+
+Why one module of this size: the supervisor's own loop and the user
+process's handle on it are the two ends of one start handshake and one
+control socket; read together, each message is next to its reader.
 """
 
 from __future__ import annotations

@@ -41,6 +41,11 @@ H may reap its children behind our back (a SIGCHLD handler that calls
 signalled only while provably unreaped, a reaped job's status is reported
 unknown (a result that arrived still counts), and each fd is closed once.
 A standby is T's child, never H's: such a handler does not see it at all.
+
+Why one module of this size: killable_wrapper's call, its two ways of
+starting the job (forked at the call, or a clean interpreter) and the
+watcher that stops it share one job interface; the standby processes, the
+third way, are in _standby.
 """
 
 from __future__ import annotations
