@@ -24,14 +24,20 @@ What must hold:
   with their creation time, since pids are reused) is gone, and leak_check
   finds no process or fd.
 
-Run on both C backends, with a fork and a spawn pool; the CI size (~2 000 jobs
-across the four cases) is scaled up 50x by ``pytest -m stress``.
+Run on both C backends, with a fork and a spawn pool, and a fork pool in a
+*hostile host*: a SIGCHLD handler that reaps every child of the process (as
+daemons do), and every cancel() made from a signal handler in the main thread
+(SIGUSR1 sent by the actor), half of them from the finalizer of a reference
+cycle that the handler has the cyclic GC collect.  The CI size (~3 000 jobs
+across the six cases) is scaled up 50x by ``pytest -m stress``.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import gc
 import heapq
 import os
 import random
@@ -259,7 +265,7 @@ class PidLog:
 class Actor(threading.Thread):
     """Cancels and kills jobs at their due time; polls for "running"."""
 
-    def __init__(self, pids: PidLog):
+    def __init__(self, pids: PidLog, hostile: bool = False):
         super().__init__(name="chaos-actor", daemon=True)
         self.heap: list = []
         self.cond = threading.Condition()
@@ -267,6 +273,29 @@ class Actor(threading.Thread):
         self.pids = pids
         self.errors: list[str] = []
         self.lateness: list[float] = []
+        self.hostile = hostile
+        self.to_cancel: collections.deque = collections.deque()  # for the signal handler
+
+    def cancel(self, spec: Spec):
+        """cancel() now, or, in a hostile host, from the main thread's signal handler."""
+        if not self.hostile:
+            spec.answer = spec.future.cancel()
+            return
+        self.to_cancel.append(spec)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def cancel_in_handler(self, signum, frame):
+        while self.to_cancel:
+            spec = self.to_cancel.popleft()
+            if spec.i % 2:
+                spec.answer = spec.future.cancel()
+            else:
+                _CancelOnCollect(spec)  # garbage in a cycle: its finalizer cancels
+                gc.collect()
+                if spec.answer is None:
+                    # This handler ran inside a collection (a finalizer was
+                    # running), where gc.collect() does nothing: cancel here.
+                    spec.answer = spec.future.cancel()
 
     def push(self, due: float, spec: Spec):
         with self.cond:
@@ -302,7 +331,7 @@ class Actor(threading.Thread):
         if spec.action == "cancel":
             self.lateness.append(now - due)
             spec.cancelled_at = now
-            spec.answer = future.cancel()
+            self.cancel(spec)
         elif spec.action in ("cancel_running", "kill"):
             # First wait for the start, then for the random offset after it.
             pid = future.pid
@@ -332,6 +361,42 @@ class Actor(threading.Thread):
             self.pids.add(future.pid)
             spec.action = "cancel" if spec.action == "cancel_recorded" else "kill_now"
             self.push(now + spec.delay, spec)
+
+
+class _CancelOnCollect:
+    def __init__(self, spec: Spec):
+        self.spec, self.me = spec, self
+
+    def __del__(self):
+        if self.spec.answer is None:
+            self.spec.answer = self.spec.future.cancel()
+
+
+def reap_every_child(signum, frame):
+    """What daemons do: reap whatever child exited, whoever started it."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+@contextlib.contextmanager
+def hostile_host(actor: Actor):
+    """The SIGCHLD reaper and the cancelling SIGUSR1 handler, for the run only."""
+    before = {
+        signum: signal.signal(signum, handler)
+        for signum, handler in (
+            (signal.SIGCHLD, reap_every_child),
+            (signal.SIGUSR1, actor.cancel_in_handler),
+        )
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        actor.cancel_in_handler(signal.SIGUSR1, None)  # one sent as the run ended
 
 
 def check_outcome(spec: Spec, outcome: tuple) -> str | None:
@@ -387,12 +452,12 @@ class Run:
     trees_left: list
 
 
-def run_chaos(seed: int, n: int, method: str, tmp: str):
+def run_chaos(seed: int, n: int, method: str, tmp: str, hostile: bool = False):
     rng = random.Random(seed)
     marker_prefix = f"{int(jobs.LONG) - 1}.{random.SystemRandom().randrange(10**6):06d}"
     specs = make_specs(rng, n, tmp, marker_prefix)
     pids = PidLog()
-    actor = Actor(pids)
+    actor = Actor(pids, hostile)
     callback_errors = []
 
     def on_done(spec):
@@ -408,6 +473,7 @@ def run_chaos(seed: int, n: int, method: str, tmp: str):
         return callback
 
     factory = procs.PoolFactory()
+    host = contextlib.ExitStack()
     submit_errors = []
     try:
         exe = factory(WORKERS, mp_context=method)
@@ -434,6 +500,8 @@ def run_chaos(seed: int, n: int, method: str, tmp: str):
             except BaseException as why:
                 submit_errors.append(repr(why))
 
+        if hostile:
+            host.enter_context(hostile_host(actor))
         actor.start()
         threads = [
             threading.Thread(target=submitter, args=(specs[k::SUBMITTERS],), name=f"submit-{k}")
@@ -449,6 +517,7 @@ def run_chaos(seed: int, n: int, method: str, tmp: str):
         elapsed = time.perf_counter() - start
         actor.close()
         actor.join(WAIT)
+        host.close()
         stats = exe.stats()
         # every job with children has ended: its whole tree is gone, before
         # any shutdown could clean up for it (I4)
@@ -471,6 +540,7 @@ def run_chaos(seed: int, n: int, method: str, tmp: str):
             proc.kill()
         exe.shutdown(wait=True)
     finally:
+        host.close()
         actor.close()
         factory.close_all()
     return Run(
@@ -489,7 +559,7 @@ def run_chaos(seed: int, n: int, method: str, tmp: str):
 
 @pytest.mark.stress
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", "spawn", "fork-hostile-host"])
 def test_every_future_of_a_chaotic_mix_ends_once_with_an_allowed_outcome(
     backend, method, scale, tmp_path
 ):
@@ -497,7 +567,8 @@ def test_every_future_of_a_chaotic_mix_ends_once_with_an_allowed_outcome(
     n = scale(500, 25_000)
     where = f"seed {seed} (replay: CANCELK_CHAOS_SEED={seed}), {backend}/{method}"
     print(f"\nchaos: {where}, {n} jobs")
-    run = run_chaos(seed, n, method, str(tmp_path))
+    hostile = method.endswith("-hostile-host")
+    run = run_chaos(seed, n, method.removesuffix("-hostile-host"), str(tmp_path), hostile)
     where += f", pool stats before shutdown {run.stats}"
     specs, pids, actor = run.specs, run.pids, run.actor
     tree_records = run.tree_records

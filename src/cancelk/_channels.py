@@ -181,21 +181,28 @@ class Waker:
         self.read_fd, self._write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self._write_fd, False)
-        # Reentrant, and every wake writes: a wake that gave up because
-        # another was under way could come after the manager read that one's
-        # byte, and sleep through its own news.  A signal handler or finalizer
-        # interrupting a wake in its own thread re-enters; another thread
-        # waits for one os.write.  Held while closing, so that no wake writes
-        # to a descriptor number that is closed and maybe reused.
-        self._lock = threading.RLock()
+        # Held while writing and while closing, so that no wake writes to a
+        # descriptor number that is closed and maybe reused.  Never waited
+        # for by a wake: a signal handler may interrupt a wake in its own
+        # thread, and the manager thread wakes itself while holding the pool's
+        # lock, which such a handler may be waiting for.
+        self._lock = threading.Lock()
+        self._again = False  # a wake found the lock held: its holder writes once more
 
     def wake(self) -> None:
-        with self._lock:
-            if self._write_fd >= 0:
-                try:
+        self._again = True
+        while self._again and self._lock.acquire(blocking=False):
+            self._again = False
+            try:
+                if self._write_fd >= 0:
                     os.write(self._write_fd, b"\0")
-                except OSError:
-                    pass  # full: the manager is awake already
+            except OSError:
+                pass  # full: the manager is awake already
+            finally:
+                self._lock.release()
+            # A wake that found the lock held set _again before this check,
+            # so its news is written by this loop, after the manager may have
+            # read the byte just written.
 
     def drain(self) -> None:
         try:

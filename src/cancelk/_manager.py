@@ -134,7 +134,7 @@ class Manager:
         # from the future's state, which must already say cancelled.
         reason = "the job was cancelled; its processes were killed"
         answer = future._mark_cancelled(reason, by_caller=True) or future.cancelled()
-        self._run(lambda out: self.pool.count_cancelled(job))
+        self._post(lambda out: self.pool.count_cancelled(job))
         return answer
 
     def call_soon(self, call: Callable[[], object]) -> None:
@@ -148,7 +148,7 @@ class Manager:
         """Future.cancel() took a queued job: count it now."""
         job: Job | None = getattr(future, "_cancelk_job", None)
         if job is not None and not self.forked_away:
-            self._run(lambda out: self.pool.queued_job_cancelled(job))
+            self._post(lambda out: self.pool.queued_job_cancelled(job))
 
     def shutdown(self, wait: bool, cancel_futures: bool, timeout: float | None) -> None:
         if self.forked_away:
@@ -194,14 +194,25 @@ class Manager:
     # -- the intake -------------------------------------------------------------------------
     def _run(self, command: Command) -> None:
         self.intake.append(command)
-        self._drain_intake()
+        self._drain_intake(wait=True)
 
-    def _drain_intake(self) -> None:
+    def _post(self, command: Command) -> None:
+        """Queue ``command``; run it now only if the lock is free: never waits
+        (cancel() may run in a signal handler that interrupted this thread
+        inside a lock the lock's holder waits for)."""
+        self.intake.append(command)
+        self._drain_intake(wait=False)
+
+    def _drain_intake(self, wait: bool) -> None:
         """Run queued commands now, unless this thread already holds the lock
-        (a signal handler or finalizer inside pool code): its holder runs them."""
+        (a signal handler or finalizer inside pool code), or the lock is busy
+        and ``wait`` is False: the holder or the manager thread runs them."""
         while self.intake:
             out: list[Completion] = []
-            with self.lock.rlock:
+            if not self.lock.rlock.acquire(blocking=wait):
+                self.io.wake()
+                return
+            try:
                 if self.lock.depth:
                     self.io.wake()  # the manager thread runs them if the holder does not
                     return
@@ -211,6 +222,8 @@ class Manager:
                         self.intake.popleft()(out)
                 finally:
                     self.lock.depth -= 1
+            finally:
+                self.lock.rlock.release()
             run_completions(out)
 
     # -- forks ----------------------------------------------------------------------------
