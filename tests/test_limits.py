@@ -3,6 +3,7 @@ deadlines that include the time in the queue, and load shedding."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -55,6 +56,17 @@ def test_untouched_address_space_does_not_count(make_pool, backend):
     exe = make_pool(1)
     future = exe.submit(jobs.reserve_untouched, 4, ProcessMemoryLimit(300 * MB))
     assert future.result(timeout=RESULT_WAIT) == 4
+
+
+def test_the_log_names_the_memory_watch_once(make_pool, caplog):
+    exe = make_pool(1)
+    with caplog.at_level(logging.INFO, logger="cancelk"):
+        for _ in range(2):
+            exe.submit(jobs.value, 1, cancelk.ProcessMemoryLimit(200 * MB)).result(RESULT_WAIT)
+    told = [
+        r.getMessage() for r in caplog.records if "memory limits are enforced" in r.getMessage()
+    ]
+    assert len(told) == 1 and "rss-sampling" in told[0], told
 
 
 def test_a_pool_wide_limit_applies_to_every_job(make_pool, backend):

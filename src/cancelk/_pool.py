@@ -37,6 +37,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple, Protocol
 
 from cancelk import _core, _protocol, _slots, _wire
+from cancelk._memwatch import SAMPLE_NS
 from cancelk.errors import (
     PoolFullError,
     ProcessDiedError,
@@ -48,6 +49,7 @@ from cancelk.futures import Future
 from cancelk.options import JobOptions, seconds_to_ns
 
 log = logging.getLogger("cancelk")
+MEMORY_WATCH = "rss-sampling"  # the mechanism behind memory limits (no cgroup v2 here)
 
 Completion = Callable[[], object]
 
@@ -160,6 +162,7 @@ class Pool:
         self.slots = [Slot(i) for i in range(size)]
         self.max_tasks = max_tasks
         self.max_pending = max_pending
+        self.memory_watch_told = False  # the log said how memory limits are enforced
         self.io = io
         self.words: _slots.SlotWords | None = None
         self.idle: list[Slot] = []
@@ -282,6 +285,17 @@ class Pool:
             self.io.send_control(_protocol.SetDeadline(*where, _core.monotonic_ns() + left))
         if options.memory_limit is not None:
             self.io.send_control(_protocol.SetMemoryLimit(*where, options.memory_limit))
+            self._tell_memory_watch()
+
+    def _tell_memory_watch(self) -> None:
+        if not self.memory_watch_told:
+            self.memory_watch_told = True
+            log.info(
+                "memory limits are enforced by %s: the supervisor samples the resident "
+                "memory of each limited job's process tree every %.0f ms or more",
+                MEMORY_WATCH,
+                SAMPLE_NS / 1e6,
+            )
 
     # -- cancelling (any thread, no lock) ----------------------------------------
     def cancel_running(self, job: Job) -> bool:
