@@ -181,6 +181,16 @@ def flush_std_streams() -> None:
             pass
 
 
+def run_job_here(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Run the job in this (job) process; its encoded outcome, std streams
+    flushed.  A child the job forks that returns here exits instead."""
+    me = os.getpid()
+    _kind, payload = _wire.run_and_encode(fn, args, kwargs)
+    leave_if_forked_by_job(me)
+    flush_std_streams()
+    return payload
+
+
 def leave_if_forked_by_job(job_process: int) -> None:
     """A child the job forked came back from the job's function: it is not
     the job process, and must neither report a result nor go on as one."""

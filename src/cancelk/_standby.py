@@ -1010,10 +1010,7 @@ def _standby_main(
         except Exception:
             payload = NOT_LOADED  # not run: H forks the job itself, from its own state
         else:
-            me = os.getpid()
-            _kind, payload = _wire.run_and_encode(fn, args, kwargs)
-            _child.leave_if_forked_by_job(me)
-        _child.flush_std_streams()
+            payload = _child.run_job_here(fn, args, kwargs)
         _wire.write_frame(channel, payload)
         os.write(news, b"d")  # T forks the next standby
         code = 0

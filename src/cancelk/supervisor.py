@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -423,12 +423,32 @@ def _supervisor_process_setup() -> None:
 
 
 def run_forked(ctrl_fd: int, words_fd: int, start: SupervisorStart) -> None:  # pragma: no cover
+    _serve_and_exit(ctrl_fd, words_fd, lambda: start)
+
+
+def spawned_main() -> None:  # pragma: no cover - runs in a fresh interpreter
+    ctrl_fd, words_fd = int(sys.argv[1]), int(sys.argv[2])
+
+    def receive_start() -> SupervisorStart | None:
+        payload = _child.receive_main_and_payload(ctrl_fd)
+        return None if payload is None else _wire.loads(payload)
+
+    _serve_and_exit(ctrl_fd, words_fd, receive_start)
+
+
+def _serve_and_exit(
+    ctrl_fd: int, words_fd: int, get_start: Callable[[], SupervisorStart | None]
+) -> None:  # pragma: no cover - runs in the supervisor
+    """Serve until told to stop; a failure before READY is reported to the
+    user process as StartFailed (never restarted in a loop), a later one logged."""
     code = 0
     supervisor = None
     try:
         _supervisor_process_setup()
-        supervisor = Supervisor(ctrl_fd, words_fd, start)
-        supervisor.serve()
+        start = get_start()
+        if start is not None:  # None: the user process went away before sending it
+            supervisor = Supervisor(ctrl_fd, words_fd, start)
+            supervisor.serve()
     except BaseException as why:
         if supervisor is None or not supervisor.ready:
             _report_start_failure(ctrl_fd, why)
@@ -438,26 +458,6 @@ def run_forked(ctrl_fd: int, words_fd: int, start: SupervisorStart) -> None:  # 
     finally:
         _child.flush_std_streams()
         os._exit(code)
-
-
-def spawned_main() -> None:  # pragma: no cover - runs in a fresh interpreter
-    ctrl_fd, words_fd = int(sys.argv[1]), int(sys.argv[2])
-    supervisor = None
-    try:
-        _supervisor_process_setup()
-        payload = _child.receive_main_and_payload(ctrl_fd)
-        if payload is None:
-            os._exit(0)
-        start = _wire.loads(payload)
-        supervisor = Supervisor(ctrl_fd, words_fd, start)
-        supervisor.serve()
-    except BaseException as why:
-        if supervisor is None or not supervisor.ready:
-            _report_start_failure(ctrl_fd, why)
-        else:
-            log.exception("cancelk supervisor failed")
-        _child.flush_std_streams()
-        os._exit(70)
     _child.flush_std_streams()
     os._exit(0)
 

@@ -328,11 +328,7 @@ def _job_child(
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the host's, as it was
         os.close(read_fd)
         _child.become_job_process(host)
-        me = os.getpid()
-        _kind, payload = _wire.run_and_encode(fn, args, kwargs)
-        _child.leave_if_forked_by_job(me)
-        _child.flush_std_streams()
-        _wire.write_frame(write_fd, payload)
+        _wire.write_frame(write_fd, _child.run_job_here(fn, args, kwargs))
     except BaseException:
         code = 70
     finally:
@@ -400,10 +396,7 @@ def _clean_job_main() -> None:  # pragma: no cover - runs in the clean interpret
     except BaseException as why:
         payload = _wire.encode_exception(why)
     else:
-        me = os.getpid()
-        _kind, payload = _wire.run_and_encode(fn, args, kwargs)
-        _child.leave_if_forked_by_job(me)
-    _child.flush_std_streams()
+        payload = _child.run_job_here(fn, args, kwargs)
     _wire.write_frame(result_fd, payload)
     os._exit(0)
 
