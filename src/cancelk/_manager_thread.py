@@ -503,6 +503,8 @@ def run_completions(out: list[Completion]) -> None:
     an Exception's to the log): on the manager thread that is logged, since
     no signal can raise there; on a caller's thread a KeyboardInterrupt
     still reaches the caller, once every future has been settled."""
+    if not out:
+        return
     on_manager_thread = isinstance(threading.current_thread(), ManagerThread)
     try:
         for index, complete in enumerate(out):

@@ -135,6 +135,11 @@ class FrameReader:
                     chunk = sock.recv(_CHUNK)
                     count = len(chunk)
                     frames += self.feed(chunk)
+                    if 0 < count < _CHUNK and not wait:
+                        # Short read: the socket was drained.  A further recv
+                        # would only fail (one syscall and one exception per
+                        # result); the selector reports what comes next, EOF too.
+                        return frames, False
             except BlockingIOError:
                 return frames, False
             except (ConnectionResetError, BrokenPipeError):
