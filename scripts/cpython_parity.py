@@ -58,21 +58,20 @@ DIFFERENCES = {
         "fork only: the stdlib refuses max_tasks_per_child with the fork start method "
         "(ValueError); cancelk supports it with every start method"
     ),
-    "test_idle_process_reuse_one": (
-        "cancelk starts all max_workers runners with the pool instead of one per "
-        "submit while none is idle, so _processes holds max_workers entries"
-    ),
-    "test_idle_process_reuse_multiple": (
-        "cancelk starts all max_workers runners with the pool instead of one per "
-        "submit while none is idle, so _processes holds max_workers entries"
-    ),
     "test_python_finalization_error": (
         "the test makes the second thread a pool starts fail; a cancelk pool starts only "
         "one (its manager thread), so nothing fails and map() returns its results"
     ),
     "test_processes_terminate": (
-        "spawn and forkserver: the stdlib starts a worker per submit while none is idle "
-        "(3 for 3 jobs); cancelk starts all max_workers runners with the pool"
+        "its jobs are a local function, which cannot be pickled: cancelk pickles a job at "
+        "submit, so each fails at once and asks for no runner, where the stdlib starts a "
+        "worker before it finds out (and, with fork, all of them at the first submit; "
+        "cancelk starts runners on demand with every start method)"
+    ),
+    "test_saturation": (
+        "its jobs are the acquire method of a multiprocessing Semaphore, which cannot be "
+        "pickled outside a process start: cancelk pickles a job at submit, so each fails "
+        "at once and asks for no runner, where the stdlib starts its workers first"
     ),
 }
 

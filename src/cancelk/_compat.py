@@ -135,9 +135,13 @@ def wait_until_started(manager: Manager, timeout: float = _RUNNERS_WAIT) -> None
         return
     pool, io = manager.pool, manager.io
     deadline = time.monotonic() + timeout
-    # Runners start on demand: wait for those asked for.
+    # Runners start on demand: wait for those asked for, and, while the
+    # supervisor is still starting, for those its queue will ask for.
     while (
-        any(slot.coming for slot in pool.slots)
+        (
+            any(slot.coming for slot in pool.slots)
+            or (not io.supervisor_ready and len(pool.pending) > pool.ended_in_queue)
+        )
         and not io.stopped
         and pool.broken is None
         and not pool.shutting_down
