@@ -254,6 +254,7 @@ HONEST = """
         os.kill(os.getpid(), signal.SIGKILL)
 
     def fork_and_return():
+        time.sleep(0.5)  # running long enough for the caller to read its pid
         child = os.fork()
         return "child" if child == 0 else ("parent", os.getpid())
 
@@ -263,9 +264,10 @@ HONEST = """
             say("sigkill", "OOM" in str(error), "outside cancelk" in str(error))
 
             future = pool.submit(fork_and_return)
-            while future.pid is None and not future.done():
+            runner = None
+            while runner is None and not future.done():
+                runner = future.pid
                 time.sleep(0.001)
-            runner = future.pid
             value = future.result(timeout=30)
             say("forked", value[0], value[1] == runner)
             say("after", pool.submit(sleeper, 0).result(timeout=30))
