@@ -36,9 +36,29 @@ class SendQueue:
 
     def push(self, *chunks: bytes) -> bool:
         """Queue the chunks and send what fits; True when nothing is left."""
+        if not self._chunks and len(chunks) == 1 and self._sending.acquire(blocking=False):
+            try:
+                if not self._chunks:  # nothing queued ahead of it: send it straight away
+                    return self._send_first(chunks[0])
+            finally:
+                self._sending.release()
         for chunk in chunks:
             self._chunks.append(memoryview(chunk))
         return self.flush()
+
+    def _send_first(self, chunk: bytes) -> bool:
+        if self._closed:
+            return True
+        try:
+            sent = self.sock.send(chunk)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return True  # the peer is gone; its death is reported elsewhere
+        if sent == len(chunk):
+            return True
+        self._chunks.append(memoryview(chunk)[sent:])
+        return False
 
     def flush(self) -> bool:
         """Send what fits; True when nothing is left.  False also when another

@@ -209,10 +209,19 @@ class ManagerThread(threading.Thread):
 
     def _loop(self) -> None:
         assert self.selector is not None
+        select, lock = self.selector.select, self.lock
         while not self.stopped:
-            events = self.selector.select(self._until_next_timer())
-            self._locked(functools.partial(self._handle_events, events))
-            self._run_soon()
+            events = select(self._until_next_timer() if self.timers else None)
+            out: list[Completion] = []
+            with lock.rlock:  # as _locked(), unrolled: this runs once per wake-up
+                lock.depth += 1
+                try:
+                    self._handle_events(events, out)
+                finally:
+                    lock.depth -= 1
+            run_completions(out, on_manager_thread=True)
+            if self.soon:
+                self._run_soon()
         self._locked(self._run_intake)  # submits that raced the end: refused
 
     def _locked(self, work: Command) -> None:
@@ -223,7 +232,7 @@ class ManagerThread(threading.Thread):
                 work(out)
             finally:
                 self.lock.depth -= 1
-        run_completions(out)
+        run_completions(out, on_manager_thread=True)
 
     def _run_intake(self, out: list[Completion]) -> None:
         while self.intake:
@@ -244,11 +253,13 @@ class ManagerThread(threading.Thread):
     ) -> None:
         for key, mask in events:
             self._on_event(key, mask, out)
-        self._run_due_timers(out)
+        if self.timers:
+            self._run_due_timers(out)
         self.pool.fill_idle()  # first: queued jobs go before those in the intake
-        self._run_intake(out)
+        if self.intake:
+            self._run_intake(out)
         self._register_writes()  # last: dispatching may have queued bytes
-        if self.pool.finished():
+        if self.pool.shutting_down and self.pool.finished():
             self._stop_processes()
             self.stopped = True
 
@@ -274,11 +285,12 @@ class ManagerThread(threading.Thread):
                 self._read_channel(link, out)
 
     def _register_writes(self) -> None:
-        for slot in self.want_write:
-            runner = self.runners[slot]
-            if runner is not None:
-                self._want_write(runner, runner.outbox.pending())
-        self.want_write.clear()
+        if self.want_write:
+            for slot in self.want_write:
+                runner = self.runners[slot]
+                if runner is not None:
+                    self._want_write(runner, runner.outbox.pending())
+            self.want_write.clear()
         # Cancels push to the control queue without the lock: look each time.
         if self.supervisor is not None:
             self._want_write(self.supervisor, self.supervisor.outbox.pending())
@@ -495,7 +507,7 @@ class ManagerThread(threading.Thread):
             self.pool.words = None
 
 
-def run_completions(out: list[Completion]) -> None:
+def run_completions(out: list[Completion], on_manager_thread: bool | None = None) -> None:
     """Run them, then let go: the manager must not hold the last result (a
     100 MB one, say) while it waits for the next event.
 
@@ -505,7 +517,8 @@ def run_completions(out: list[Completion]) -> None:
     still reaches the caller, once every future has been settled."""
     if not out:
         return
-    on_manager_thread = isinstance(threading.current_thread(), ManagerThread)
+    if on_manager_thread is None:
+        on_manager_thread = isinstance(threading.current_thread(), ManagerThread)
     try:
         for index, complete in enumerate(out):
             try:

@@ -199,6 +199,11 @@ class Pool:
         workers do, so a big pool that runs one job at a time holds one."""
         if self.broken is not None or (self.shutting_down and not self.pending):
             return
+        for slot in self.slots:
+            if not slot.connected and not slot.coming:
+                break
+        else:
+            return  # every slot has its runner, or one on its way (once per queued job)
         waiting = len(self.pending) - self.ended_in_queue
         on_their_way = sum(1 for s in self.slots if s.coming or (s.connected and not s.ready))
         for slot in self.slots:
@@ -250,9 +255,6 @@ class Pool:
         """True once the job is placed or needs no placing (cancelled meanwhile)."""
         if not self.idle:
             return False
-        if job.future.done():
-            self._count_end(job, "cancelled")  # no-op if its ending was counted
-            return True
         slot = self.idle.pop()
         if not self._dispatch(slot, job):
             self.idle.append(slot)

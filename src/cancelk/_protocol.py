@@ -245,9 +245,12 @@ RESULT_HEAD = struct.Struct("<QB")  # seq, outcome kind
 INIT_SEQ = 0  # a result frame for no job: the initializer ran (value) or raised (error)
 
 
+_JOB_FRAME_HEAD = struct.Struct(HEADER.format + JOB_HEAD.format.lstrip("<"))
+
+
 def job_frame_head(seq: int, slot: int, payload_size: int) -> bytes:
     """Frame header and job head to send before a job's pickled payload."""
-    return HEADER.pack(JOB_HEAD.size + payload_size) + JOB_HEAD.pack(seq, slot)
+    return _JOB_FRAME_HEAD.pack(JOB_HEAD.size + payload_size, seq, slot)
 
 
 def parse_job(body: bytes | bytearray) -> tuple[int, int, memoryview]:

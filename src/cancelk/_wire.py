@@ -106,6 +106,8 @@ class FrameReader:
     def feed(self, data: bytes | memoryview) -> list[Body]:
         """The frames that ``data`` completes."""
         frames: list[Body] = []
+        if self._body is None and not self._buffer and isinstance(data, bytes):
+            data = self._cut_whole(data, frames)
         view = memoryview(data)
         while view:
             if self._body is not None:
@@ -147,6 +149,19 @@ class FrameReader:
             if not count:
                 return frames, True
         return frames, False
+
+    def _cut_whole(self, data: bytes, frames: list[Body]) -> bytes:
+        """The small frames complete in ``data`` (the usual read: one result),
+        cut without going through the buffer; what is left over."""
+        start, end = 0, len(data)
+        while end - start >= HEADER.size:
+            (size,) = HEADER.unpack_from(data, start)
+            begin = start + HEADER.size
+            if size >= LARGE or end - begin < size:
+                break
+            frames.append(data[begin : begin + size])
+            start = begin + size
+        return data[start:] if start else data
 
     def _take_body(self, frames: list[Body]) -> None:
         body = self._body

@@ -82,9 +82,12 @@ def _module_of(fn: Callable[..., Any]) -> str | None:
     """The module a spare runner may import ahead of the job, if any."""
     target = fn.func if isinstance(fn, functools.partial) else fn
     name = getattr(target, "__module__", None)
-    if not isinstance(name, str) or name in ("__main__", "builtins"):
+    if type(name) is not str or name in _NOT_PRELOADED:
         return None  # __main__ is prepared by the supervisor itself
-    return None if name.split(".")[0] == "cancelk" else name
+    return None if name.startswith("cancelk.") else name
+
+
+_NOT_PRELOADED = frozenset(("__main__", "builtins", "cancelk"))
 
 
 class _Submitter:
