@@ -64,26 +64,39 @@ class Manager:
         refusal reaches the caller as the future's exception instead."""
         self.check_usable()
         self._ensure_started()
-        refused: list[Exception] = []
+        lock = self.lock
+        out: list[Completion] = []
+        with lock.rlock:
+            direct = not lock.depth and not self.intake  # else: through the intake, in order
+            if direct:
+                lock.depth += 1
+                try:
+                    refused = self._accept(job, module, out)
+                finally:
+                    lock.depth -= 1
+        if not direct:
+            answers: list[Exception | None] = []
+            self._run(lambda out: answers.append(self._accept(job, module, out)))
+            refused = answers[0] if answers else None
+        run_completions(out)
+        if refused is not None:
+            raise refused
 
-        def refuse(why: Exception, out: list[Completion]) -> None:
-            refused.append(why)
-            out.append(functools.partial(fail, job.future, why))
-
-        def accept(out: list[Completion]) -> None:
-            if self.io.stopped:
-                refuse(_after_shutdown(), out)
-                return
+    def _accept(self, job: Job, module: str | None, out: list[Completion]) -> Exception | None:
+        """Take the job; what refused it, if anything (its future fails with it)."""
+        why: Exception
+        if self.io.stopped:
+            why = _after_shutdown()
+        else:
             if module is not None:
                 self.io.note_module(module)
             try:
                 self.pool.accept(job, out)
-            except PoolFullError as why:
-                refuse(why, out)
-
-        self._run(accept)
-        if refused:
-            raise refused[0]
+                return None
+            except PoolFullError as full:
+                why = full
+        out.append(functools.partial(fail, job.future, why))
+        return why
 
     def count_refused_submit(self) -> None:
         """A submit whose arguments did not pickle still counts as submitted (and

@@ -265,17 +265,7 @@ class ManagerThread(threading.Thread):
 
     def _on_event(self, key: selectors.SelectorKey, mask: int, out: list[Completion]) -> None:
         link = key.data
-        if link == _WAKER:
-            assert self.waker is not None
-            self.waker.drain()
-        elif isinstance(link, SupervisorLink):
-            if link is not self.supervisor:
-                return  # replaced earlier in this batch
-            if mask & selectors.EVENT_WRITE:
-                link.outbox.flush()
-            if mask & selectors.EVENT_READ:
-                self._read_control(link, out)
-        elif isinstance(link, RunnerLink):
+        if isinstance(link, RunnerLink):  # first: the event of nearly every wake-up
             if self.runners[link.slot] is not link:
                 return  # closed or replaced earlier in this batch
             if mask & selectors.EVENT_WRITE:
@@ -283,6 +273,16 @@ class ManagerThread(threading.Thread):
                 self.want_write.add(link.slot)
             if mask & selectors.EVENT_READ:
                 self._read_channel(link, out)
+        elif isinstance(link, SupervisorLink):
+            if link is not self.supervisor:
+                return  # replaced earlier in this batch
+            if mask & selectors.EVENT_WRITE:
+                link.outbox.flush()
+            if mask & selectors.EVENT_READ:
+                self._read_control(link, out)
+        elif link is _WAKER:
+            assert self.waker is not None
+            self.waker.drain()
 
     def _register_writes(self) -> None:
         if self.want_write:
