@@ -25,8 +25,10 @@ tests fake.  Futures are settled only through completions, so no user
 callback runs while the lock is held.
 
 Why one module of this size: every method reads and changes the same few
-structures (pending jobs, slots, idle runners, counters) under the one lock;
-cut apart, each part would reach into the others.  It does no I/O, and
+structures (pending jobs, slots, idle runners, jobs sent ahead, counters)
+under the one lock; cut apart, each part would reach into the others (sending
+a job ahead, taking it back and every ending all move jobs between the queue
+and the slots).  It does no I/O, and
 tests/unit/test_pool_logic.py drives all of it through a fake PoolIO.
 """
 
