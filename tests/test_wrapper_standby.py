@@ -258,26 +258,40 @@ IDLE = 1 + _standby._SPARES  # a template and its idle standbys
 
 def standbys_of(workers):
     """{worker pid: [its template, its idle standbys]}, once each worker has
-    just those (the standby of the last job reaped, the spares forked)."""
+    just those: the standby of the last job gone (until it has exited it
+    still holds the call's descriptors, which are the worker's), the spares
+    forked.  After RESULT_WAIT, whatever is there (the asserts then say what)."""
     deadline = time.monotonic() + RESULT_WAIT
     while True:
         found = {pid: procs.standby_processes(pid) for pid in workers}
-        if all(len(found[pid]) == IDLE for pid in workers) or time.monotonic() > deadline:
+        settled = all(
+            len(found[pid]) == IDLE and not pool_fds_held(pid, found[pid]) for pid in workers
+        )
+        if settled or time.monotonic() > deadline:
             return found
         time.sleep(0.01)
+
+
+def pool_fds_held(worker, standbys):
+    """{pid: the worker's pipes and sockets it holds} for those standbys that hold any."""
+    held = set(procs.pipe_and_socket_targets(worker).values())
+    found = {}
+    for proc in standbys:
+        try:
+            theirs = set(procs.pipe_and_socket_targets(proc.pid).values())
+        except FileNotFoundError:
+            continue  # exited after it was listed: it holds nothing now
+        if theirs & held:
+            found[proc.pid] = theirs & held
+    return found
 
 
 def assert_no_pool_fds(worker, standbys):
     """The template and the idle standbys hold none of the worker's pipes
     and sockets (the pool's sentinel, its queues): its exit is seen as
     before."""
-    held = set(procs.pipe_and_socket_targets(worker).values())
-    for proc in standbys:
-        try:
-            theirs = set(procs.pipe_and_socket_targets(proc.pid).values())
-        except FileNotFoundError:
-            continue  # the last job's standby, counted as it exited: it holds nothing now
-        assert not theirs & held, f"{proc.pid} holds fds of worker {worker}: {theirs & held}"
+    holders = pool_fds_held(worker, standbys)
+    assert not holders, f"standbys hold fds of worker {worker}: {holders}"
 
 
 @pytest.mark.timeout(90)
