@@ -1210,10 +1210,3 @@ def fork_and_return(path):
         return "child"
     time.sleep(0.2)  # the child's return comes first
     return "parent"
-
-
-def mark(directory, i):
-    """Leave a trace that job ``i`` ran; its number and pid."""
-    with open(os.path.join(directory, str(i)), "w"):
-        pass
-    return i, os.getpid()

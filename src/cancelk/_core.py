@@ -423,18 +423,11 @@ class SharedWords:
         """Release the buffer so its owner (an mmap) can be closed."""
         ffi.release(self._cdata)
 
-    # The bounds check is written out in each: these run several times per job.
     def load(self, index: int) -> int:
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        return int(lib.cancelk_word_load(self._cdata + index))
+        return int(lib.cancelk_word_load(self._ptr(index)))
 
     def store(self, index: int, value: int) -> None:
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        lib.cancelk_word_store(self._cdata + index, value)
+        lib.cancelk_word_store(self._ptr(index), value)
 
     def cas(self, index: int, expected: int, desired: int) -> bool:
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        return bool(lib.cancelk_word_cas(self._cdata + index, expected, desired))
+        return bool(lib.cancelk_word_cas(self._ptr(index), expected, desired))

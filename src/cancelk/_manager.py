@@ -157,12 +157,6 @@ class Manager:
         else:
             self.io.call_soon(call)
 
-    def take_back(self, future: Future) -> bool:
-        """Future.cancel() of a PENDING job: False if a runner has it already
-        (it was sent ahead and its turn came); never takes the lock."""
-        job: Job | None = getattr(future, "_cancelk_job", None)
-        return job is None or self.forked_away or self.pool.take_back(job)
-
     def cancelled_in_queue(self, future: Future) -> None:
         """Future.cancel() took a queued job: count it now."""
         job: Job | None = getattr(future, "_cancelk_job", None)

@@ -422,13 +422,13 @@ class ManagerThread(threading.Thread):
             frames, ended = [], True
         for body in frames:
             try:
-                seq, kind, ran_s, outcome = _protocol.parse_result(body)
+                seq, kind, outcome = _protocol.parse_result(body)
             except _protocol.ProtocolError as why:
                 log.error("cancelk runner %d sent a bad frame, killing it: %s", link.pid, why)
                 self._close_runner(link)
                 self.send_control(_protocol.KillRunner(link.slot, link.runner_id))
                 return
-            self.pool.result_arrived(link.slot, seq, kind, outcome, out, ran_s)
+            self.pool.result_arrived(link.slot, seq, kind, outcome, out)
         if ended:
             self._close_runner(link)
 
@@ -477,9 +477,8 @@ class ManagerThread(threading.Thread):
         with self.lock.rlock:
             self.pool.break_pool(error, out)
             for slot in self.pool.slots:
-                for job in (slot.job, slot.next):
-                    if job is not None:
-                        out.append(functools.partial(fail, job.future, error))
+                if slot.job is not None:
+                    out.append(functools.partial(fail, slot.job.future, error))
             link, self.supervisor = self.supervisor, None
             if link is not None:
                 # Its runners follow it (parent-death signal); their trees

@@ -5,19 +5,13 @@
          │                                     io.send_job(head, payload),
          │                                     io.send_control(SetTimeLimit)
          └── no ─► pending (FIFO) ─► fill_idle() when a runner is free
-      fill_idle, while jobs are short and every runner is busy:
-         the queue's head ─► sent ahead (slot.next, still PENDING, OFFER word)
       result_arrived / runner_exited / job_killed / supervisor_lost
          ─► the job's ending, as a completion run after the lock is released
-         ─► the job sent ahead RUNNING (the runner began it on its own),
-            or the runner idle again, or gone until runner_started
-         ─► a job sent ahead to a runner that died goes back to the queue's head
+         ─► the runner idle again, or gone until runner_started
 
     from any thread, without the lock (signal handlers and finalizers too):
       cancel_running(job) ─► CAS of the job's shared word (I1)
                           ─► io.kill_now(placement), io.send_control(KillRunner)
-      take_back(job)      ─► CAS of the OFFER word: a job sent ahead is
-                             revoked (never runs) or the runner's (it runs)
 
 Nothing here touches a socket, a selector, a thread or the OS: every effect
 outside goes through ``PoolIO``, which ``_manager`` implements and the unit
@@ -25,10 +19,8 @@ tests fake.  Futures are settled only through completions, so no user
 callback runs while the lock is held.
 
 Why one module of this size: every method reads and changes the same few
-structures (pending jobs, slots, idle runners, jobs sent ahead, counters)
-under the one lock; cut apart, each part would reach into the others (sending
-a job ahead, taking it back and every ending all move jobs between the queue
-and the slots).  It does no I/O, and
+structures (pending jobs, slots, idle runners, counters) under the one lock;
+cut apart, each part would reach into the others.  It does no I/O, and
 tests/unit/test_pool_logic.py drives all of it through a fake PoolIO.
 """
 
@@ -62,12 +54,6 @@ MEMORY_WATCH = "rss-sampling"  # the mechanism behind memory limits (no cgroup v
 Completion = Callable[[], object]
 
 INIT_FAILURES_TO_BREAK = 3
-# A job is sent ahead to a busy runner only while jobs take less than this
-# (there the round trip to this process is a large part of a job's cost)...
-AHEAD_WHILE_JOBS_UNDER_S = 0.002
-# ...and taken back if the job before it has run this long: it must not wait
-# behind a long job while other runners are free.
-TAKE_BACK_AFTER_S = 0.005
 # Every submitted job is, at every moment, in exactly one of: pending,
 # running, or one of the endings below (stats() adds the first two).
 ENDINGS = ("finished", "failed", "timed_out", "cancelled", "memory_exceeded", "died")
@@ -88,7 +74,6 @@ class Placement(NamedTuple):
     runner_id: int
     pid: int
     state_before: int  # the slot's shared word before the job began
-    offer: int  # the OFFER word the runner takes the job by
 
 
 class Job:
@@ -102,8 +87,6 @@ class Job:
         "payload",
         "placement",
         "seq",
-        "started",
-        "went_ahead",
     )
 
     def __init__(
@@ -123,10 +106,6 @@ class Job:
         self.cancel_requested = False  # a graceful cancel was sent to the supervisor
         self.killed_by_cancel = False  # a cancel won the job's word: it ends cancelled
         self.counted = False  # its ending is decided and counted; its runner may still be dying
-        self.started = False  # RUNNING: dispatched to an idle runner, or its turn came
-        # Sent ahead once: never again, for its first frame may still be in
-        # that runner's channel, and only a word offered once tells it to skip it.
-        self.went_ahead = False
 
 
 class Slot:
@@ -137,14 +116,12 @@ class Slot:
         "connected",
         "index",
         "job",
-        "next",
         "pid",
         "ready",
         "retiring",
         "runner_id",
         "state_before",
         "tasks",
-        "turn_began",
     )
 
     def __init__(self, index: int) -> None:
@@ -155,8 +132,6 @@ class Slot:
         self.ready = False  # the runner's initializer has run: it can take a job now
         self.coming = False  # a runner was asked for (or the dead one's replacement is due)
         self.job: Job | None = None
-        self.next: Job | None = None  # sent ahead: it begins when ``job`` ends
-        self.turn_began = 0.0  # time.monotonic() when ``job`` was sent or its turn came
         self.state_before = 0  # the shared word before the current job began
         self.tasks = 0
         self.retiring = False  # it exits after this job (max_tasks_per_child)
@@ -197,7 +172,6 @@ class Pool:
         self.init_failures = 0
         self.counts = dict.fromkeys(_COUNTERS, 0)
         self.running = 0  # dispatched, ending not counted yet
-        self.recent_job_s = 0.0  # how long jobs ran lately (a moving average)
         self.ended_in_queue = 0  # in ``pending``, but already counted (cancelled, deadline)
 
     # -- jobs in ----------------------------------------------------------------
@@ -214,15 +188,10 @@ class Pool:
             out.append(functools.partial(fail, job.future, self.broken))
             return
         if self.pending or not self._dispatch_to_idle(job):
-            first = not self.pending
             self.pending.append(job)  # behind those queued first: jobs start in order
             if job.deadline_at is not None:
                 self.io.add_timer(job.deadline_at, functools.partial(self._queue_deadline, job))
             self.start_runners()
-            if first and self.max_tasks is None:
-                # Now: no event may come before the running job ends.  Behind
-                # others, it goes when the manager thread next sends some.
-                self._send_ahead()
 
     def start_runners(self) -> None:
         """Ask for a runner per queued job that no runner on its way will take,
@@ -235,7 +204,7 @@ class Pool:
                 break
         else:
             return  # every slot has its runner, or one on its way (once per queued job)
-        waiting = self.waiting()
+        waiting = len(self.pending) - self.ended_in_queue
         on_their_way = sum(1 for s in self.slots if s.coming or (s.connected and not s.ready))
         for slot in self.slots:
             if waiting <= on_their_way:
@@ -252,12 +221,8 @@ class Pool:
         self.start_runners()
 
     def full(self) -> bool:
-        return self.max_pending is not None and self.waiting() >= self.max_pending
-
-    def waiting(self) -> int:
-        """Jobs not begun: queued, or sent ahead to a busy runner."""
-        ahead = sum(1 for s in self.slots if s.next is not None and not s.next.counted)
-        return len(self.pending) - self.ended_in_queue + ahead
+        waiting = len(self.pending) - self.ended_in_queue
+        return self.max_pending is not None and waiting >= self.max_pending
 
     def _queue_deadline(self, job: Job, out: list[Completion]) -> None:
         """A queued job's deadline passed: it never starts."""
@@ -272,157 +237,8 @@ class Pool:
         self.counts["failed"] += 1
 
     def fill_idle(self) -> None:
-        """Queued jobs to idle runners; a runner still idle then takes the job
-        sent ahead to a busy one; then one job ahead to each busy runner."""
-        self._take_back_stuck()
         while self.idle and self.pending:
             self._dispatch_to_idle(self._pop_pending())
-        while self.idle:
-            job = self._take_back_any()
-            if job is None:
-                break
-            self._dispatch_to_idle(job)
-        if self.pending and self.max_tasks is None:
-            self._send_ahead()
-
-    def _take_back_stuck(self) -> None:
-        """Jobs sent ahead behind a job that turned out long wait in the queue
-        again, first: they are not held up behind it while other runners move on."""
-        now = 0.0
-        for slot in self.slots:
-            if slot.next is None:
-                continue
-            now = now or time.monotonic()
-            if now - slot.turn_began > TAKE_BACK_AFTER_S and self._running_long(slot):
-                job = self._take_back(slot)
-                if job is not None:
-                    self.pending.appendleft(job)
-
-    def _running_long(self, slot: Slot) -> bool:
-        """The slot's job has begun, and has run for longer than jobs sent ahead may wait.
-        (This process may just be late to see it end: its runner's words say.)"""
-        job = slot.job
-        assert self.words is not None
-        if job is None or self.words.state(slot.index) != job.seq:
-            return False
-        ran_ns = _core.monotonic_ns() - self.words.started_ns(slot.index)
-        return ran_ns > TAKE_BACK_AFTER_S * 1e9
-
-    def _send_ahead(self) -> None:
-        """The next queued job to each runner busy with one: it begins there as
-        soon as the current one ends, without waiting for this process.  Only
-        while every slot's runner is busy (an idle one, or one on its way,
-        takes the queue's head) and jobs are short (for long ones a round trip
-        costs little).  Called at every submit that queues: cheap when every
-        runner has its next job already."""
-        if self.recent_job_s > AHEAD_WHILE_JOBS_UNDER_S:
-            return
-        for slot in self.slots:
-            if slot.job is None:
-                return
-        now = 0.0
-        for slot in self.slots:
-            running = slot.job
-            if slot.next is not None or running is None or running.counted:
-                continue  # has one; or its runner is being killed
-            if not slot.connected or slot.retiring or running.placement is None:
-                continue
-            now = now or time.monotonic()
-            if now - slot.turn_began > TAKE_BACK_AFTER_S:
-                continue  # it would be taken back at once
-            # never the word of a job sent ahead before it and maybe not taken yet
-            offer = 1 - running.placement.offer if running.placement.offer < 2 else 0
-            before = running.seq | _slots.DONE
-            job = self._next_to_go_ahead(
-                Placement(slot.index, slot.runner_id, slot.pid, before, offer)
-            )
-            if job is None:
-                return
-            slot.next = job
-            self._send(slot, job)
-
-    def _next_to_go_ahead(self, place: Placement) -> Job | None:
-        """The queue's head, placed, if it may go ahead (jobs start in order: if
-        it may not, none does); queued jobs cancelled meanwhile are counted."""
-        while self.pending and _may_go_ahead(self.pending[0]):
-            job = self._pop_pending()
-            # Placed before it is marked ahead: a cancel that sees it ahead sees where.
-            job.placement = place
-            if job.future._go_ahead():
-                job.went_ahead = True
-                return job
-            job.placement = None
-            self._count_end(job, "cancelled")
-        return None
-
-    def _send(self, slot: Slot, job: Job) -> None:
-        assert job.placement is not None and self.words is not None
-        offer = job.placement.offer
-        if offer != _protocol.NO_OFFER:  # sent ahead: the runner takes it by its word
-            self.words.offer(slot.index, offer, job.seq)
-        head = _protocol.job_frame_head(job.seq, slot.index, offer, len(job.payload))
-        self.io.send_job(slot.index, head, job.payload)
-        if offer == _protocol.NO_OFFER:
-            job.payload = b""  # a job sent ahead keeps it, in case it is taken back
-
-    def _take_back(self, slot: Slot) -> Job | None:
-        """Revoke the job sent ahead to the slot's runner; None if it has it
-        (or a cancel took the job back first: that cancel counts it)."""
-        job = slot.next
-        if job is None or job.counted:
-            return None
-        placement = job.placement
-        assert placement is not None and self.words is not None
-        if not self.words.revoke(placement.slot, placement.offer, job.seq):
-            return None
-        job.future._come_back()
-        slot.next, job.placement = None, None
-        return job
-
-    def _take_back_any(self) -> Job | None:
-        for slot in self.slots:
-            if slot.next is not None:
-                job = self._take_back(slot)
-                if job is not None:
-                    return job
-        return None
-
-    def _hand_back(self, slot: Slot) -> None:
-        """A job sent ahead to the slot's runner, unless the runner has it,
-        waits again, first in the queue (I1: a kill of its runner never takes
-        it along)."""
-        job = self._take_back(slot)
-        if job is not None:
-            self.pending.appendleft(job)
-
-    def _runner_gone(
-        self,
-        slot: Slot,
-        state: int,
-        status: int | None,
-        out: list[Completion],
-        detail: str | None,
-    ) -> None:
-        """The slot's runner is gone: a job sent ahead is handed back, or, if
-        the runner had taken it, ends as the runner did."""
-        self._hand_back(slot)
-        job, slot.next = slot.next, None
-        if job is None or job.counted:
-            return  # none, or a cancel took it back and counts it
-        placement = job.placement
-        assert placement is not None and self.words is not None
-        if self.words.claimed(placement.slot, placement.offer, job.seq):
-            self._settle_stopped(slot, job, state, status, out, detail)
-
-    def take_back(self, job: Job) -> bool:
-        """Future.cancel() of a PENDING job, from any thread without the lock:
-        True unless a runner has it (a job sent ahead whose turn came)."""
-        placement, words = job.placement, self.words
-        if placement is None or placement.offer == _protocol.NO_OFFER or words is None:
-            return True  # queued, or being sent to an idle runner: its state decides
-        if words.revoke(placement.slot, placement.offer, job.seq):
-            return True
-        return not words.claimed(placement.slot, placement.offer, job.seq)
 
     def _pop_pending(self) -> Job:
         job = self.pending.popleft()
@@ -432,14 +248,8 @@ class Pool:
 
     def queued_job_cancelled(self, job: Job) -> None:
         """Future.cancel() took a queued job: count it now, not when it is reached."""
-        if job.placement is None:
-            if self._count_end(job, "cancelled"):
-                self.ended_in_queue += 1
-        elif not job.started:  # sent ahead, and taken back by the cancel
-            slot = self.slots[job.placement.slot]
-            if slot.next is job:
-                slot.next = None
-            self._count_end(job, "cancelled")
+        if job.placement is None and self._count_end(job, "cancelled"):
+            self.ended_in_queue += 1
 
     def _dispatch_to_idle(self, job: Job) -> bool:
         """True once the job is placed or needs no placing (cancelled meanwhile)."""
@@ -453,41 +263,17 @@ class Pool:
 
     def _dispatch(self, slot: Slot, job: Job) -> bool:
         # Placed before it turns RUNNING: a cancel that sees RUNNING sees where.
-        job.placement = Placement(
-            slot.index, slot.runner_id, slot.pid, slot.state_before, _protocol.NO_OFFER
-        )
+        job.placement = Placement(slot.index, slot.runner_id, slot.pid, slot.state_before)
         if not job.future._start_running(slot.pid):
             job.placement = None
             return False
-        job.started = True
         self.running += 1
-        self.counts["started"] += 1
-        slot.job, slot.turn_began = job, time.monotonic()
-        self._send(slot, job)
-        self._send_limits(slot, job)
-        return True
-
-    def _count_start(self, job: Job) -> None:
-        job.started = True
-        if not job.counted:
-            self.running += 1
-            self.counts["started"] += 1
-
-    def _next_turn(self, slot: Slot) -> bool:
-        """The slot's job ended and its runner goes on to the one sent ahead,
-        if a cancel did not take that back first; True if it does."""
-        job, slot.next = slot.next, None
-        if job is None:
-            return False
-        placement = job.placement
-        assert placement is not None and self.words is not None
-        if not self.words.commit(placement.slot, placement.offer, job.seq):
-            self._count_end(job, "cancelled")  # the cancel that revoked it may not have yet
-            return False
+        slot.job = job
+        head = _protocol.job_frame_head(job.seq, slot.index, len(job.payload))
+        self.io.send_job(slot.index, head, job.payload)
         job.payload = b""
-        slot.job, slot.turn_began = job, time.monotonic()
-        job.future._start_running(slot.pid)  # False: a cancel decided its kill already
-        self._count_start(job)
+        self._send_limits(slot, job)
+        self.counts["started"] += 1
         return True
 
     def _send_limits(self, slot: Slot, job: Job) -> None:
@@ -573,13 +359,7 @@ class Pool:
             self.idle.remove(slot)
 
     def result_arrived(
-        self,
-        index: int,
-        seq: int,
-        kind: int,
-        outcome: memoryview,
-        out: list[Completion],
-        ran_s: float = 0.0,
+        self, index: int, seq: int, kind: int, outcome: memoryview, out: list[Completion]
     ) -> None:
         slot = self.slots[index]
         if seq == _protocol.INIT_SEQ:
@@ -591,13 +371,10 @@ class Pool:
         slot.job = None
         slot.state_before = seq | _slots.DONE
         slot.tasks += 1
-        self.recent_job_s += (ran_s - self.recent_job_s) / 4  # as the runner measured it
         self.init_failures = 0
         self._count_end(job, "failed" if kind == _wire.OUTCOME_ERROR else "finished")
         # The frame's buffer is this job's alone now: no copy of a large result.
         out.append(functools.partial(settle_from_outcome, job.future, outcome))
-        if self._next_turn(slot):
-            return
         if self.max_tasks is not None and slot.tasks >= self.max_tasks:
             slot.retiring = True  # it exits by itself; a fresh runner replaces it
         else:
@@ -652,7 +429,6 @@ class Pool:
         job, slot.job = slot.job, None
         if job is not None:
             self._settle_stopped(slot, job, state, status, out, detail)
-        self._runner_gone(slot, state, status, out, detail)
 
     def job_killed(
         self, index: int, runner_id: int, seq: int, flag: int, peak: int, out: list[Completion]
@@ -670,10 +446,9 @@ class Pool:
         detail = f"the cancelk supervisor (pid {pid}) died, {how}"
         for slot in self.slots:
             job, slot.job = slot.job, None
-            state = self.words.state(slot.index)
             if job is not None:
+                state = self.words.state(slot.index)
                 self._settle_stopped(slot, job, state, None, out, detail)
-            self._runner_gone(slot, state, None, out, detail)
             slot.pid = slot.runner_id = slot.state_before = 0
             slot.connected = slot.ready = slot.coming = False
         self.idle.clear()
@@ -707,7 +482,7 @@ class Pool:
         if unlink:
             _unlink(job.future)
         self.counts[counter] += 1
-        if job.started:
+        if job.placement is not None:
             self.running -= 1
         return True
 
@@ -717,8 +492,6 @@ class Pool:
         self.broken = error
         self.shutting_down = True
         self.idle.clear()
-        for slot in self.slots:
-            self._hand_back(slot)
         while self.pending:
             job = self._pop_pending()
             if self._count_end(job, "failed"):
@@ -734,16 +507,12 @@ class Pool:
         self.shutting_down = True
         self._cancel_pending(out)
         for slot in self.slots:
-            for job in (slot.job, slot.next):  # one sent ahead and not taken back has begun
-                if job is None or job.counted or job.future.done():
-                    continue
-                if self.kill(job, _slots.KILL_CANCEL, reason):
-                    self._count_end(job, "cancelled")
-                    out.append(functools.partial(job.future._mark_cancelled, f"killed: {reason}"))
+            job = slot.job
+            if job is not None and not job.counted and self.kill(job, _slots.KILL_CANCEL, reason):
+                self._count_end(job, "cancelled")
+                out.append(functools.partial(job.future._mark_cancelled, f"killed: {reason}"))
 
     def _cancel_pending(self, out: list[Completion]) -> None:
-        for slot in self.slots:
-            self._hand_back(slot)
         while self.pending:
             job = self._pop_pending()
             self._count_end(job, "cancelled")
@@ -753,12 +522,12 @@ class Pool:
         """Shut down, and nothing is left to run or to end."""
         if not self.shutting_down or len(self.pending) > self.ended_in_queue:
             return False
-        return all(slot.job is None and slot.next is None for slot in self.slots)
+        return all(slot.job is None for slot in self.slots)
 
     def stats(self) -> dict[str, int]:
         counts = dict(self.counts)
         counts["running"] = self.running
-        counts["pending"] = self.waiting()
+        counts["pending"] = len(self.pending) - self.ended_in_queue
         return counts
 
 
@@ -767,20 +536,6 @@ class Ending(NamedTuple):
 
     counter: str
     settle: Callable[[Future], object]
-
-
-def _may_go_ahead(job: Job) -> bool:
-    """A job may wait in a busy runner only if nothing about it is timed or
-    watched from its start (limits are set when a job begins) and a cancel
-    needs no grace: then taking it back or killing it is all a cancel does."""
-    options = job.options
-    return (
-        not job.went_ahead
-        and options.timeout is None
-        and options.memory_limit is None
-        and job.deadline_at is None
-        and options.cancel_timeout == 0
-    )
 
 
 def _unlink(future: Future) -> None:

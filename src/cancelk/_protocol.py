@@ -28,7 +28,6 @@ from cancelk._wire import HEADER, OUTCOME_ERROR, OUTCOME_VALUE
 
 __all__ = [
     "INIT_SEQ",
-    "NO_OFFER",
     "OUTCOME_ERROR",
     "OUTCOME_VALUE",
     "ControlMessage",
@@ -241,42 +240,37 @@ def decode(body: bytes | bytearray) -> ControlMessage:
 
 
 # -- runner channels ------------------------------------------------------------
-# seq, slot (a spare learns its slot from its first job), the OFFER word to take it by
-JOB_HEAD = struct.Struct("<QII")
-NO_OFFER = 2  # a job sent to an idle runner: nothing to take back, it is simply begun
-RESULT_HEAD = struct.Struct("<QBI")  # seq, outcome kind, microseconds the job ran
+JOB_HEAD = struct.Struct("<QQ")  # seq, slot: a spare learns its slot from its first job
+RESULT_HEAD = struct.Struct("<QB")  # seq, outcome kind
 INIT_SEQ = 0  # a result frame for no job: the initializer ran (value) or raised (error)
 
 
 _JOB_FRAME_HEAD = struct.Struct(HEADER.format + JOB_HEAD.format.lstrip("<"))
 
 
-def job_frame_head(seq: int, slot: int, offer: int, payload_size: int) -> bytes:
+def job_frame_head(seq: int, slot: int, payload_size: int) -> bytes:
     """Frame header and job head to send before a job's pickled payload."""
-    return _JOB_FRAME_HEAD.pack(JOB_HEAD.size + payload_size, seq, slot, offer)
+    return _JOB_FRAME_HEAD.pack(JOB_HEAD.size + payload_size, seq, slot)
 
 
-def parse_job(body: bytes | bytearray) -> tuple[int, int, int, memoryview]:
-    """(seq, slot, offer word, pickled job) of a job frame's body."""
+def parse_job(body: bytes | bytearray) -> tuple[int, int, memoryview]:
+    """(seq, slot, pickled job) of a job frame's body."""
     if len(body) < JOB_HEAD.size:
         raise ProtocolError(f"job frame of {len(body)} bytes is shorter than its head")
-    seq, slot, offer = JOB_HEAD.unpack_from(body)
-    if offer > NO_OFFER:
-        raise ProtocolError(f"job frame for job {seq} names offer word {offer} of 2")
-    return seq, slot, offer, memoryview(body)[JOB_HEAD.size :]
+    seq, slot = JOB_HEAD.unpack_from(body)
+    return seq, slot, memoryview(body)[JOB_HEAD.size :]
 
 
-def result_frame_head(seq: int, kind: int, outcome_size: int, ran_ns: int = 0) -> bytes:
+def result_frame_head(seq: int, kind: int, outcome_size: int) -> bytes:
     """Frame header and result head to send before an encoded outcome."""
-    ran_us = min(ran_ns // 1000, 0xFFFFFFFF)
-    return HEADER.pack(RESULT_HEAD.size + outcome_size) + RESULT_HEAD.pack(seq, kind, ran_us)
+    return HEADER.pack(RESULT_HEAD.size + outcome_size) + RESULT_HEAD.pack(seq, kind)
 
 
-def parse_result(body: bytes | bytearray) -> tuple[int, int, float, memoryview]:
-    """(seq, outcome kind, seconds the job ran, encoded outcome) of a result frame's body."""
+def parse_result(body: bytes | bytearray) -> tuple[int, int, memoryview]:
+    """(seq, outcome kind, encoded outcome) of a result frame's body."""
     if len(body) < RESULT_HEAD.size:
         raise ProtocolError(f"result frame of {len(body)} bytes is shorter than its head")
-    seq, kind, ran_us = RESULT_HEAD.unpack_from(body)
+    seq, kind = RESULT_HEAD.unpack_from(body)
     if kind not in (OUTCOME_VALUE, OUTCOME_ERROR):
         raise ProtocolError(f"result frame for job {seq} with unknown outcome kind {kind}")
-    return seq, kind, ran_us / 1e6, memoryview(body)[RESULT_HEAD.size :]
+    return seq, kind, memoryview(body)[RESULT_HEAD.size :]

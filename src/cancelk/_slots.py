@@ -10,22 +10,11 @@
                 seq|KILL_*   a kill of job seq was decided (time limit or deadline,
                              cancel, memory limit)
     STARTED_NS  CLOCK_MONOTONIC when the running job began (time limits count from it)
-    OFFER[0|1]  seq          job seq was sent to the runner; it may still be taken back
-                seq|TAKEN    job seq is the runner's: it begins (or began) there
-                seq|REVOKED  job seq was taken back before it began: the runner skips it
 
 Every transition is a compare-and-swap from a value that names the job (or,
 before its first job, the runner), so "finished" and "killed" cannot both win,
 and a late kill cannot hit the next job or the next runner: once job seq is
 DONE, or the slot has a new runner, no CAS expecting an older value succeeds (I1).
-
-The two OFFER words let the user process send a runner its next job while
-the current one runs (the runner then starts it without a round trip).  A
-job sent ahead is taken by the runner or revoked by the user process (a
-cancel, a runner that died, an idle runner elsewhere), never both; a job
-sent to an idle runner names no OFFER word and is simply begun.  The user
-process alternates the two words, so a job sent ahead never overwrites one
-sent ahead before it that the runner may not have taken yet.
 """
 
 from __future__ import annotations
@@ -43,11 +32,8 @@ KILL_CANCEL = 1 << 61
 KILL_MEMORY = 1 << 62
 SEQ_MASK = (1 << 48) - 1
 
-TAKEN = 1 << 59
-REVOKED = 1 << 61
-
-_STATE, _STARTED_NS, _OFFER = 0, 1, 2  # OFFER words: 2 and 3
-_WORDS_PER_SLOT = 4  # each slot on its own 32 bytes
+_STATE, _STARTED_NS = 0, 1
+_WORDS_PER_SLOT = 4  # two spare words keep each slot on its own 32 bytes
 
 
 def _size(slots: int) -> int:
@@ -84,11 +70,10 @@ class SlotWords:
     def started_ns(self, slot: int) -> int:
         return self._w().load(slot * _WORDS_PER_SLOT + _STARTED_NS)
 
-    def begin(self, slot: int, before: int, seq: int, now_ns: int | None = None) -> bool:
-        """Runner: job ``seq`` starts (at ``_core.monotonic_ns()`` ``now_ns``);
-        False if its kill was already decided."""
+    def begin(self, slot: int, before: int, seq: int) -> bool:
+        """Runner: job ``seq`` starts; False if its kill was already decided."""
         words, base = self._w(), slot * _WORDS_PER_SLOT
-        words.store(base + _STARTED_NS, _core.monotonic_ns() if now_ns is None else now_ns)
+        words.store(base + _STARTED_NS, _core.monotonic_ns())
         return words.cas(base + _STATE, before, seq)
 
     def finish(self, slot: int, seq: int) -> bool:
@@ -106,30 +91,6 @@ class SlotWords:
                 return False
             if words.cas(index, current, seq | flag):
                 return True
-
-    def offer(self, slot: int, index: int, seq: int) -> None:
-        """User process: job ``seq`` is sent ahead to the slot's runner through OFFER[index]."""
-        self._w().store(slot * _WORDS_PER_SLOT + _OFFER + index, seq)
-
-    def take(self, slot: int, index: int, seq: int) -> bool:
-        """Runner: job ``seq`` is mine to begin; False if it was revoked."""
-        words, at = self._w(), slot * _WORDS_PER_SLOT + _OFFER + index
-        return words.cas(at, seq, seq | TAKEN) or words.load(at) == seq | TAKEN
-
-    def revoke(self, slot: int, index: int, seq: int) -> bool:
-        """User process: take job ``seq`` back; False if the runner has it (or
-        it was revoked already)."""
-        return self._w().cas(slot * _WORDS_PER_SLOT + _OFFER + index, seq, seq | REVOKED)
-
-    def commit(self, slot: int, index: int, seq: int) -> bool:
-        """User process: job ``seq`` stays with the runner; False if it was revoked."""
-        words, at = self._w(), slot * _WORDS_PER_SLOT + _OFFER + index
-        # The CAS first: a load that saw it untaken could miss the runner's take.
-        return words.cas(at, seq, seq | TAKEN) or words.load(at) == seq | TAKEN
-
-    def claimed(self, slot: int, index: int, seq: int) -> bool:
-        """Job ``seq`` was taken by the runner (or committed to it)."""
-        return self._w().load(slot * _WORDS_PER_SLOT + _OFFER + index) == seq | TAKEN
 
     def give(self, slot: int, runner_id: int) -> None:
         """Supervisor: runner ``runner_id`` (unique, never reused) takes the slot."""

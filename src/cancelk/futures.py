@@ -30,8 +30,6 @@ class _Owner(Protocol):
 
     def cancelled_in_queue(self, future: Future) -> None: ...
 
-    def take_back(self, future: Future) -> bool: ...
-
     def call_soon(self, call: Callable[[], object]) -> None: ...
 
 
@@ -45,9 +43,6 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         self._owner = owner
         self._job_pid: int | None = None
         self._cancel_reason = "the job was cancelled"
-        # PENDING, but sent ahead to a busy runner: a cancel must take it back
-        # (or find the runner has it) before it may say the job never ran.
-        self._ahead = False
 
     @property
     def pid(self) -> int | None:
@@ -71,19 +66,19 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             return bool(super().cancel())
         while True:
             with self._condition:
-                state, ahead = self._state, self._ahead
+                state = self._state
                 if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                     return True
                 if state == FINISHED:
                     return False
-            # Queued, or sent ahead to a busy runner and taken back: cancelled
-            # at once, so wait() and as_completed() see it now rather than
-            # when the pool would have reached it.  A job sent ahead that its
-            # runner took is running, as is one that started meanwhile.
-            if state == RUNNING or (ahead and not self._owner.take_back(self)):
+            if state == RUNNING:
                 return self._owner.cancel_running(self)
+            # Queued: cancelled at once, so wait() and as_completed() see it
+            # now rather than when the pool would have reached it.  Only while
+            # still PENDING: one the pool started meanwhile is cancelled as
+            # running (looked at again), never marked as if it had not begun.
             reason = "the job was cancelled before it started"
-            if self._mark_cancelled(reason, by_caller=True, queued=True, taken_back=ahead):
+            if self._mark_cancelled(reason, by_caller=True, queued=True):
                 self._owner.cancelled_in_queue(self)
                 return True
 
@@ -95,21 +90,7 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 return False
             self._job_pid = pid
             self._state = RUNNING
-            self._ahead = False
             return True
-
-    def _go_ahead(self) -> bool:
-        """The pool sends the job ahead to a busy runner; False if it was cancelled."""
-        with self._condition:
-            if self._state != PENDING:
-                return False
-            self._ahead = True
-            return True
-
-    def _come_back(self) -> None:
-        """The pool took the job back from a runner: it waits in the queue again."""
-        with self._condition:
-            self._ahead = False
 
     def result(self, timeout: float | None = None) -> Any:
         """The job's result, waiting up to ``timeout`` seconds.
@@ -137,12 +118,9 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 raise
             raise ProcessCancelledError(self._cancel_reason) from None
 
-    def _mark_cancelled(
-        self, reason: str, by_caller: bool = False, queued: bool = False, taken_back: bool = False
-    ) -> bool:
+    def _mark_cancelled(self, reason: str, by_caller: bool = False, queued: bool = False) -> bool:
         """End a queued or running future as cancelled; False if it already ended
-        (or, with ``queued``, if it is no longer PENDING, or was sent ahead
-        since and not ``taken_back``).
+        (or, with ``queued``, if it is no longer PENDING).
 
         ``by_caller``: from ``cancel()``, which may run in a signal handler or
         a finalizer that interrupted this very thread inside ``wait()`` or
@@ -151,9 +129,7 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         stdlib's pool tells them of a cancel on its own thread.
         """
         with self._condition:
-            if queued and (self._state != PENDING or (self._ahead and not taken_back)):
-                return False
-            if self._state not in (PENDING, RUNNING):
+            if self._state != PENDING and (queued or self._state != RUNNING):
                 return False
             self._cancel_reason = reason
             later = by_caller and bool(self._waiters) and self._owner is not None

@@ -6,8 +6,7 @@
                          (a warm spare waits here until a slot needs it)
     user process ◄══channel══ ready frame (INIT_SEQ, value), or the
                               initializer's exception (INIT_SEQ, error)
-    user process ══channel══► job frame (seq, slot, offer, pickled fn/args/kwargs)
-                              words.take(slot, offer, seq)  (revoked: skip the frame)
+    user process ══channel══► job frame (seq, slot, pickled fn/args/kwargs)
                               words.begin(slot, seq)   (lost race: wait to be killed)
                               run, encode the outcome
                               words.finish(slot, seq)  (lost race: wait to be killed)
@@ -28,7 +27,7 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from cancelk import _child, _core, _protocol, _wire
+from cancelk import _child, _protocol, _wire
 from cancelk._slots import DONE, FRESH, SlotWords
 
 
@@ -96,23 +95,19 @@ def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner
         frame = next(frames, None)
         if frame is None:
             return  # the user process closed the channel: shut down
-        seq, slot, offer, job = _protocol.parse_job(frame)
+        seq, slot, job = _protocol.parse_job(frame)
         del frame
-        if offer != _protocol.NO_OFFER and not words.take(slot, offer, seq):
-            continue  # taken back before it began: it runs elsewhere or not at all
-        began = _core.monotonic_ns()
-        if not words.begin(slot, before, seq, began):
+        if not words.begin(slot, before, seq):
             _await_kill()
         held = [job]
         del job
         kind, outcome = _run_job(held)
-        ran_ns = _core.monotonic_ns() - began
         _child.leave_if_forked_by_job(me)
         _child.flush_std_streams()
         if not words.finish(slot, seq):
             _await_kill()
         before = seq | DONE
-        _send(setup.channel_fd, seq, kind, outcome, ran_ns)
+        _send(setup.channel_fd, seq, kind, outcome)
         del outcome  # a 100 MB result must not stay in memory while idle
         done += 1
         _reap_orphans()
@@ -142,10 +137,8 @@ def _run_job(held: list[memoryview]) -> tuple[int, bytes]:  # pragma: no cover -
     return _wire.run_and_encode(fn, args, kwargs)
 
 
-def _send(  # pragma: no cover - runs in the runner process
-    channel_fd: int, seq: int, kind: int, outcome: bytes, ran_ns: int = 0
-) -> None:
-    head = _protocol.result_frame_head(seq, kind, len(outcome), ran_ns)
+def _send(channel_fd: int, seq: int, kind: int, outcome: bytes) -> None:  # pragma: no cover
+    head = _protocol.result_frame_head(seq, kind, len(outcome))
     if len(outcome) <= _wire.SMALL:
         _wire.write_all(channel_fd, head + outcome)  # one write: the user wakes once
     else:

@@ -21,7 +21,7 @@ from cancelk.errors import (
     ProcessTimeoutError,
 )
 from cancelk.futures import Future
-from cancelk.options import JobOptions, ProcessDeadline
+from cancelk.options import JobOptions
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -29,16 +29,14 @@ pytestmark = pytest.mark.timeout(10)
 class FakeIO:
     def __init__(self) -> None:
         self.jobs: list[tuple[int, int, bytes]] = []  # (slot, seq, payload)
-        self.offers: dict[int, int] = {}  # seq: the OFFER word its frame names
         self.control: list[_protocol.ControlMessage] = []
         self.killed: list[int] = []  # slots killed through a pidfd
         self.timers: list = []  # (time.monotonic() time, command)
 
     def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
-        seq, job_slot, offer, body = _protocol.parse_job((head + payload)[8:])
+        seq, job_slot, body = _protocol.parse_job((head + payload)[8:])
         assert job_slot == slot
         self.jobs.append((slot, seq, bytes(body)))
-        self.offers[seq] = offer
 
     def send_control(self, message: _protocol.ControlMessage) -> None:
         self.control.append(message)
@@ -103,10 +101,6 @@ class Harness:
             return future.cancelled()
         self.pool.count_cancelled(job)
         return future._mark_cancelled("cancelled") or future.cancelled()
-
-    def take_back(self, future: Future) -> bool:
-        job = future._cancelk_job
-        return job is None or self.pool.take_back(job)
 
     def cancelled_in_queue(self, future: Future) -> None:
         if future._cancelk_job is not None:
@@ -597,232 +591,13 @@ def test_a_pool_running_one_job_at_a_time_asks_for_one_runner():
         h.close()
 
 
-# -- jobs sent ahead to a busy runner -----------------------------------------------------
-
-
-def _busy(h: Harness, slots: int = 1) -> list[Future]:
-    """Each slot's runner up and running a job that has begun."""
-    running = []
-    for slot in range(slots):
-        runner_id = h.start_runner(slot)
-        future = h.submit()
-        job = future._cancelk_job
-        assert future.running()
-        h.words.begin(slot, FRESH | runner_id, job.seq)
-        running.append(future)
-    return running
-
-
-def _finish(h: Harness, slot: int, future: Future, value: object = "done") -> None:
-    """The runner ends the job and, as a runner does, takes the one sent ahead."""
-    seq = future._cancelk_job.seq
-    assert h.words.finish(slot, seq)
-    after = h.pool.slots[slot].next
-    if after is not None and h.words.take(slot, after.placement.offer, after.seq):
-        assert h.words.begin(slot, seq | _slots.DONE, after.seq)
-    h.runner_finishes(slot, seq, value)
-    h.pool.fill_idle()  # as the manager does after every batch of events
-
-
-@pytest.fixture
-def h1():
-    """One slot: once its runner is busy, every slot is."""
-    harness = Harness(size=1)
-    try:
-        yield harness
-    finally:
-        harness.close()
-
-
-def test_a_queued_job_is_sent_ahead_to_a_busy_runner_and_stays_pending(h1):
-    (first,) = _busy(h1)
-    second = h1.submit()
-    h1.pool.fill_idle()
-    assert [seq for _, seq, _ in h1.io.jobs] == [1, 2], "sent while the first runs"
-    assert h1.io.offers == {1: _protocol.NO_OFFER, 2: 0}
-    assert not second.running() and second.pid is None
-    stats = h1.check_counts()
-    assert (stats["pending"], stats["running"]) == (1, 1)
-    _finish(h1, 0, first)
-    assert second.running() and second.pid == 1001, "its turn came without a round trip"
-    assert h1.words.take(0, 0, 2), "the runner takes it"
-    h1.check_counts()
-
-
-def test_jobs_sent_ahead_alternate_the_two_offer_words(h1):
-    (first,) = _busy(h1)
-    later = [h1.submit() for _ in range(3)]
-    seqs = [f._cancelk_job.seq for f in later]
-    h1.pool.fill_idle()
-    _finish(h1, 0, first)
-    h1.pool.fill_idle()
-    _finish(h1, 0, later[0])
-    h1.pool.fill_idle()
-    assert [h1.io.offers[seq] for seq in seqs] == [0, 1, 0]
-
-
-def test_cancel_takes_back_a_job_sent_ahead_and_the_runner_skips_it(h1):
-    (first,) = _busy(h1)
-    second = h1.submit()
-    h1.pool.fill_idle()
-    assert second.cancel() is True and second.cancelled()
-    assert not h1.words.take(0, 0, 2), "the runner must skip its frame"
-    assert not h1.io.killed, "nothing is killed: it never began"
-    _finish(h1, 0, first)
-    stats = h1.check_counts()
-    assert (stats["cancelled"], stats["running"], stats["pending"]) == (1, 0, 0)
-    third = h1.submit()
-    assert third.running(), "the runner is idle again, not waiting for the cancelled job"
-
-
-def test_cancel_of_a_job_sent_ahead_that_the_runner_took_kills_only_it(h1):
-    (first,) = _busy(h1)
-    second = h1.submit()
-    h1.pool.fill_idle()
-    seq = second._cancelk_job.seq
-    h1.words.finish(0, first._cancelk_job.seq)  # the runner ended the first...
-    assert h1.words.take(0, 0, seq)  # ...and took the second before this process saw it
-    assert second.cancel() is True, "it has begun: the cancel kills it"
-    assert h1.io.killed == [0]
-    assert not h1.words.begin(0, 1 | _slots.DONE, seq), "it must not start"
-    h1.runner_finishes(0, first._cancelk_job.seq, "first")
-    assert first.result(0) == "first", "the job before it ends as it did (I1)"
-    with pytest.raises(ProcessCancelledError):
-        second.result(0)
-    h1.exited(0, 1, -signal.SIGKILL)
-    assert h1.check_counts()["cancelled"] == 1
-
-
-def test_a_job_sent_ahead_is_handed_back_when_its_runner_dies(h1):
-    (first,) = _busy(h1)
-    second = h1.submit()
-    seq = second._cancelk_job.seq
-    h1.pool.fill_idle()
-    assert first.cancel() is True
-    h1.exited(0, 1, -signal.SIGKILL)
-    assert not second.done() and not second.running()
-    assert not h1.words.take(0, 0, seq), "revoked in the dead runner"
-    h1.start_runner(0)
-    h1.pool.fill_idle()
-    assert second.running() and second.pid == 1002, "it runs in the new runner"
-    assert h1.io.offers[seq] == _protocol.NO_OFFER
-    stats = h1.check_counts()
-    assert (stats["cancelled"], stats["running"]) == (1, 1)
-
-
-def test_a_job_sent_ahead_is_handed_back_when_the_supervisor_dies(h1):
-    (first,) = _busy(h1)
-    second = h1.submit()
-    h1.pool.fill_idle()
-    h1.pool.supervisor_lost(4242, None, h1.out)
-    h1.settle()
-    assert isinstance(first.exception(0), ProcessDiedError)
-    assert not second.done() and list(h1.pool.pending) == [second._cancelk_job]
-    h1.check_counts()
-
-
-def test_a_job_behind_a_long_one_is_taken_back_for_an_idle_runner():
-    h = Harness(size=2)
-    try:
-        first, other = _busy(h, slots=2)
-        behind = h.submit()
-        h.pool.fill_idle()
-        assert h.pool.slots[0].next is behind._cancelk_job
-        # The first job has run for a second, by its runner's clock and this process's.
-        h.words.begin(0, FRESH | 1, first._cancelk_job.seq, _core.monotonic_ns() - 10**9)
-        h.pool.slots[0].turn_began -= 1.0
-        _finish(h, 1, other)
-        assert behind.running() and behind.pid == 1002, "the free runner took it"
-        assert not h.words.take(0, 0, behind._cancelk_job.seq)
-        later = h.submit()
-        h.pool.fill_idle()
-        assert h.pool.slots[1].next is later._cancelk_job
-        h.check_counts()
-    finally:
-        h.close()
-
-
-def test_a_job_that_went_ahead_once_is_not_sent_ahead_again(h1):
-    (first,) = _busy(h1)
-    second = h1.submit()
-    h1.pool.fill_idle()
-    h1.words.begin(0, FRESH | 1, first._cancelk_job.seq, _core.monotonic_ns() - 10**9)
-    h1.pool.slots[0].turn_began -= 1.0
-    h1.pool.fill_idle()
-    assert list(h1.pool.pending) == [second._cancelk_job], "taken back from behind a long job"
-    h1.pool.fill_idle()
-    assert h1.pool.slots[0].next is None, "its first frame may still be in that channel"
-    _finish(h1, 0, first)
-    assert second.running()
-    assert h1.io.offers[second._cancelk_job.seq] == _protocol.NO_OFFER
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        JobOptions(timeout=5),
-        JobOptions(cancel_timeout=1),
-        JobOptions(memory_limit=1 << 30),
-        JobOptions(deadline=ProcessDeadline(5)),
-    ],
-    ids=["timeout", "cancel_timeout", "memory_limit", "deadline"],
-)
-def test_a_job_with_limits_waits_in_the_queue(h1, options):
-    _busy(h1)
-    job = Job(Future(h1), 99, b"payload", options, options.deadline_at(time.monotonic()))
-    job.future._cancelk_job = job
-    h1.pool.accept(job, h1.out)
-    h1.pool.fill_idle()
-    assert list(h1.pool.pending) == [job] and h1.pool.slots[0].next is None
-
-
-def test_long_jobs_are_not_sent_ahead(h1):
-    _busy(h1)
-    h1.pool.recent_job_s = 0.5
-    h1.submit()
-    h1.pool.fill_idle()
-    assert h1.pool.slots[0].next is None
-
-
-def test_shutdown_with_cancel_futures_cancels_a_job_sent_ahead(h1):
-    (first,) = _busy(h1)
-    second = h1.submit()
-    seq = second._cancelk_job.seq
-    h1.pool.fill_idle()
-    h1.pool.begin_shutdown(True, h1.out)
-    h1.settle()
-    assert second.cancelled() and not h1.words.take(0, 0, seq)
-    _finish(h1, 0, first)
-    assert first.result(0) == "done"
-    assert h1.pool.finished()
-    h1.check_counts()
-
-
-def test_a_job_sent_ahead_that_began_ends_with_its_runner(h1):
-    (first,) = _busy(h1)
-    second = h1.submit()
-    seq = second._cancelk_job.seq
-    h1.pool.fill_idle()
-    h1.words.finish(0, first._cancelk_job.seq)
-    assert h1.words.take(0, 0, seq)  # the runner took it; its first result is still unread
-    assert h1.words.begin(0, first._cancelk_job.seq | _slots.DONE, seq)
-    h1.pool.supervisor_lost(4242, None, h1.out)
-    h1.settle()
-    assert isinstance(second.exception(0), ProcessDiedError), "it began: it is not run twice"
-    assert not h1.pool.pending and h1.pool.slots[0].next is None
-    stats = h1.check_counts()
-    assert (stats["died"], stats["pending"], stats["running"]) == (2, 0, 0)
-
-
-def test_a_cancel_that_saw_the_job_queued_must_take_it_back_once_it_went_ahead(h1):
-    # The cancel read PENDING before the pool sent the job ahead; marking it
-    # now would leave the runner free to take it: the cancel must look again.
-    (first,) = _busy(h1)
-    second = h1.submit()
-    seq = second._cancelk_job.seq
-    assert h1.pool.slots[0].next is second._cancelk_job
-    assert not second._mark_cancelled("stale", by_caller=True, queued=True)
-    assert second.cancel() is True, "looked again: taken back"
-    assert not h1.words.take(0, 0, seq)
-    _finish(h1, 0, first)
-    assert h1.check_counts()["cancelled"] == 1
+def test_a_cancel_that_saw_the_job_queued_does_not_mark_it_once_it_started(h):
+    # cancel() read PENDING, then the pool started the job: marking it now
+    # would say "cancelled before it started" of a running job.
+    h.start_runner(0)
+    future = h.submit()
+    assert future.running()
+    assert not future._mark_cancelled("stale", by_caller=True, queued=True)
+    assert future.running(), "it runs on; a cancel now kills it"
+    h.words.begin(0, FRESH | 1, 1)
+    assert future.cancel() is True and h.io.killed == [0]

@@ -63,20 +63,20 @@ def test_malformed_module_name_is_an_error():
 
 def test_job_frame_head_and_parse():
     payload = pickle.dumps((len, ("ab",), {}))
-    framed = _protocol.job_frame_head(41, 3, 1, len(payload)) + payload
+    framed = _protocol.job_frame_head(41, 3, len(payload)) + payload
     (body,) = _wire.FrameReader().feed(framed)
-    seq, slot, offer, job = _protocol.parse_job(body)
-    assert (seq, slot, offer) == (41, 3, 1)
+    seq, slot, job = _protocol.parse_job(body)
+    assert (seq, slot) == (41, 3)
     fn, args, kwargs = pickle.loads(job)
     assert fn(*args, **kwargs) == 2
 
 
 def test_result_frame_head_and_parse():
     kind, outcome = _wire.encode_result([1, 2])
-    framed = _protocol.result_frame_head(8, kind, len(outcome), 2_500_000) + outcome
+    framed = _protocol.result_frame_head(8, kind, len(outcome)) + outcome
     (body,) = _wire.FrameReader().feed(framed)
-    seq, got_kind, ran_s, got = _protocol.parse_result(body)
-    assert (seq, got_kind, ran_s) == (8, _wire.OUTCOME_VALUE, 0.0025)
+    seq, got_kind, got = _protocol.parse_result(body)
+    assert (seq, got_kind) == (8, _wire.OUTCOME_VALUE)
     assert _wire.decode_outcome(bytes(got)).unwrap() == [1, 2]
 
 
@@ -87,7 +87,7 @@ def test_short_channel_frames_are_errors(parse):
 
 
 def test_result_with_an_unknown_outcome_kind_is_an_error():
-    body = struct.pack("<QBI", 5, 9, 0) + b"x"
+    body = struct.pack("<QB", 5, 9) + b"x"
     with pytest.raises(_protocol.ProtocolError, match="unknown outcome kind 9"):
         _protocol.parse_result(body)
 
