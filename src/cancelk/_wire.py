@@ -153,14 +153,7 @@ class FrameReader:
     def _cut_whole(self, data: bytes, frames: list[Body]) -> bytes:
         """The small frames complete in ``data`` (the usual read: one result),
         cut without going through the buffer; what is left over."""
-        start, end = 0, len(data)
-        while end - start >= HEADER.size:
-            (size,) = HEADER.unpack_from(data, start)
-            begin = start + HEADER.size
-            if size >= LARGE or end - begin < size:
-                break
-            frames.append(data[begin : begin + size])
-            start = begin + size
+        start = _cut_small(data, 0, frames)
         return data[start:] if start else data
 
     def _take_body(self, frames: list[Body]) -> None:
@@ -171,23 +164,36 @@ class FrameReader:
 
     def _cut(self, frames: list[Body]) -> None:
         buffer, start = self._buffer, 0
-        while len(buffer) - start >= HEADER.size:
-            (size,) = HEADER.unpack_from(buffer, start)
-            begin = start + HEADER.size
-            if size >= LARGE:
-                taken = min(size, len(buffer) - begin)
-                self._body = bytearray(size)
-                self._body[:taken] = buffer[begin : begin + taken]
-                self._filled = taken
-                start = begin + taken
-                self._take_body(frames)
-                continue
-            if len(buffer) - begin < size:
+        while True:
+            start = _cut_small(buffer, start, frames)
+            if len(buffer) - start < HEADER.size:
                 break
-            with memoryview(buffer) as view:
-                frames.append(bytes(view[begin : begin + size]))
-            start = begin + size
+            (size,) = HEADER.unpack_from(buffer, start)
+            if size < LARGE:
+                break  # a small frame not complete yet
+            begin = start + HEADER.size
+            taken = min(size, len(buffer) - begin)
+            self._body = bytearray(size)
+            self._body[:taken] = buffer[begin : begin + taken]
+            self._filled = taken
+            start = begin + taken
+            self._take_body(frames)
         del buffer[:start]
+
+
+def _cut_small(data: bytes | bytearray, start: int, frames: list[Body]) -> int:
+    """Append the small frames complete in ``data`` from ``start`` on, as
+    bytes; where the first frame that is large or not complete begins."""
+    end = len(data)
+    with memoryview(data) as view:
+        while end - start >= HEADER.size:
+            (size,) = HEADER.unpack_from(data, start)
+            begin = start + HEADER.size
+            if size >= LARGE or end - begin < size:
+                break
+            frames.append(bytes(view[begin : begin + size]))
+            start = begin + size
+    return start
 
 
 def _type_name(obj: object) -> str:

@@ -458,8 +458,6 @@ def _serve_and_exit(
     finally:
         _child.flush_std_streams()
         os._exit(code)
-    _child.flush_std_streams()
-    os._exit(0)
 
 
 def _report_start_failure(ctrl_fd: int, why: BaseException) -> None:  # pragma: no cover
