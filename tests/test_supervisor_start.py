@@ -81,3 +81,33 @@ def test_a_supervisor_that_finished_jobs_is_always_replaced_at_once(make_pool):
         assert isinstance(running.exception(timeout=5), ProcessDiedError)
     assert exe.submit(jobs.add, 2, 2).result(timeout=RESULT_WAIT) == 4
     assert exe.stats()["supervisors_started"] == GIVE_UP_AFTER + 3
+
+
+LOADED_SCRIPT = """
+import sys
+import cancelk
+
+def loaded():
+    return sorted(name for name in sys.modules if name.startswith("cancelk"))
+
+if __name__ == "__main__":
+    with cancelk.ProcessPoolExecutor(1, mp_context=sys.argv[1]) as pool:
+        print(" ".join(pool.submit(loaded).result(timeout=30)))
+"""
+
+USER_SIDE = ("cancelk.executor", "cancelk._manager", "cancelk._manager_thread", "cancelk._pool")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_supervisor_and_runners_do_not_load_the_user_side_pool(tmp_path, method):
+    """A spawned supervisor imports only its own side of cancelk (P7: its
+    start time and every runner's memory); a forked one inherits the user's."""
+    proc = procs.run_script(tmp_path, "loaded.py", LOADED_SCRIPT, method)
+    assert proc.returncode == 0, proc.stderr
+    in_runner = set(proc.stdout.split())
+    assert "cancelk.runner" in in_runner, in_runner
+    if method == "spawn":
+        assert not in_runner & {*USER_SIDE, "cancelk._standby"}, sorted(in_runner)
+    else:
+        assert set(USER_SIDE) <= in_runner, "forked from the user process, which has them"
