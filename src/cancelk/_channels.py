@@ -34,31 +34,27 @@ class SendQueue:
         self._sending = threading.Lock()
         self._closed = False
 
-    def push(self, *chunks: bytes) -> bool:
-        """Queue the chunks and send what fits; True when nothing is left."""
-        if not self._chunks and len(chunks) == 1 and self._sending.acquire(blocking=False):
+    def push(self, chunk: bytes) -> bool:
+        """Queue the chunk and send what fits; True when nothing is left."""
+        rest: bytes | memoryview = chunk
+        if not self._chunks and self._sending.acquire(blocking=False):
+            # Nothing queued ahead of it (the usual job): send it straight away.
             try:
-                if not self._chunks:  # nothing queued ahead of it: send it straight away
-                    return self._send_first(chunks[0])
+                if self._closed:
+                    return True
+                if not self._chunks:
+                    sent = self.sock.send(chunk)
+                    if sent == len(chunk):
+                        return True
+                    rest = memoryview(chunk)[sent:]  # queued below
+            except BlockingIOError:
+                pass
+            except OSError:
+                return True  # the peer is gone; its death is reported elsewhere
             finally:
                 self._sending.release()
-        for chunk in chunks:
-            self._chunks.append(memoryview(chunk))
+        self._chunks.append(memoryview(rest))
         return self.flush()
-
-    def _send_first(self, chunk: bytes) -> bool:
-        if self._closed:
-            return True
-        try:
-            sent = self.sock.send(chunk)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return True  # the peer is gone; its death is reported elsewhere
-        if sent == len(chunk):
-            return True
-        self._chunks.append(memoryview(chunk)[sent:])
-        return False
 
     def flush(self) -> bool:
         """Send what fits; True when nothing is left.  False also when another

@@ -62,8 +62,10 @@ class Manager:
 
         If the command runs later (this thread already held the lock), a
         refusal reaches the caller as the future's exception instead."""
-        self.check_usable()
-        self._ensure_started()
+        if self.forked_away or self.closing or self.pool.broken is not None:
+            self.check_usable()  # raises what is wrong
+        if not self.started:
+            self._ensure_started()
         lock = self.lock
         out: list[Completion] = []
         with lock.rlock:
@@ -78,7 +80,8 @@ class Manager:
             answers: list[Exception | None] = []
             self._run(lambda out: answers.append(self._accept(job, module, out)))
             refused = answers[0] if answers else None
-        run_completions(out)
+        if out:
+            run_completions(out)
         if refused is not None:
             raise refused
 

@@ -56,6 +56,7 @@ Command = Callable[[list[Completion]], None]
 # Received descriptors must not leak into programs the user process execs.
 _RECV_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _WAKER = "waker"
+_READ = selectors.EVENT_READ
 
 
 class PoolLock:
@@ -113,7 +114,8 @@ class ManagerThread(threading.Thread):
         if len(payload) <= SMALL:
             sent = link.outbox.push(head + payload)  # one send: the runner wakes once
         else:
-            sent = link.outbox.push(head, payload)
+            head_sent = link.outbox.push(head)
+            sent = link.outbox.push(payload) and head_sent
         if not sent:
             self.want_write.add(slot)
             self.wake()
@@ -252,14 +254,19 @@ class ManagerThread(threading.Thread):
         self, events: list[tuple[selectors.SelectorKey, int]], out: list[Completion]
     ) -> None:
         for key, mask in events:
-            self._on_event(key, mask, out)
+            if mask == _READ and type(key.data) is RunnerLink:
+                self._read_channel(key.data, out)  # nearly every wake-up: a result
+            else:
+                self._on_event(key, mask, out)
         if self.timers:
             self._run_due_timers(out)
-        self.pool.fill_idle()  # first: queued jobs go before those in the intake
+        pool = self.pool
+        if pool.idle and pool.pending:
+            pool.fill_idle()  # first: queued jobs go before those in the intake
         if self.intake:
             self._run_intake(out)
         self._register_writes()  # last: dispatching may have queued bytes
-        if self.pool.shutting_down and self.pool.finished():
+        if pool.shutting_down and pool.finished():
             self._stop_processes()
             self.stopped = True
 
@@ -292,8 +299,9 @@ class ManagerThread(threading.Thread):
                     self._want_write(runner, runner.outbox.pending())
             self.want_write.clear()
         # Cancels push to the control queue without the lock: look each time.
-        if self.supervisor is not None:
-            self._want_write(self.supervisor, self.supervisor.outbox.pending())
+        supervisor = self.supervisor
+        if supervisor is not None and supervisor.write_wanted != supervisor.outbox.pending():
+            self._want_write(supervisor, not supervisor.write_wanted)
 
     def _want_write(self, link: RunnerLink | SupervisorLink, wanted: bool) -> None:
         if link.write_wanted == wanted:

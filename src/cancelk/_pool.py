@@ -177,7 +177,7 @@ class Pool:
     # -- jobs in ----------------------------------------------------------------
     def accept(self, job: Job, out: list[Completion]) -> None:
         """Take a job, or raise PoolFullError (it is then not submitted)."""
-        if self.broken is None and self.full():
+        if self.max_pending is not None and self.broken is None and self.full():
             self.counts["refused"] += 1
             raise PoolFullError(
                 f"{self.max_pending} jobs already wait for a runner (max_pending): job refused"
@@ -272,7 +272,11 @@ class Pool:
         head = _protocol.job_frame_head(job.seq, slot.index, len(job.payload))
         self.io.send_job(slot.index, head, job.payload)
         job.payload = b""
-        self._send_limits(slot, job)
+        options = job.options
+        if options.timeout is not None or options.memory_limit is not None:
+            self._send_limits(slot, job)
+        elif job.deadline_at is not None:
+            self._send_limits(slot, job)
         self.counts["started"] += 1
         return True
 

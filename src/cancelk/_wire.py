@@ -106,20 +106,7 @@ class FrameReader:
     def feed(self, data: bytes | memoryview) -> list[Body]:
         """The frames that ``data`` completes."""
         frames: list[Body] = []
-        if self._body is None and not self._buffer and isinstance(data, bytes):
-            data = self._cut_whole(data, frames)
-        view = memoryview(data)
-        while view:
-            if self._body is not None:
-                taken = min(len(view), len(self._body) - self._filled)
-                self._body[self._filled : self._filled + taken] = view[:taken]
-                self._filled += taken
-                view = view[taken:]
-                self._take_body(frames)
-            else:
-                self._buffer += view
-                view = view[len(view) :]
-                self._cut(frames)
+        self._take(data, frames)
         return frames
 
     def receive(self, sock: socket.socket, *, wait: bool = False) -> tuple[list[Body], bool]:
@@ -136,7 +123,7 @@ class FrameReader:
                 else:
                     chunk = sock.recv(_CHUNK)
                     count = len(chunk)
-                    frames += self.feed(chunk)
+                    self._take(chunk, frames)
                     if 0 < count < _CHUNK and not wait:
                         # Short read: the socket was drained.  A further recv
                         # would only fail (one syscall and one exception per
@@ -150,11 +137,27 @@ class FrameReader:
                 return frames, True
         return frames, False
 
-    def _cut_whole(self, data: bytes, frames: list[Body]) -> bytes:
-        """The small frames complete in ``data`` (the usual read: one result),
-        cut without going through the buffer; what is left over."""
-        start = _cut_small(data, 0, frames)
-        return data[start:] if start else data
+    def _take(self, data: bytes | memoryview, frames: list[Body]) -> None:
+        """Append the frames ``data`` completes to ``frames``; keep the rest."""
+        if self._body is None and not self._buffer and type(data) is bytes:
+            # The usual read holds whole small frames (one result, one job):
+            # they are cut straight out of it, not through the buffer.
+            start = _cut_small(data, 0, frames)
+            if start == len(data):
+                return
+            data = memoryview(data)[start:]
+        view = memoryview(data)
+        while view:
+            if self._body is not None:
+                taken = min(len(view), len(self._body) - self._filled)
+                self._body[self._filled : self._filled + taken] = view[:taken]
+                self._filled += taken
+                view = view[taken:]
+                self._take_body(frames)
+            else:
+                self._buffer += view
+                view = view[len(view) :]
+                self._cut(frames)
 
     def _take_body(self, frames: list[Body]) -> None:
         body = self._body
@@ -182,18 +185,23 @@ class FrameReader:
 
 
 def _cut_small(data: bytes | bytearray, start: int, frames: list[Body]) -> int:
-    """Append the small frames complete in ``data`` from ``start`` on, as
-    bytes; where the first frame that is large or not complete begins."""
+    """Append the small frames complete in ``data`` from ``start`` on, each
+    copied once (a slice of ``data``'s own type); where the first frame that
+    is large or not complete begins."""
     end = len(data)
-    with memoryview(data) as view:
-        while end - start >= HEADER.size:
-            (size,) = HEADER.unpack_from(data, start)
-            begin = start + HEADER.size
-            if size >= LARGE or end - begin < size:
-                break
-            frames.append(bytes(view[begin : begin + size]))
-            start = begin + size
+    while end - start >= _HEADER_SIZE:
+        (size,) = _unpack_header(data, start)
+        begin = start + _HEADER_SIZE
+        stop = begin + size
+        if size >= LARGE or stop > end:
+            break
+        frames.append(data[begin:stop])
+        start = stop
     return start
+
+
+_HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
 
 
 def _type_name(obj: object) -> str:
