@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Callable
 from typing import Any
 
 from cancelk._cancelk_core import ffi, lib
@@ -42,6 +43,9 @@ __all__ = [
     "signals_in",
     "tree_rss",
     "wait_stopped",
+    "word_cas",
+    "word_load",
+    "word_store",
 ]
 
 DEADLINE = int(lib.CANCELK_TOKEN_DEADLINE)
@@ -419,15 +423,28 @@ class SharedWords:
             raise IndexError(index)
         return self._cdata + index
 
+    def address(self, index: int) -> Any:
+        """Word ``index``'s address, for a caller that keeps it and uses the
+        ``word_*`` functions (a job's begin and finish are then one C call
+        each); valid until ``close()``, so the caller drops it before."""
+        return self._ptr(index)
+
     def close(self) -> None:
         """Release the buffer so its owner (an mmap) can be closed."""
         ffi.release(self._cdata)
 
     def load(self, index: int) -> int:
-        return int(lib.cancelk_word_load(self._ptr(index)))
+        return word_load(self._ptr(index))
 
     def store(self, index: int, value: int) -> None:
-        lib.cancelk_word_store(self._ptr(index), value)
+        word_store(self._ptr(index), value)
 
     def cas(self, index: int, expected: int, desired: int) -> bool:
-        return bool(lib.cancelk_word_cas(self._ptr(index), expected, desired))
+        return bool(word_cas(self._ptr(index), expected, desired))
+
+
+# The atomic operations on an address from SharedWords.address(): no bounds
+# check here (address() made it), and no Python frame of their own.
+word_load: Callable[[Any], int] = lib.cancelk_word_load
+word_store: Callable[[Any, int], None] = lib.cancelk_word_store
+word_cas: Callable[[Any, int, int], int] = lib.cancelk_word_cas  # 1 if it swapped

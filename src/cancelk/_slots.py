@@ -59,46 +59,48 @@ class SlotWords:
         self._words: _core.SharedWords | None = _core.SharedWords(
             self._map, slots * _WORDS_PER_SLOT
         )
-
-    def _w(self) -> _core.SharedWords:
-        assert self._words is not None, "slot words used after close()"
-        return self._words
+        # Each slot's words by address, checked once here: a job's begin and
+        # finish are then two C calls in the runner, no index arithmetic.
+        words = self._words
+        self._state = [words.address(i * _WORDS_PER_SLOT + _STATE) for i in range(slots)]
+        self._started = [words.address(i * _WORDS_PER_SLOT + _STARTED_NS) for i in range(slots)]
 
     def state(self, slot: int) -> int:
-        return self._w().load(slot * _WORDS_PER_SLOT + _STATE)
+        return _core.word_load(self._state[slot])
 
     def started_ns(self, slot: int) -> int:
-        return self._w().load(slot * _WORDS_PER_SLOT + _STARTED_NS)
+        return _core.word_load(self._started[slot])
 
     def begin(self, slot: int, before: int, seq: int) -> bool:
         """Runner: job ``seq`` starts; False if its kill was already decided."""
-        words, base = self._w(), slot * _WORDS_PER_SLOT
-        words.store(base + _STARTED_NS, _core.monotonic_ns())
-        return words.cas(base + _STATE, before, seq)
+        _core.word_store(self._started[slot], _core.monotonic_ns())
+        return bool(_core.word_cas(self._state[slot], before, seq))
 
     def finish(self, slot: int, seq: int) -> bool:
         """Runner: job ``seq`` is done; False if its kill won the race."""
-        return self._w().cas(slot * _WORDS_PER_SLOT + _STATE, seq, seq | DONE)
+        return bool(_core.word_cas(self._state[slot], seq, seq | DONE))
 
     def decide_kill(self, slot: int, seq: int, flag: int, before: int | None = None) -> bool:
         """Kill job ``seq`` if it runs, or (given what preceded it) has not begun."""
-        words, index = self._w(), slot * _WORDS_PER_SLOT + _STATE
+        word = self._state[slot]
         while True:
             # Retry while the word names this job: the runner's begin() may
             # move it from ``before`` to ``seq`` between a load and a CAS.
-            current = words.load(index)
+            current = _core.word_load(word)
             if current != seq and (before is None or current != before):
                 return False
-            if words.cas(index, current, seq | flag):
+            if _core.word_cas(word, current, seq | flag):
                 return True
 
     def give(self, slot: int, runner_id: int) -> None:
         """Supervisor: runner ``runner_id`` (unique, never reused) takes the slot."""
-        words, base = self._w(), slot * _WORDS_PER_SLOT
-        words.store(base + _STARTED_NS, 0)
-        words.store(base + _STATE, FRESH | runner_id)
+        _core.word_store(self._started[slot], 0)
+        _core.word_store(self._state[slot], FRESH | runner_id)
 
     def close(self) -> None:
+        # No address may outlive the mapping: a use after close is an
+        # IndexError, never a write to unmapped memory.
+        self._state, self._started = [], []
         if self._words is not None:
             self._words.close()
             self._words = None
