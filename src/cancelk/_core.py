@@ -5,6 +5,10 @@
 
 Each loop picks a backend: ``pidfd`` when the kernel offers pidfd_open(2),
 else ``posix``; ``CANCELK_BACKEND=pidfd|posix`` forces one.
+
+Why one module of this size: it is one short typed function per C entry
+point, and the one place that turns C's results and errnos into Python's;
+split, each part would import ``lib`` and repeat that error policy.
 """
 
 from __future__ import annotations
