@@ -115,3 +115,17 @@ def test_decide_kill_between_begins_cas_is_not_lost(words):
         assert killed, f"round {seq}: the kill lost to a begin()"
         assert words.state(0) == seq | KILL_CANCEL
         assert not words.finish(0, seq)
+
+
+def test_slots_outside_the_page_and_use_after_close_raise_not_write():
+    fd = _slots.create_fd(2)
+    shared = SlotWords(fd, 2)
+    os.close(fd)
+    shared.give(1, 5)
+    with pytest.raises(IndexError):
+        shared.give(2, 5)  # one past the last slot: never another slot's word
+    shared.close()
+    with pytest.raises(IndexError):
+        shared.begin(1, FRESH | 5, 9)  # the page is unmapped: no address is left
+    with pytest.raises(IndexError):
+        shared.decide_kill(1, 9, KILL_CANCEL)
