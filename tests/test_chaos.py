@@ -285,8 +285,13 @@ class Actor(threading.Thread):
         signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
     def cancel_in_handler(self, signum, frame):
-        while self.to_cancel:
-            spec = self.to_cancel.popleft()
+        while True:
+            try:
+                # Not "while deque: popleft()": a handler run for the next
+                # SIGUSR1 inside this one (during gc.collect()) may take the last.
+                spec = self.to_cancel.popleft()
+            except IndexError:
+                return
             if spec.i % 2:
                 spec.answer = spec.future.cancel()
             else:
@@ -394,8 +399,15 @@ def hostile_host(actor: Actor):
     try:
         yield
     finally:
+        # The actor signals the main thread: it must be done before SIGUSR1's
+        # default action (end the process) is back.  One still running after
+        # WAIT is a hang the test reports; its signals stay handled till then.
+        actor.close()
+        if actor.is_alive():
+            actor.join(WAIT)
         for signum, handler in before.items():
-            signal.signal(signum, handler)
+            if signum != signal.SIGUSR1 or not actor.is_alive():
+                signal.signal(signum, handler)
         actor.cancel_in_handler(signal.SIGUSR1, None)  # one sent as the run ended
 
 
@@ -517,6 +529,7 @@ def run_chaos(seed: int, n: int, method: str, tmp: str, hostile: bool = False):
         elapsed = time.perf_counter() - start
         actor.close()
         actor.join(WAIT)
+        assert not actor.is_alive(), f"the chaos actor was still acting {WAIT} s after the run"
         host.close()
         stats = exe.stats()
         # every job with children has ended: its whole tree is gone, before
