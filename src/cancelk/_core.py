@@ -422,29 +422,26 @@ class SharedWords:
             raise ValueError(f"shared buffer holds {len(self._cdata)} words, need {count}")
         self.count = count
 
-    def _ptr(self, index: int) -> Any:
+    def address(self, index: int) -> Any:
+        """Word ``index``'s address, bounds-checked, for the ``word_*``
+        functions; a caller may keep it (a job's begin and finish are then
+        one C call each) until ``close()``, and must drop it before."""
         if not 0 <= index < self.count:
             raise IndexError(index)
         return self._cdata + index
-
-    def address(self, index: int) -> Any:
-        """Word ``index``'s address, for a caller that keeps it and uses the
-        ``word_*`` functions (a job's begin and finish are then one C call
-        each); valid until ``close()``, so the caller drops it before."""
-        return self._ptr(index)
 
     def close(self) -> None:
         """Release the buffer so its owner (an mmap) can be closed."""
         ffi.release(self._cdata)
 
     def load(self, index: int) -> int:
-        return word_load(self._ptr(index))
+        return word_load(self.address(index))
 
     def store(self, index: int, value: int) -> None:
-        word_store(self._ptr(index), value)
+        word_store(self.address(index), value)
 
     def cas(self, index: int, expected: int, desired: int) -> bool:
-        return bool(word_cas(self._ptr(index), expected, desired))
+        return bool(word_cas(self.address(index), expected, desired))
 
 
 # The atomic operations on an address from SharedWords.address(): no bounds

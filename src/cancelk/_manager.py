@@ -62,8 +62,7 @@ class Manager:
 
         If the command runs later (this thread already held the lock), a
         refusal reaches the caller as the future's exception instead."""
-        if self.forked_away or self.closing or self.pool.broken is not None:
-            self.check_usable()  # raises what is wrong
+        self.check_usable()
         if not self.started:
             self._ensure_started()
         lock = self.lock
@@ -109,8 +108,11 @@ class Manager:
         self._run(lambda out: self.pool.count_refused())
 
     def check_usable(self) -> None:
-        self._check_not_forked()
+        """Raise if no job may be submitted; one test in the usual case (every submit)."""
         broken = self.pool.broken
+        if not (self.forked_away or self.closing or broken is not None):
+            return
+        self._check_not_forked()
         if broken is not None:
             raise BrokenProcessPool(f"the pool is broken: {broken}") from broken
         if self.closing:

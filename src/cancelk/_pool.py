@@ -273,10 +273,12 @@ class Pool:
         self.io.send_job(slot.index, head, job.payload)
         job.payload = b""
         options = job.options
-        if options.timeout is not None or options.memory_limit is not None:
-            self._send_limits(slot, job)
-        elif job.deadline_at is not None:
-            self._send_limits(slot, job)
+        if (
+            options.timeout is not None
+            or options.memory_limit is not None
+            or job.deadline_at is not None
+        ):
+            self._send_limits(slot, job)  # most jobs have none: no call
         self.counts["started"] += 1
         return True
 
