@@ -8,7 +8,7 @@ import re
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["backend.c", "proc.c", "tree.c", "loop.c", "loop_epoll.c", "loop_poll.c"]
+SOURCES = ["backend.c", "proc.c", "fdtable.c", "tree.c", "loop.c", "loop_epoll.c", "loop_poll.c"]
 
 HEADER = HERE / "cancelk.h"
 

@@ -11,6 +11,7 @@
 #ifndef CANCELK_H
 #define CANCELK_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define CANCELK_BACKEND_PIDFD 1
@@ -43,6 +44,17 @@
 #define CANCELK_STEP_PPOLL 31
 #define CANCELK_STEP_POLL 32
 
+/* Steps of cancelk_send_table and cancelk_receive_table. */
+#define CANCELK_STEP_LIST_FDS 40	/* /proc/self/fd (or /dev/fd), F_GETFD of each */
+#define CANCELK_STEP_SENDMSG 41
+#define CANCELK_STEP_RECVMSG 42
+#define CANCELK_STEP_PLACE_FDS 43	/* dup3/fcntl putting a received fd at its number */
+#define CANCELK_STEP_MALLOC 44
+#define CANCELK_STEP_BAD_TABLE 45	/* EPROTO: what arrived is not a table and its fds */
+
+/* Most fds sent with one message (the kernel's SCM_MAX_FD is 253). */
+#define CANCELK_FD_CHUNK 250
+
 /* Token reported by cancelk_loop_wait when the deadline has passed. */
 #define CANCELK_TOKEN_DEADLINE (-1)
 
@@ -64,12 +76,22 @@ int cancelk_has_exited(int pid);
 int cancelk_child_unreaped(int pid, int pidfd);
 int cancelk_signal_child(int pid, int pidfd, int sig, int group);
 int cancelk_wait_stopped(int pid, int pidfd);
-int cancelk_open_fds(int dir, int *fds, int *cloexec, int max);
-int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int n,
-                      int *keep, int nkeep);
 int64_t cancelk_word_load(int64_t *word);
 void cancelk_word_store(int64_t *word, int64_t value);
 int cancelk_word_cas(int64_t *word, int64_t expected, int64_t desired);
+
+/* fdtable.c: a process's fd table, sent with a job to another process and
+ * installed there at the same numbers.  cancelk_receive_table: *got is the
+ * count of the frame's bytes that came with the table (moved to buf's
+ * start), or (size_t)-1 on EOF before the table; keep[] (the caller's own
+ * fds) gets the numbers they were moved to, also after a failure. */
+int cancelk_open_fds(int dir, int *fds, int *cloexec, int max);
+int cancelk_place_fds(int *received, const int *targets, const int *cloexec, int n,
+                      int *keep, int nkeep);
+int cancelk_send_table(int channel, int dir, const int *exclude, int nexclude,
+                       const char *frame, size_t frame_len);
+int cancelk_receive_table(int channel, int *keep, int nkeep, char *buf, size_t cap,
+                          size_t *got);
 
 /* tree.c: process trees (Linux; ENOSYS elsewhere) */
 int cancelk_list_children(int parent, int *out, int max);

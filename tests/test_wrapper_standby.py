@@ -552,3 +552,115 @@ def test_open_fds_lists_this_process_fds():
         for fd in (read_end, write_end, directory):
             os.close(fd)
     assert read_end not in dict(_core.open_fds())
+
+
+def _receive_in_child(
+    receiver: int, closes: list[int], report: int, size: int
+) -> None:  # pragma: no cover
+    """In a forked child: close ``closes`` (the numbers the table fills),
+    receive the table on ``receiver`` and write, per fd now open, its
+    number, inode and close-on-exec flag, then the ``size`` bytes after the
+    table (what receive_table did not read of them is read here)."""
+    from cancelk import _core
+
+    code = 1
+    try:
+        for fd in closes:
+            os.close(fd)
+        keep = [receiver, report]
+        start = _core.receive_table(receiver, keep)
+        receiver, report = keep
+        lines = []
+        for fd, cloexec in _core.open_fds():
+            if fd not in (receiver, report):
+                lines.append(f"{fd} {os.fstat(fd).st_ino} {int(cloexec)}")
+        while start is not None and len(start) < size:
+            start += os.read(receiver, size - len(start))
+        lines.append("frame " + ("EOF" if start is None else start.hex()))
+        os.write(report, ("\n".join(lines) + "\n").encode())
+        code = 0
+    finally:
+        os._exit(code)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra", [0, 3, 600])  # 600: three chunks of fds (the kernel takes 253)
+def test_send_table_installs_the_senders_fds_at_their_numbers(extra):
+    """What _core.send_table sends, _core.receive_table installs in another
+    process: every fd of the sender but the excluded ones, at the same
+    number, with the same close-on-exec flag; the frame after it comes back
+    whole."""
+    import resource
+
+    from cancelk import _core
+
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limits[0] < 2048:  # room for the 600, and for the receiver's copies of them
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, limits[1]), limits[1]))
+    ours, theirs = __import__("socket").socketpair()
+    report_r, report_w = os.pipe()
+    opened = []
+    try:
+        for i in range(extra):
+            fd = os.open(os.devnull, os.O_RDONLY)
+            os.set_inheritable(fd, i % 2 == 0)
+            opened.append(fd)
+        exclude = [ours.fileno(), theirs.fileno(), report_r, report_w]
+        expected = {
+            fd: (os.fstat(fd).st_ino, int(cloexec))
+            for fd, cloexec in _core.open_fds()
+            if fd not in exclude
+        }
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover
+            not_ours = [fd for fd in expected if fd > 2] + [ours.fileno(), report_r]
+            _receive_in_child(theirs.fileno(), not_ours, report_w, len(b"frame bytes"))
+        os.close(report_w)
+        report_w = -1
+        _core.send_table(ours.fileno(), -1, exclude, b"frame bytes")
+        lines = b""
+        while chunk := os.read(report_r, 1 << 16):
+            lines += chunk
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        *table, frame = lines.decode().splitlines()
+        got = {int(fd): (int(inode), int(flag)) for fd, inode, flag in map(str.split, table)}
+        assert got == expected
+        assert frame == "frame " + b"frame bytes".hex()
+    finally:
+        for fd in [*opened, report_r, report_w]:
+            if fd >= 0:
+                os.close(fd)
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+@pytest.mark.timeout(60)
+def test_receive_table_eof_and_garbage():
+    """EOF before a whole table is None (the host gave the standby back); a
+    table whose fds did not come is an OSError, and no fd is left behind."""
+    import errno
+    import socket
+    import struct
+
+    from cancelk import _core
+
+    ours, theirs = socket.socketpair()
+    try:
+        ours.close()
+        assert _core.receive_table(theirs.fileno(), [theirs.fileno()]) is None
+    finally:
+        theirs.close()
+    ours, theirs = socket.socketpair()
+    try:
+        before = dict(_core.open_fds())
+        ours.sendall(struct.pack("<I", 2) + struct.pack("<ii", 5, 0) * 2 + b"rest")
+        with pytest.raises(OSError) as caught:
+            _core.receive_table(theirs.fileno(), [theirs.fileno()])
+        assert caught.value.errno == errno.EPROTO
+        assert "file descriptor table" in str(caught.value)
+        assert dict(_core.open_fds()) == before
+    finally:
+        ours.close()
+        theirs.close()

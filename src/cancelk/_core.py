@@ -40,7 +40,9 @@ __all__ = [
     "pidfd_open",
     "place_fds",
     "reap",
+    "receive_table",
     "selected_backend",
+    "send_table",
     "set_child_subreaper",
     "signal_child",
     "signal_dispositions",
@@ -265,6 +267,52 @@ def place_fds(received: list[int], targets: list[tuple[int, bool]], keep: list[i
     if lib.cancelk_place_fds(c_received, c_targets, c_cloexec, n, c_keep, len(keep)) != 0:
         raise _fail("installing the file descriptors sent")
     return [int(c_keep[i]) for i in range(len(keep))]
+
+
+FD_CHUNK = int(lib.CANCELK_FD_CHUNK)
+
+_TABLE_STEPS = {
+    int(lib.CANCELK_STEP_LIST_FDS): "listing the open file descriptors",
+    int(lib.CANCELK_STEP_SENDMSG): "sendmsg of a file descriptor table",
+    int(lib.CANCELK_STEP_RECVMSG): "recvmsg of a file descriptor table",
+    int(lib.CANCELK_STEP_PLACE_FDS): "installing the file descriptors sent",
+    int(lib.CANCELK_STEP_MALLOC): "malloc for a file descriptor table",
+    int(lib.CANCELK_STEP_BAD_TABLE): "reading a file descriptor table",
+}
+
+
+def send_table(channel: int, directory: int, exclude: list[int], frame: bytes = b"") -> None:
+    """Send this process's fd table but ``exclude`` (each fd's number and
+    close-on-exec flag, the fds themselves attached), then ``frame``, over
+    the unix stream socket ``channel`` (blocking).  ``directory`` as for
+    open_fds.  OSError on failure (EPIPE: the reader is gone)."""
+    c_exclude = ffi.new("int[]", exclude or [0])
+    sent = lib.cancelk_send_table(channel, directory, c_exclude, len(exclude), frame, len(frame))
+    step = int(sent)
+    if step:
+        raise _fail(_TABLE_STEPS.get(step, f"fd table step {step}"))
+
+
+_TABLE_BUFFER = 1 << 16
+_NO_TABLE = int(ffi.cast("size_t", -1))  # receive_table's "EOF first"
+
+
+def receive_table(channel: int, keep: list[int]) -> bytes | None:
+    """Receive what send_table sent and install it: each fd at its number.
+    ``keep``, this process's own fds, is updated in place to the numbers
+    they were moved to (also when this raises).  The first bytes of what
+    followed the table, or None on EOF before a whole table arrived."""
+    c_keep = ffi.new("int[]", keep or [0])
+    buffer = ffi.new("char[]", _TABLE_BUFFER)
+    got = ffi.new("size_t *")
+    step = int(lib.cancelk_receive_table(channel, c_keep, len(keep), buffer, _TABLE_BUFFER, got))
+    keep[:] = [int(c_keep[i]) for i in range(len(keep))]
+    if step:
+        raise _fail(_TABLE_STEPS.get(step, f"fd table step {step}"))
+    if got[0] == _NO_TABLE:
+        return None
+    arrived: bytes = ffi.buffer(buffer, got[0])[:]
+    return arrived
 
 
 def list_children(parent: int) -> list[int] | None:

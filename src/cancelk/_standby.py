@@ -17,8 +17,8 @@
      stop (time limit, cancel): SIGKILL S by pidfd, "kill S" -> T; wait for
      "S exited, status" <- T  (a death: that report, with no result before it)
 
-A call costs H a pickle, a listing of its fds and two socket writes, not a
-fork: T forks the next standby while H is elsewhere (SCHED_BATCH: it preempts
+A call costs H a pickle and one C call that lists its fds and sends them
+with the job in one sendmsg, not a fork: T forks the next standby while H is elsewhere (SCHED_BATCH: it preempts
 nobody), and H reads T's news while the job runs.  T
 keeps none of H's file descriptors (a pipe H closes later must reach EOF; a
 pool must see its worker's exit), so an idle standby holds none either; with
@@ -88,7 +88,7 @@ _KILL = 4  # H -> T: stop this standby's job, tree and all
 
 _CONTROL = 0  # T's loop token of the control socket; a standby's: pid*2 exit, pid*2+1 news
 _WAIT_T = 10.0  # seconds H waits for T to answer before it gives T up
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))  # an int: no enum arithmetic per call
 _FD = struct.Struct("i")
 
 # The outcome frame of a job its standby could not unpickle (a name the host
@@ -140,14 +140,7 @@ def acquire(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StandbyJo
         _busy = False
         return None
     template, pid, channel, pidfd = standby
-    try:
-        fds = _host_fds(template, (channel, pidfd))
-    except BaseException:
-        _close_fds(channel, pidfd)
-        template.done_with(pid)
-        _busy = False
-        raise
-    return StandbyJob(template, pid, channel, pidfd, payload, fds)
+    return StandbyJob(template, pid, channel, pidfd, payload)
 
 
 def _take() -> tuple[_Template, int, int, int] | None:
@@ -444,79 +437,25 @@ class _Template:
         self.gone = True
 
 
-def _host_fds(template: _Template, exclude: tuple[int, ...]) -> list[tuple[int, bool]]:
-    """H's fd table for the job: every open fd but cancelk's own."""
-    ours = {template.control.fileno(), *exclude, *template._fds}
-    for _pid, channel, pidfd in template.ready:
-        ours.update((channel, pidfd))
-    return [(fd, cloexec) for fd, cloexec in _core.open_fds(_fd_dir()) if fd not in ours]
+def _own_fds(template: _Template, channel: int, pidfd: int) -> list[int]:
+    """cancelk's fds in H, left out of the table a job gets: the template's
+    control socket, this standby's channel and pidfd, what other standbys'
+    announcements brought."""
+    ours = [template.control.fileno(), channel, pidfd, *template._fds]
+    for _pid, other_channel, other_pidfd in template.ready:
+        ours += (other_channel, other_pidfd)
+    return [fd for fd in ours if fd >= 0]
 
 
-# Per message on the channel: how many fds the job's table has, then each
-# (number, close-on-exec); the fds go in chunks under the kernel's limit.
-_COUNT = struct.Struct("<I")
-_ENTRY = struct.Struct("<ii")
-_CHUNK = 250  # SCM_MAX_FD is 253
-
-
-def _send_job(channel: int, table: list[tuple[int, bool]], payload: bytes) -> None:
-    """H's fd table and the job, in one sendmsg when the table fits one."""
-    sock = _socket(channel)
-    try:
-        head = _COUNT.pack(len(table)) + b"".join(
-            _ENTRY.pack(fd, int(cloexec)) for fd, cloexec in table
-        )
-        fds = [fd for fd, _ in table]
-        frame = [_wire.HEADER.pack(len(payload)), payload]
-        if len(fds) <= _CHUNK:
-            _send_all(sock, [head, *frame], fds)
-            return
-        _send_all(sock, [head], fds[:_CHUNK])
-        for start in range(_CHUNK, len(fds), _CHUNK):
-            _send_all(sock, [b"+"], fds[start : start + _CHUNK])
-        _send_all(sock, frame, [])
-    finally:
-        sock.detach()
-
-
-def _send_all(sock: socket.socket, buffers: list[bytes], fds: list[int]) -> None:
-    """sendmsg until every byte is out (the fds go with the first)."""
-    sent = socket.send_fds(sock, buffers, fds) if fds else sock.sendmsg(buffers)
-    rest = b"".join(buffers)[sent:]
-    if rest:
-        sock.sendall(rest)
-
-
-def _receive_job(channel: int) -> tuple[list[int], list[tuple[int, bool]], bytes] | None:
-    """In the standby: the fds H sent, where they go, and what arrived of the
-    job frame with them (all of a small one: one recvmsg in all); None on
-    EOF (H gave the standby back, or is gone)."""
-    sock = _socket(channel)
-    try:
-        data, received = _recv_fds(sock, 1 << 16, _CHUNK)
-        while len(data) < _COUNT.size:
-            if not data:
-                return None
-            more = os.read(channel, _COUNT.size - len(data))
-            if not more:
-                return None
-            data += more
-        (count,) = _COUNT.unpack_from(data)
-        need = _COUNT.size + count * _ENTRY.size
-        if len(data) < need:
-            rest = _wire.read_exact(channel, need - len(data))
-            if rest is None:
-                return None
-            data += rest
-        while len(received) < count:
-            _, more_fds = _recv_fds(sock, 1, _CHUNK)
-            if not more_fds:
-                return None
-            received += more_fds
-    finally:
-        sock.detach()
-    table = [(fd, bool(cloexec)) for fd, cloexec in _ENTRY.iter_unpack(data[_COUNT.size : need])]
-    return received, table, data[need:]
+def _send_job(channel: int, directory: int, exclude: list[int], payload: bytes) -> None:
+    """H's fd table and the job: one sendmsg for a small job (a C call lists
+    the fds and sends them with it); a large payload follows by write."""
+    head = _wire.HEADER.pack(len(payload))
+    if len(payload) <= _wire.SMALL:
+        _core.send_table(channel, directory, exclude, head + payload)
+        return
+    _core.send_table(channel, directory, exclude, head)
+    _wire.write_all(channel, payload)
 
 
 def _read_frame(channel: int, start: bytes) -> bytes | None:
@@ -535,12 +474,6 @@ def _read_frame(channel: int, start: bytes) -> bytes | None:
             return None
         body += more
     return bytes(body)
-
-
-def _socket(fd: int) -> socket.socket:
-    """A socket object on one of our socketpair fds; detach() it when done.
-    (Given family and type, Python asks the kernel nothing.)"""
-    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
 
 
 def _recv_fds(sock: socket.socket, size: int, most: int, flags: int = 0) -> tuple[bytes, list[int]]:
@@ -605,29 +538,27 @@ class StandbyJob:
         channel: int,
         pidfd: int,
         payload: bytes,
-        fds: list[tuple[int, bool]],
     ) -> None:
         self.template = template
         self.pid = pid
         self.result_fd = channel
         self.pidfd = pidfd
         self._payload = payload
-        self._fds = fds
         self._finished = False
         self.status: int | None = None
 
     def start(self) -> bool:
         """Hand over H's fd table and the job; False if the standby is gone
         before it got them (then nothing ran: the caller forks the job)."""
+        exclude = _own_fds(self.template, self.result_fd, self.pidfd)
         try:
-            _send_job(self.result_fd, self._fds, self._payload)
+            _send_job(self.result_fd, _fd_dir(), exclude, self._payload)
         except (BrokenPipeError, ConnectionResetError):
             self._finished = True  # it died idle: nothing to stop or wait for
             self.template.done_with(self.pid)
             return False
         finally:
             self._payload = b""
-            self._fds = []
         os.set_blocking(self.result_fd, False)
         return True
 
@@ -952,33 +883,51 @@ def _noop() -> None:
     return None
 
 
-def _warm_up() -> None:  # pragma: no cover - runs in the standby
+def _warm_up(channel: int, news: int) -> None:  # pragma: no cover - runs in the standby
     """Go through a job's whole path once, with nothing in it, while idle:
     each page of the template this process writes costs it a copy-on-write
     fault (some 5 us on a VM), better taken now than between the job's
-    arrival and its result.  The fd table "sent" is of the size a pool
+    arrival and its result.  The fd table sent is of the size a pool
     worker's is.  Every fd it opens is closed again."""
     ours, theirs = socket.socketpair()
     spares = [os.open(os.devnull, os.O_RDONLY) for _ in range(_WARM_FDS)]
     try:
-        targets = [os.dup(spares[0]) for _ in range(_WARM_FDS)]
-        for fd in targets:
-            os.close(fd)  # free numbers, for the fds "sent"
-        _send_job(ours.fileno(), [(fd, True) for fd in spares], _wire.dumps((_noop, (), {})))
-        received, _table, start = _receive_job(theirs.fileno()) or ([], [], b"")
-        table = [(fd, True) for fd in targets[: len(received)]]
-        (channel,) = _core.place_fds(received, table, [theirs.detach()])
-        for fd, _cloexec in table:
-            os.close(fd)
-        fn, args, kwargs = _wire.loads(_read_frame(channel, start) or b"")
-        _wire.write_frame(channel, _wire.run_and_encode(fn, args, kwargs)[1])
+        not_sent = [ours.fileno(), theirs.fileno(), channel, news]
+        _send_job(ours.fileno(), -1, not_sent, _wire.dumps((_noop, (), {})))
+        keep = [theirs.fileno()]
+        start = _core.receive_table(theirs.fileno(), keep) or b""
+        (job_end,) = keep
+        fn, args, kwargs = _wire.loads(_read_frame(job_end, start) or b"")
+        _wire.write_frame(job_end, _wire.run_and_encode(fn, args, kwargs)[1])
         _child.flush_std_streams()
         _wire.decode_outcome(_read_frame(ours.fileno(), b"") or b"")
-        os.close(channel)
+        if job_end != theirs.fileno():
+            os.close(job_end)
     finally:
         ours.close()
+        theirs.close()
         for fd in spares:
             os.close(fd)
+
+
+def _take_job(keep: list[int], template: int) -> Any:  # pragma: no cover - runs in the standby
+    """H's fd table put in place and its job read: (fn, args, kwargs), or
+    None if it cannot run here (H's table did not arrive whole, T is dying,
+    the job names what T's state lacks).  EOFError when H gave the standby
+    back or is gone.  ``keep`` ([channel, news]) gets their new numbers."""
+    try:
+        start = _core.receive_table(keep[0], keep)
+    except OSError:
+        return None
+    if start is None:
+        raise EOFError
+    try:
+        frame = _read_frame(keep[0], start)
+        if os.getppid() != template:
+            return None  # dying with T: better not started at all
+        return _wire.loads(frame or b"")
+    except Exception:
+        return None
 
 
 def _standby_main(
@@ -991,26 +940,21 @@ def _standby_main(
             os.close(fd)
         _child.become_job_process(template)
         try:
-            _warm_up()
+            _warm_up(channel, news)
         except Exception:
             pass  # only an optimization
         _policy(batch=False)  # the job runs, and wakes up, as H would
         os.write(news, b"r")  # T tells H now
-        sent = _receive_job(channel)
-        if sent is None:
+        keep = [channel, news]
+        try:
+            job = _take_job(keep, template)
+        except EOFError:
             code = 0
             return  # H gave it back, or is gone
-        received, table, start = sent
-        try:
-            channel, news = _core.place_fds(received, table, [channel, news])
-            frame = _read_frame(channel, start)
-            if os.getppid() != template:
-                raise _TemplateGone  # dying with T: better not started at all
-            fn, args, kwargs = _wire.loads(frame or b"")
-        except Exception:
-            payload = NOT_LOADED  # not run: H forks the job itself, from its own state
-        else:
-            payload = _child.run_job_here(fn, args, kwargs)
+        finally:
+            channel, news = keep
+        # Not run: H forks the job itself, from its own state.
+        payload = NOT_LOADED if job is None else _child.run_job_here(*job)
         _wire.write_frame(channel, payload)
         os.write(news, b"d")  # T forks the next standby
         code = 0
