@@ -18,12 +18,12 @@
      "S exited, status" <- T  (a death: that report, with no result before it)
 
 A call costs H a pickle and one C call that lists its fds and sends them
-with the job in one sendmsg, not a fork: T forks the next standby while H is elsewhere (SCHED_BATCH: it preempts
-nobody), and H reads T's news while the job runs.  T
-keeps none of H's file descriptors (a pipe H closes later must reach EOF; a
-pool must see its worker's exit), so an idle standby holds none either; with
-its job it gets H's fd table as it is at the call, same numbers, same
-close-on-exec flags.
+with the job in one sendmsg, not a fork: T forks the next standby while H
+is elsewhere (SCHED_BATCH: it preempts nobody), and H reads T's news while
+the job runs.  T keeps none of H's file descriptors (a pipe H closes
+later must reach EOF; a pool must see its worker's exit), so an idle
+standby holds none either; with its job it gets H's fd table as it is at
+the call, same numbers, same close-on-exec flags.
 
 T and S are job processes (``_child.become_job_process``): own process
 group, child subreaper, dead with their parent -- T with H, S with T -- tree
