@@ -72,7 +72,7 @@ int cancelk_signal_dispositions(uint64_t *handled, uint64_t *ignored);
 int cancelk_set_child_subreaper(void);
 int cancelk_become_job_process(int parent, uint64_t *dispositions);
 int cancelk_reap(int pid, int nohang, int *status);
-int cancelk_has_exited(int pid);
+int cancelk_has_exited(int pid, int pidfd);
 int cancelk_child_unreaped(int pid, int pidfd);
 int cancelk_signal_child(int pid, int pidfd, int sig, int group);
 int cancelk_wait_stopped(int pid, int pidfd);

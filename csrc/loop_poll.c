@@ -36,7 +36,7 @@ static int poll_add_child(struct cancelk_loop *loop, struct watched_child *child
 	(void)loop;
 	/* Without a pidfd only our own children can be watched: say so now
 	 * (ECHILD) rather than report a stranger as exited later. */
-	if (cancelk_has_exited(child->pid) < 0)
+	if (cancelk_has_exited(child->pid, -1) < 0)
 		return CANCELK_STEP_WAITID;
 	return 0;
 }
@@ -74,7 +74,7 @@ static int collect_exited_children(struct cancelk_loop *loop, int64_t *tokens, i
 	int i, exited, count = 0;
 
 	for (i = 0; i < loop->nchildren && count < max_tokens; i++) {
-		exited = cancelk_has_exited(loop->children[i].pid);
+		exited = cancelk_has_exited(loop->children[i].pid, -1);
 		/* ECHILD: somebody reaped it already, so it has exited. */
 		if (exited < 0 && errno == ECHILD)
 			exited = 1;

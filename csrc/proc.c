@@ -156,21 +156,6 @@ int cancelk_reap(int pid, int nohang, int *status)
 	return (int)rc;
 }
 
-/* Has the child exited?  Leaves it unreaped (WNOWAIT) so its pid, and so
- * its process group id, cannot be reused while we still act on it. */
-int cancelk_has_exited(int pid)
-{
-	siginfo_t info;
-	int rc;
-
-	info.si_pid = 0;
-	do {
-		rc = waitid(P_PID, (id_t)pid, &info, WEXITED | WNOHANG | WNOWAIT);
-	} while (rc < 0 && errno == EINTR);
-	if (rc < 0)
-		return -1;
-	return info.si_pid != 0;
-}
 
 /* waitid() of one child, retried on EINTR: by its pidfd when there is one
  * (exact, Linux >= 5.4), else by pid.  A kernel without P_PIDFD (5.3)
@@ -196,6 +181,18 @@ static int waitid_child(int pid, int pidfd, siginfo_t *info, int options)
 		rc = waitid(P_PID, (id_t)pid, info, options);
 	} while (rc < 0 && errno == EINTR);
 	return rc;
+}
+
+/* Has the child exited?  Leaves it unreaped (WNOWAIT) so its pid, and so
+ * its process group id, cannot be reused while we still act on it; by its
+ * pidfd when pidfd >= 0. */
+int cancelk_has_exited(int pid, int pidfd)
+{
+	siginfo_t info;
+
+	if (waitid_child(pid, pidfd, &info, WEXITED | WNOHANG | WNOWAIT) < 0)
+		return -1;
+	return info.si_pid != 0;
 }
 
 /* waitid_child with WNOWAIT: 1 done, 0 the child is reaped already (ECHILD),

@@ -28,6 +28,7 @@ __all__ = [
     "become_job_process",
     "child_unreaped",
     "die_with_parent",
+    "environ_setting",
     "has_exited",
     "kill_descendants",
     "kill_group",
@@ -65,10 +66,21 @@ def _fail(what: str) -> OSError:
 _PIDFD_SUPPORTED = bool(lib.cancelk_pidfd_supported())
 
 
+def environ_setting(name: str) -> str:
+    """An environment variable, "" when unset.  Read from the bytes behind
+    os.environ with one lookup: killable_wrapper reads two at each call, and
+    os.environ.get() is four Python calls (encode, lookup, decode)."""
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict):
+        return os.environ.get(name, "")
+    raw = data.get(name.encode())
+    return "" if raw is None else os.fsdecode(raw)
+
+
 def selected_backend() -> str:
     """The backend for a new loop: read from the environment each time, so a
     test (or a host worker's initializer) can switch it for what follows."""
-    wanted = os.environ.get("CANCELK_BACKEND", "").strip().lower()
+    wanted = environ_setting("CANCELK_BACKEND").strip().lower()
     supported = _PIDFD_SUPPORTED
     if wanted == "posix":
         return "posix"
@@ -200,9 +212,10 @@ def reap(pid: int, *, block: bool = True) -> int | None:
     return int(status[0])
 
 
-def has_exited(pid: int) -> bool:
-    """True once the child has exited; it stays unreaped."""
-    rc = int(lib.cancelk_has_exited(pid))
+def has_exited(pid: int, pidfd: int = -1) -> bool:
+    """True once the child has exited; it stays unreaped.  ``pidfd`` (>= 0)
+    names the child exactly (Linux)."""
+    rc = int(lib.cancelk_has_exited(pid, pidfd))
     if rc < 0:
         raise _fail(f"waitid({pid}, WNOWAIT)")
     return rc == 1

@@ -19,11 +19,12 @@
 
 A call costs H a pickle and one C call that lists its fds and sends them
 with the job in one sendmsg, not a fork: T forks the next standby while H
-is elsewhere (SCHED_BATCH: it preempts nobody), and H reads T's news while
-the job runs.  T keeps none of H's file descriptors (a pipe H closes
-later must reach EOF; a pool must see its worker's exit), so an idle
-standby holds none either; with its job it gets H's fd table as it is at
-the call, same numbers, same close-on-exec flags.
+is elsewhere (SCHED_BATCH: it preempts nobody), and H reads T's news when
+it needs a standby (without pidfds, also while the job runs).  T keeps
+none of H's file descriptors (a pipe H closes later must reach EOF; a pool
+must see its worker's exit), so an idle standby holds none either; with
+its job it gets H's fd table as it is at the call, same numbers, same
+close-on-exec flags.
 
 T and S are job processes (``_child.become_job_process``): own process
 group, child subreaper, dead with their parent -- T with H, S with T -- tree
@@ -102,7 +103,7 @@ _ON = ("1", "yes", "on", "true")
 def wanted() -> bool:
     """Should this call use a standby?  ``CANCELK_WRAPPER_STANDBY`` decides
     (read at each call); unset, yes in multiprocessing children only."""
-    setting = os.environ.get("CANCELK_WRAPPER_STANDBY", "").strip().lower()
+    setting = _core.environ_setting("CANCELK_WRAPPER_STANDBY").strip().lower()
     if setting in _OFF:
         return False
     if setting in _ON:
@@ -312,9 +313,9 @@ class _Template:
 
     def take(self) -> tuple[int, int, int]:
         """The next standby: (pid, channel fd, pidfd or -1), now the caller's."""
-        # T's news is read while jobs run (the loop watches the control
-        # socket), here only when no standby is known: one syscall asks
-        # whether T lives (its standbys die with it).  A standby that died
+        # T's news is read here only when no standby is known (and, without
+        # pidfds, while jobs run): one syscall asks whether T lives (its
+        # standbys die with it).  A standby that died
         # idle refuses its job (EPIPE); one whose T died just now leaves it
         # unrun: both jobs are forked from H then, nothing lost.
         if not self.alive():
@@ -331,10 +332,8 @@ class _Template:
             self.read_records(block=True)
 
     def alive(self) -> bool:
-        if self.pidfd >= 0:
-            return not _readable(self.pidfd)  # readable once it exited
         try:
-            return not _core.has_exited(self.pid)
+            return not _core.has_exited(self.pid, self.pidfd)
         except OSError:
             return False  # reaped by somebody else: exited
 
@@ -546,6 +545,9 @@ class StandbyJob:
         self._payload = payload
         self._finished = False
         self.status: int | None = None
+        self._loop: _core.Loop | None = None  # the call's loop, while it watches this job
+        self._watched = -1  # the fd watched there for this job's end
+        self._loop_clean = True  # False once taking an fd out of it failed
 
     def start(self) -> bool:
         """Hand over H's fd table and the job; False if the standby is gone
@@ -567,19 +569,33 @@ class StandbyJob:
 
     def close_loop(self, loop: _core.Loop, *, clean: bool) -> None:
         global _loop
-        try:
-            loop.remove_fd(self.template.control.fileno())
-        except OSError:
-            clean = False
-        if not clean and _loop is loop:
+        self._unwatch()
+        if not (clean and self._loop_clean) and _loop is loop:
             _loop = None
             loop.close()
 
     def watch(self, loop: _core.Loop, token: int) -> bool:
-        loop.add_fd(self.template.control.fileno(), token)
+        """Watch for the standby's end: on its pidfd where there is one (T's
+        news of the next standby, ready meanwhile, then waits in the control
+        socket until a call needs it, instead of waking this one), else by
+        T's report of it on the control socket."""
+        self._watched = self.pidfd if self.pidfd >= 0 else self.template.control.fileno()
+        loop.add_fd(self._watched, token)
+        self._loop = loop
         return True
 
+    def _unwatch(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            try:
+                loop.remove_fd(self._watched)
+            except OSError:
+                self._loop_clean = False
+
     def exited(self) -> bool:
+        if self._watched == self.pidfd:  # it exited; T reports its status
+            self.template.wait_exit(self.pid)
+            return True
         self.template.read_records(block=False)
         return self.pid in self.template.exits or self.template.gone
 
@@ -616,6 +632,7 @@ class StandbyJob:
             if not self._finished:
                 self.finish(stop=True)
         finally:
+            self._unwatch()  # before its pidfd is closed
             fds, self.result_fd, self.pidfd = (self.result_fd, self.pidfd), -1, -1
             _close_fds(*fds)
             _busy = False

@@ -137,6 +137,25 @@ class FrameReader:
                 return frames, True
         return frames, False
 
+    def read_fd(self, fd: int) -> tuple[list[Body], bool]:
+        """One read of ``fd`` (a pipe or socket): the frames completed, and
+        whether it reached EOF.  A large body is read into its own buffer in
+        place; otherwise a read takes what a small frame needs.
+        BlockingIOError when a non-blocking ``fd`` holds nothing."""
+        frames: list[Body] = []
+        try:
+            if self._body is not None:
+                count = os.readv(fd, [memoryview(self._body)[self._filled :]])
+                self._filled += count
+                self._take_body(frames)
+            else:
+                chunk = os.read(fd, _CHUNK)
+                count = len(chunk)
+                self._take(chunk, frames)
+        except ConnectionResetError:
+            count = 0
+        return frames, not count
+
     def _take(self, data: bytes | memoryview, frames: list[Body]) -> None:
         """Append the frames ``data`` completes to ``frames``; keep the rest."""
         if self._body is None and not self._buffer and type(data) is bytes:

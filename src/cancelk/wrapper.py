@@ -10,9 +10,9 @@ The default path, in a pool worker (a multiprocessing child; see _standby):
       H's fds (SCM_RIGHTS), job frame ----- S's channel ------>  H's fds in place,
       wait in C, GIL released, for the first of:                 fn(*args, **kwargs)
         result frame  <------------------- S's channel -------   write result frame
-        "S exited, status"  <-- control socket --  T reaps S,    (then, when H has
-                                                   kills its     read it: SIGKILL of
-        cancel pipe message                        group, sweeps its own group)
+        S's exit (its pidfd; without pidfds    T reaps S,    (then, when H has
+          "S exited" from T), then T's report  kills its     read it: SIGKILL of
+        cancel pipe message                    group, sweeps its own group)
         deadline (CLOCK_MONOTONIC)                 its orphans
       result: close S's channel, SIGKILL S by pidfd, return (T reaps S)
       stop: SIGKILL S by pidfd, "kill S" to T, wait for "S exited"
@@ -127,13 +127,18 @@ def killable_wrapper(
     """
     if not callable(fn):
         raise TypeError(f"killable_wrapper needs a callable, not {type(fn).__name__}")
-    timeout = check_seconds(killable_wrapper_timeout, "killable_wrapper_timeout")
-    if not isinstance(killable_wrapper_fresh, bool):
+    # Each call made here costs a few microseconds when its code is not in
+    # the CPU's caches, as between two jobs of a pool worker: none without
+    # an argument to check.
+    deadline = None
+    if killable_wrapper_timeout is not None:
+        timeout = check_seconds(killable_wrapper_timeout, "killable_wrapper_timeout")
+        if timeout is not None:
+            deadline = _core.monotonic_ns() + seconds_to_ns(timeout)
+    if killable_wrapper_fresh is not False and killable_wrapper_fresh is not True:
         raise TypeError("killable_wrapper_fresh must be True or False")
     cancel_pipe = killable_wrapper_cancel_pipe
-    cancel_fd = _cancel_fd(cancel_pipe)
-    started = _core.monotonic_ns()
-    deadline = None if timeout is None else started + seconds_to_ns(timeout)
+    cancel_fd = None if cancel_pipe is None else _cancel_fd(cancel_pipe)
     fresh = killable_wrapper_fresh or not _alone_in_process() or not _standby.wanted()
     if not fresh:
         job = _standby.acquire(fn, args, kwargs)
@@ -182,9 +187,7 @@ def _run(
             job.close_loop(loop, clean=clean)
 
 
-def _cancel_fd(pipe: Any) -> int | None:
-    if pipe is None:
-        return None
+def _cancel_fd(pipe: Any) -> int:
     fileno = getattr(pipe, "fileno", None)
     if not callable(fileno):
         raise TypeError("killable_wrapper_cancel_pipe must be a multiprocessing Connection")
@@ -450,19 +453,16 @@ class _Watcher:
         """Read what the pipe holds; True once a whole frame is in."""
         while self.frame is None and self.result_open:
             try:
-                chunk = os.read(self.job.result_fd, 1 << 20)
+                frames, eof = self.reader.read_fd(self.job.result_fd)
             except BlockingIOError:
                 return False
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
+            if frames:
+                self.frame = frames[0]
+            elif eof:
                 self.result_open = False
                 self.loop.remove_fd(self.job.result_fd)
                 self.watched.remove(self.job.result_fd)
                 return False
-            frames = self.reader.feed(chunk)
-            if frames:
-                self.frame = frames[0]
         return self.frame is not None
 
     def _finished(self) -> _wire.Outcome | None:
