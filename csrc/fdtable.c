@@ -572,3 +572,66 @@ out:
 	free(fds);
 	return step;
 }
+
+/* -------------------------------------------- a socket's pending messages */
+
+#define PENDING_FDS_PER_MESSAGE 4	/* room kept for one message's fds */
+
+int cancelk_recv_pending(int fd, char *buf, size_t cap, int *fds, int maxfds, int *nfds,
+			 int *state)
+{
+	size_t have = 0;
+
+	*nfds = 0;
+	*state = CANCELK_PENDING_FULL;
+	while (have < cap && maxfds - *nfds >= PENDING_FDS_PER_MESSAGE) {
+		union {
+			struct cmsghdr align;
+			char space[CMSG_SPACE(sizeof(int) * PENDING_FDS_PER_MESSAGE)];
+		} control;
+		struct iovec iov = { buf + have, cap - have };
+		struct msghdr msg;
+		struct cmsghdr *cmsg;
+		ssize_t got;
+
+		memset(&msg, 0, sizeof(msg));
+		msg.msg_iov = &iov;
+		msg.msg_iovlen = 1;
+		msg.msg_control = control.space;
+		msg.msg_controllen = sizeof(control.space);
+		got = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		if (got < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				*state = CANCELK_PENDING_DRAINED;
+				break;
+			}
+			goto fail;
+		}
+		for (cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+			size_t count, i;
+
+			if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS)
+				continue;
+			count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			for (i = 0; i < count; i++)
+				memcpy(&fds[(*nfds)++], CMSG_DATA(cmsg) + sizeof(int) * i,
+				       sizeof(int));
+		}
+		if (msg.msg_flags & MSG_CTRUNC) {
+			errno = EPROTO;	/* more fds than a message of ours carries */
+			goto fail;
+		}
+		if (got == 0) {
+			*state = CANCELK_PENDING_EOF;
+			break;
+		}
+		have += (size_t)got;
+	}
+	return (int)have;
+fail:
+	close_all(fds, *nfds);
+	*nfds = 0;
+	return -1;
+}

@@ -664,3 +664,36 @@ def test_receive_table_eof_and_garbage():
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.mark.timeout(60)
+def test_recv_pending_reads_every_message_and_its_fds_in_order():
+    """_core.recv_pending takes what a socket holds in one call: the bytes of
+    several messages and their fds, in order, then says drained; at the
+    peer's close, EOF."""
+    import socket
+
+    from cancelk import _core
+
+    ours, theirs = socket.socketpair()
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        socket.send_fds(ours, [b"a" * 16], [pipes[0][0], pipes[1][0]])
+        ours.sendall(b"b" * 16)
+        socket.send_fds(ours, [b"c" * 16], [pipes[2][0]])
+        data, fds, state = _core.recv_pending(theirs.fileno())
+        assert data == b"a" * 16 + b"b" * 16 + b"c" * 16
+        assert state == _core.PENDING_DRAINED
+        assert [os.fstat(fd).st_ino for fd in fds] == [os.fstat(r).st_ino for r, _ in pipes]
+        assert all(not os.get_inheritable(fd) for fd in fds)
+        for fd in fds:
+            os.close(fd)
+        assert _core.recv_pending(theirs.fileno()) == (b"", [], _core.PENDING_DRAINED)
+        ours.close()
+        assert _core.recv_pending(theirs.fileno()) == (b"", [], _core.PENDING_EOF)
+    finally:
+        for read_end, write_end in pipes:
+            os.close(read_end)
+            os.close(write_end)
+        ours.close()
+        theirs.close()

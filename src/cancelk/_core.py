@@ -42,6 +42,7 @@ __all__ = [
     "place_fds",
     "reap",
     "receive_table",
+    "recv_pending",
     "selected_backend",
     "send_table",
     "set_child_subreaper",
@@ -326,6 +327,29 @@ def receive_table(channel: int, keep: list[int]) -> bytes | None:
         return None
     arrived: bytes = ffi.buffer(buffer, got[0])[:]
     return arrived
+
+
+PENDING_DRAINED = int(lib.CANCELK_PENDING_DRAINED)
+PENDING_EOF = int(lib.CANCELK_PENDING_EOF)
+PENDING_FULL = int(lib.CANCELK_PENDING_FULL)
+_PENDING_BYTES = 4096
+_PENDING_FDS = 256
+
+
+def recv_pending(fd: int) -> tuple[bytes, list[int], int]:
+    """What the unix socket ``fd`` holds now, without waiting: its bytes,
+    the fds that came with them (close-on-exec, in order), and whether it
+    is drained, at EOF, or may hold more (PENDING_*)."""
+    buffer = ffi.new("char[]", _PENDING_BYTES)
+    fds = ffi.new("int[]", _PENDING_FDS)
+    counts = ffi.new("int[2]")
+    n = int(
+        lib.cancelk_recv_pending(fd, buffer, _PENDING_BYTES, fds, _PENDING_FDS, counts, counts + 1)
+    )
+    if n < 0:
+        raise _fail(f"recvmsg of what socket {fd} holds")
+    data: bytes = ffi.buffer(buffer, n)[:]
+    return data, [int(fds[i]) for i in range(counts[0])], int(counts[1])
 
 
 def list_children(parent: int) -> list[int] | None:

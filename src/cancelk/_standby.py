@@ -89,8 +89,6 @@ _KILL = 4  # H -> T: stop this standby's job, tree and all
 
 _CONTROL = 0  # T's loop token of the control socket; a standby's: pid*2 exit, pid*2+1 news
 _WAIT_T = 10.0  # seconds H waits for T to answer before it gives T up
-_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))  # an int: no enum arithmetic per call
-_FD = struct.Struct("i")
 
 # The outcome frame of a job its standby could not unpickle (a name the host
 # defined after the template's fork): empty, which no encoded outcome is.
@@ -341,35 +339,34 @@ class _Template:
         """Take in what T sent; with ``block``, wait for one record at least."""
         while not self.gone:
             try:
-                data, fds = _recv_fds(self.control, _RECORD.size - len(self._buffer), 2)
-            except BlockingIOError:
+                data, fds, state = _core.recv_pending(self.control.fileno())
+            except OSError:
+                self._lost()
+                return
+            self._fds.extend(fds)
+            self._buffer += data
+            whole = len(self._buffer) - len(self._buffer) % _RECORD.size
+            if whole:
+                for kind, pid, value in _RECORD.iter_unpack(self._buffer[:whole]):
+                    self._record(kind, pid, value)
+                del self._buffer[:whole]
+                block = False
+            if state == _core.PENDING_EOF:
+                self._lost()
+            elif state == _core.PENDING_DRAINED:
                 if not block:
                     return
                 if not _readable(self.control.fileno(), _WAIT_T):
                     log.warning("killable_wrapper: template process %d stopped answering", self.pid)
                     self._lost()
-                continue
-            except OSError:
-                self._lost()
-                return
-            self._fds.extend(fds)
-            if not data:
-                self._lost()
-                return
-            self._buffer += data
-            if len(self._buffer) < _RECORD.size:
-                continue
-            kind, pid, value = _RECORD.unpack(self._buffer)
-            self._buffer.clear()
-            fds, self._fds = self._fds, []
-            self._record(kind, pid, value, fds)
-            block = False
 
-    def _record(self, kind: int, pid: int, value: int, fds: list[int]) -> None:
-        if kind == _STANDBY and len(fds) in (1, 2):
-            self.ready.append((pid, fds[0], fds[1] if len(fds) == 2 else -1))
+    def _record(self, kind: int, pid: int, value: int) -> None:
+        if kind == _STANDBY and value in (1, 2) and len(self._fds) >= value:
+            # value: how many fds T sent with it (its channel, its pidfd)
+            fds = self._fds[:value]
+            del self._fds[:value]
+            self.ready.append((pid, fds[0], fds[1] if value == 2 else -1))
             return
-        _close_fds(*fds)
         if kind == _EXITED:
             if pid in self.watching:
                 self.exits[pid] = value
@@ -381,7 +378,7 @@ class _Template:
             log.debug("killable_wrapper: template %d cannot fork: %s", self.pid, os.strerror(value))
             self.failed = True
         else:
-            log.warning("killable_wrapper: template %d sent an unknown record %d", self.pid, kind)
+            log.warning("killable_wrapper: template %d sent a stray record %d", self.pid, kind)
             self._lost()
 
     def _lost(self) -> None:
@@ -473,22 +470,6 @@ def _read_frame(channel: int, start: bytes) -> bytes | None:
             return None
         body += more
     return bytes(body)
-
-
-def _recv_fds(sock: socket.socket, size: int, most: int, flags: int = 0) -> tuple[bytes, list[int]]:
-    """recvmsg of up to ``size`` bytes and ``most`` fds (close-on-exec)."""
-    data, ancillary, _flags, _address = sock.recvmsg(
-        size, socket.CMSG_SPACE(most * _FD.size), flags | _RECV_FLAGS
-    )
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            whole = len(payload) - len(payload) % _FD.size
-            fds.extend(fd for (fd,) in _FD.iter_unpack(payload[:whole]))
-    if not _RECV_FLAGS:
-        for fd in fds:
-            os.set_inheritable(fd, False)
-    return data, fds
 
 
 def _readable(fd: int, timeout: float = 0.0) -> bool:
@@ -789,7 +770,7 @@ class _Server:  # pragma: no cover - runs in the template
             self.idle_deaths = 0
             fds = [kid.channel.fileno()] + ([kid.pidfd] if kid.pidfd >= 0 else [])
             try:
-                socket.send_fds(self.control, [_RECORD.pack(_STANDBY, pid, 0)], fds)
+                socket.send_fds(self.control, [_RECORD.pack(_STANDBY, pid, len(fds))], fds)
             except OSError:
                 pass  # H is gone: the loop sees EOF next
             kid.forget_h_end()
