@@ -34,6 +34,11 @@ from typing import Any, Callable, Union
 
 from cancelk import ProcessTimeoutError, killable_wrapper
 
+try:
+    from benchmarks import floor_host
+except ImportError:  # run as a script: the benchmarks directory itself is on sys.path
+    import floor_host  # type: ignore[no-redef]
+
 __all__ = [
     "JOBS",
     "KINDS",
@@ -138,9 +143,26 @@ def _fork_exit_reap() -> None:
     os.waitpid(pid, 0)
 
 
+GAP_S = 0.005  # the pause before each P6 call: a pool worker waiting for its next task
+
+
 def time_calls_in_worker(calls: int, warmup: int) -> dict[str, list[int]]:
-    """Per-call ns of noop(), killable_wrapper(noop), the same forked at the
-    call, and a bare fork, interleaved."""
+    """Per-call ns, each kind in a block of its own:
+
+    direct / wrapped   noop() and killable_wrapper(noop), each pair after a
+                       GAP_S pause (the worker waits for its next task, and the
+                       standby used last is replaced meanwhile): P6 proper;
+    back_to_back       killable_wrapper(noop) calls with nothing between them:
+                       each waits for the standby the one before it used up to
+                       be replaced (a fork and a warm-up, on the same cores);
+    after_fork         killable_wrapper(noop) right after a fork and reap of
+                       the worker: the worker's next write to each page it
+                       shared with the child faults, whoever makes it;
+    fresh              killable_wrapper(noop, killable_wrapper_fresh=True);
+    fork_floor         a bare fork + _exit + waitpid of the worker.
+
+    Timed apart because a fork between two calls makes the second pay for it
+    (some 200 page faults here)."""
     clock = time.perf_counter_ns
     for _ in range(warmup):
         noop()
@@ -149,22 +171,59 @@ def time_calls_in_worker(calls: int, warmup: int) -> dict[str, list[int]]:
         _fork_exit_reap()
     direct: list[int] = []
     wrapped: list[int] = []
-    fresh: list[int] = []
-    forked: list[int] = []
     for _ in range(calls):
+        time.sleep(GAP_S)
         t = clock()
         noop()
         direct.append(clock() - t)
         t = clock()
         killable_wrapper(noop)
         wrapped.append(clock() - t)
-        t = clock()
-        killable_wrapper(noop, killable_wrapper_fresh=True)
-        fresh.append(clock() - t)
-        t = clock()
+    back_to_back = _timed(calls, lambda: killable_wrapper(noop))
+    after_fork: list[int] = []
+    for _ in range(calls // 2):
         _fork_exit_reap()
-        forked.append(clock() - t)
-    return {"direct": direct, "wrapped": wrapped, "fresh": fresh, "fork_floor": forked}
+        time.sleep(GAP_S)
+        t = clock()
+        killable_wrapper(noop)
+        after_fork.append(clock() - t)
+    fresh = _timed(calls, lambda: killable_wrapper(noop, killable_wrapper_fresh=True))
+    forked = _timed(calls, _fork_exit_reap)
+    return {
+        "direct": direct,
+        "wrapped": wrapped,
+        "back_to_back": back_to_back,
+        "after_fork": after_fork,
+        "fresh": fresh,
+        "fork_floor": forked,
+    }
+
+
+def _timed(calls: int, call: Callable[[], object]) -> list[int]:
+    clock = time.perf_counter_ns
+    samples: list[int] = []
+    for _ in range(calls):
+        t = clock()
+        call()
+        samples.append(clock() - t)
+    return samples
+
+
+def teardown_floor_in_worker(trials: int, warmup: int) -> dict[str, Any]:
+    """The kernel's floor under P3: SIGKILL -> exited (pidfd readable) of a
+    fork of this worker, the size a standby is; floor_host.py's trial."""
+    if not floor_host._have_pidfd():
+        return {"exit_ns": [], "child_rss": []}
+    hold, keep = os.pipe()  # never written: each child blocks on it until killed
+    try:
+        samples = [floor_host.trial(hold, True) for _ in range(warmup + trials)][warmup:]
+    finally:
+        os.close(hold)
+        os.close(keep)
+    return {
+        "exit_ns": [s[0] for s in samples],
+        "child_rss": [s[2] for s in samples if s[2] is not None],
+    }
 
 
 def _is_gone(pid: int) -> bool:

@@ -30,6 +30,8 @@ P6_ROWS = (
     ("p6_in_worker", "noop", "in worker: noop()"),
     ("p6_in_worker", "killable_wrapper", "in worker: killable_wrapper(noop)"),
     ("p6_in_worker", "overhead", "in worker: OVERHEAD"),
+    ("p6_in_worker", "back_to_back", "in worker: back to back (standbys' pace)"),
+    ("p6_in_worker", "after_fork_overhead", "in worker: OVERHEAD after a fork of it"),
     ("p6_in_worker", "fresh", "in worker: forked at the call (fresh=True)"),
     ("p6_in_worker", "fresh_overhead", "in worker: OVERHEAD, forked at the call"),
     ("p6_in_worker", "fork_exit_reap", "in worker: bare fork+_exit+waitpid"),
@@ -55,6 +57,13 @@ def _p6_table(measured: dict[str, Any]) -> str:
 def _p3_table(measured: dict[str, Any]) -> str:
     names = list(measured)
     rows = []
+    if all("p3_floor" in measured[name] for name in names):
+        floor = measured[names[0]]["p3_floor"]
+        size = f", {floor['child_rss_mb']:.0f} MB" if floor["child_rss_mb"] else ""
+        row = [f"kernel floor (a fork of the worker{size})", "exited", str(floor["exit"]["n"])]
+        for name in names:
+            row += _cells(measured[name]["p3_floor"]["exit"])
+        rows.append(row)
     for kind in KINDS:
         for key, what in (("raised", "raised"), ("gone", "all gone")):
             row = [KIND_LABELS[kind] if key == "raised" else "", what]
@@ -99,9 +108,15 @@ def _verdicts(measured: dict[str, Any]) -> list[str]:
         worst50 = max(result["p3"][kind]["gone"]["median_ms"] for kind in KINDS)
         ok3 = gone["p99_ms"] <= 2.0 and worst50 <= 0.5
         failures = sum(len(result["p3"][kind]["failures"]) for kind in KINDS)
+        floor = result.get("p3_floor", {}).get("exit", {}).get("median_ms")
+        over = (
+            f" = kernel floor {floor:.3f} + {worst50 - floor:.3f}"
+            if floor is not None and floor == floor  # not NaN
+            else ""
+        )
         lines.append(
             f"{name}: P6 overhead p50 {overhead['median_ms']:.3f} ms (target <= {P6_TARGET_MS}) "
-            f"{'MET' if ok6 else 'NOT MET'}; P3 worst all-gone p50 {worst50:.3f} / "
+            f"{'MET' if ok6 else 'NOT MET'}; P3 worst all-gone p50 {worst50:.3f}{over} / "
             f"p99 {gone['p99_ms']:.3f} ms ({KIND_LABELS[worst]}; target 0.5 / 2) "
             f"{'MET' if ok3 else 'NOT MET'}; failed trials: {failures}"
         )
