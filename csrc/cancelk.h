@@ -114,7 +114,10 @@ int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes);
 /* loop.c: wait for the first of several events.  Each call returns 0 or
  * the CANCELK_STEP_* that failed; cancelk_loop_wait returns how many tokens
  * it stored (0: a signal interrupted it) or the failed step negated, and
- * after CANCELK_STEP_WAITID tokens[0] is the token of the child concerned. */
+ * after CANCELK_STEP_WAITID tokens[0] is the token of the child concerned.
+ * wake_ahead_ns > 0: the wait for the deadline sleeps until that long
+ * before it and then polls, so a deadline that kills is met without a
+ * wake-up's latency (at the cost of up to that much CPU). */
 struct cancelk_loop;
 int cancelk_loop_new(int backend, struct cancelk_loop **out);
 void cancelk_loop_free(struct cancelk_loop *loop);
@@ -122,7 +125,7 @@ int cancelk_loop_add_fd(struct cancelk_loop *loop, int fd, int64_t token);
 int cancelk_loop_remove_fd(struct cancelk_loop *loop, int fd);
 int cancelk_loop_add_child(struct cancelk_loop *loop, int pid, int64_t token);
 int cancelk_loop_remove_child(struct cancelk_loop *loop, int pid);
-int cancelk_loop_wait(struct cancelk_loop *loop, int64_t deadline_ns,
+int cancelk_loop_wait(struct cancelk_loop *loop, int64_t deadline_ns, int64_t wake_ahead_ns,
                       int64_t *tokens, int max_tokens);
 
 #endif

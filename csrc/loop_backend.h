@@ -78,6 +78,9 @@ struct loop_ops {
 	 * already checked to be > 0. */
 	int (*wait)(struct cancelk_loop *loop, int64_t deadline_ns,
 		    int64_t *tokens, int max_tokens);
+	/* The same without blocking and without the deadline: what is ready
+	 * now (0: nothing). */
+	int (*peek)(struct cancelk_loop *loop, int64_t *tokens, int max_tokens);
 };
 
 #ifdef __linux__

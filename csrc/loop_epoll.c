@@ -130,8 +130,10 @@ static int arm_timer(struct epoll_backend *state, int64_t deadline_ns)
 	return 0;
 }
 
-static int epoll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
-			     int64_t *tokens, int max_tokens)
+/* One epoll_wait (timeout_ms: -1 blocks): the tokens of what is ready, the
+ * timer's as CANCELK_TOKEN_DEADLINE when with_deadline, else dropped. */
+static int epoll_collect(struct cancelk_loop *loop, int timeout_ms, int with_deadline,
+			 int64_t *tokens, int max_tokens)
 {
 	struct epoll_backend *state = &loop->backend.epoll;
 	struct epoll_event events[MAX_EVENTS];
@@ -139,9 +141,7 @@ static int epoll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 	int ready, i, count = 0;
 	uint64_t expirations;
 
-	if (arm_timer(state, deadline_ns) != 0)
-		return -CANCELK_STEP_TIMERFD_SETTIME;
-	ready = epoll_wait(state->epoll_fd, events, max_events, -1);
+	ready = epoll_wait(state->epoll_fd, events, max_events, timeout_ms);
 	if (ready < 0)	/* EINTR: a signal; no tokens lets the caller run its handler */
 		return errno == EINTR ? 0 : -CANCELK_STEP_EPOLL_WAIT;
 	for (i = 0; i < ready; i++) {
@@ -153,9 +153,23 @@ static int epoll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 		if (read(state->timer_fd, &expirations, sizeof(expirations)) < 0 && errno != EAGAIN)
 			return -CANCELK_STEP_TIMERFD_READ;
 		state->armed_deadline = -1;
-		tokens[count++] = CANCELK_TOKEN_DEADLINE;
+		if (with_deadline)
+			tokens[count++] = CANCELK_TOKEN_DEADLINE;
 	}
 	return count;
+}
+
+static int epoll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
+			     int64_t *tokens, int max_tokens)
+{
+	if (arm_timer(&loop->backend.epoll, deadline_ns) != 0)
+		return -CANCELK_STEP_TIMERFD_SETTIME;
+	return epoll_collect(loop, -1, 1, tokens, max_tokens);
+}
+
+static int epoll_peek_tokens(struct cancelk_loop *loop, int64_t *tokens, int max_tokens)
+{
+	return epoll_collect(loop, 0, 0, tokens, max_tokens);
 }
 
 const struct loop_ops loop_epoll_ops = {
@@ -166,5 +180,6 @@ const struct loop_ops loop_epoll_ops = {
 	.add_child = epoll_add_child,
 	.remove_child = epoll_remove_child,
 	.wait = epoll_wait_tokens,
+	.peek = epoll_peek_tokens,
 };
 #endif

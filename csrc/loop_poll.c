@@ -88,6 +88,42 @@ static int collect_exited_children(struct cancelk_loop *loop, int64_t *tokens, i
 	return count;
 }
 
+/* The poll array from the loop's fds: 0, or -1 (ENOMEM). */
+static int fill_pollfds(struct cancelk_loop *loop)
+{
+	struct poll_backend *state = &loop->backend.poll;
+	int i;
+
+	if (loop_reserve((void **)&state->pollfds, &state->pollfds_cap, loop->nfds,
+			 sizeof(*state->pollfds)) != 0)
+		return -1;
+	for (i = 0; i < loop->nfds; i++) {
+		state->pollfds[i].fd = loop->fds[i].fd;
+		state->pollfds[i].events = POLLIN;
+		state->pollfds[i].revents = 0;
+	}
+	return 0;
+}
+
+static int poll_peek_tokens(struct cancelk_loop *loop, int64_t *tokens, int max_tokens)
+{
+	struct poll_backend *state = &loop->backend.poll;
+	int i, ready, count;
+
+	if (fill_pollfds(loop) != 0)
+		return -CANCELK_STEP_REALLOC;
+	count = collect_exited_children(loop, tokens, max_tokens);
+	if (count != 0)
+		return count;
+	ready = poll_for(state->pollfds, loop->nfds, 0);
+	if (ready < 0)
+		return errno == EINTR ? 0 : -POLL_STEP;
+	for (i = 0; i < loop->nfds && count < max_tokens; i++)
+		if (state->pollfds[i].revents)
+			tokens[count++] = loop->fds[i].token;
+	return count;
+}
+
 static int poll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 			    int64_t *tokens, int max_tokens)
 {
@@ -95,14 +131,8 @@ static int poll_wait_tokens(struct cancelk_loop *loop, int64_t deadline_ns,
 	int64_t slice = SLICE_MIN_NS, now, timeout;
 	int i, ready, count;
 
-	if (loop_reserve((void **)&state->pollfds, &state->pollfds_cap, loop->nfds,
-			 sizeof(*state->pollfds)) != 0)
+	if (fill_pollfds(loop) != 0)
 		return -CANCELK_STEP_REALLOC;
-	for (i = 0; i < loop->nfds; i++) {
-		state->pollfds[i].fd = loop->fds[i].fd;
-		state->pollfds[i].events = POLLIN;
-		state->pollfds[i].revents = 0;
-	}
 	for (;;) {
 		count = collect_exited_children(loop, tokens, max_tokens);
 		if (count != 0)
@@ -135,4 +165,5 @@ const struct loop_ops loop_poll_ops = {
 	.close = poll_close,
 	.add_child = poll_add_child,
 	.wait = poll_wait_tokens,
+	.peek = poll_peek_tokens,
 };

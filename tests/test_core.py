@@ -155,6 +155,24 @@ class TestLoop:
         assert loop.wait(far) == [_core.DEADLINE]
         assert _core.monotonic_ns() >= far
 
+    def test_precise_deadline_is_never_early_and_still_sees_events(self, loop, pipe, children):
+        """precise=True sleeps until WAKE_AHEAD_NS before the deadline, then
+        polls: the deadline token never comes before the deadline, an fd
+        ready meanwhile (or already) is reported, a child's exit too."""
+        loop.add_fd(pipe["r"], 1)
+        for offset in (50 * MS, _core.WAKE_AHEAD_NS // 2, 0):
+            deadline = _core.monotonic_ns() + offset
+            assert loop.wait(deadline, precise=True) == [_core.DEADLINE]
+            assert _core.monotonic_ns() >= deadline
+        os.write(pipe["w"], b"x")  # ready from the start, in the polled stretch or not
+        for offset in (50 * MS, _core.WAKE_AHEAD_NS // 2):
+            assert loop.wait(_core.monotonic_ns() + offset, precise=True) == [1]
+        os.read(pipe["r"], 1)
+        pid = spawn("true")
+        children.append(pid)
+        loop.add_child(pid, 9)
+        assert loop.wait(_core.monotonic_ns() + 10 * 1000 * MS, precise=True) == [9]
+
     def test_fd_readable(self, loop, pipe):
         loop.add_fd(pipe["r"], 7)
         start = _core.monotonic_ns()

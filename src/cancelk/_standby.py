@@ -591,10 +591,14 @@ class StandbyJob:
             if not stop:  # EOF: the standby kills itself (and its group), now
                 _close_fds(self.result_fd)
                 self.result_fd = -1
+            asked = stop and self.pid not in template.exits
+            if asked:
+                # T first: S, woken by its SIGKILL to die, may take this CPU,
+                # and T kills S's group at once, while S is torn down.
+                template.send_kill(self.pid)
             if self.pidfd >= 0:  # exact: never a recycled pid
                 _core.signal_child(self.pid, signal.SIGKILL, pidfd=self.pidfd)
-            if stop and self.pid not in template.exits:
-                template.send_kill(self.pid)
+            if asked:
                 self.status = template.wait_exit(self.pid)
                 if self.status is None and self.pidfd >= 0:
                     _readable(self.pidfd, _WAIT_T)  # T ended: S dies with it
@@ -789,17 +793,20 @@ class _Server:  # pragma: no cover - runs in the template
         kid = self.kids.pop(pid, None)
         if kid is None:
             return
+        _kill.kill_group(pid)
+        status = _core.reap(pid)
+        if self.strays():
+            _kill.sweep_orphans(self.kids.keys())
+        if kid.report or kid.state != _DONE:  # H may be waiting: told first
+            self.send(_EXITED, pid, status if status is not None else 0)
+            # H's wake-up may have been queued on this CPU, behind the fork
+            # of the next standby that follows: let it run first.
+            os.sched_yield()
         self.loop.remove_child(pid)
         if kid.news >= 0:
             self.loop.remove_fd(kid.news)
             os.close(kid.news)
         kid.forget_h_end()
-        _kill.kill_group(pid)
-        status = _core.reap(pid)
-        if self.strays():
-            _kill.sweep_orphans(self.kids.keys())
-        if kid.report or kid.state != _DONE:
-            self.send(_EXITED, pid, status if status is not None else 0)
         if kid.state == _STARTING:  # it cannot start here, or was killed from outside
             self.idle_deaths += 1
             if self.idle_deaths == _IDLE_DEATHS:

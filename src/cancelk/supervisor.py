@@ -141,8 +141,11 @@ class Supervisor:
         self.loop.add_fd(read_fd, _WAKE)
 
     def _step(self) -> bool:
-        wake_at = [t for t in (self.deadlines.next_ns(), self.memory.next_ns()) if t is not None]
-        for token in self.loop.wait(min(wake_at) if wake_at else None):
+        kill_at, check_at = self.deadlines.next_ns(), self.memory.next_ns()
+        wake_at = [t for t in (kill_at, check_at) if t is not None]
+        deadline = min(wake_at) if wake_at else None
+        # A kill is due at its deadline to the microsecond; a memory check is not.
+        for token in self.loop.wait(deadline, precise=deadline == kill_at):
             if token == _CONTROL and not self._read_control():
                 return False
             if token == _WAKE:

@@ -438,7 +438,8 @@ class _Watcher:
 
     def run(self) -> _wire.Outcome | None:
         while True:
-            tokens, self.pending = self.pending or self.loop.wait(self.deadline), []
+            tokens = self.pending or self.loop.wait(self.deadline, precise=True)
+            self.pending = []
             if _RESULT in tokens and self._drain():
                 return self._finished()
             if _CHILD in tokens and self.job.exited():
