@@ -10,16 +10,28 @@ and P4 ("cancel -> gone") are reported as the floor plus cancelk's overhead
     2. the floor: floor_host.py, a fresh small interpreter, grows until a fork of
        it has that RSS, then forks, SIGKILLs and times the child until its pidfd
        is readable (exited) and until it is reaped (waitpid elsewhere);
+    2b. the floor of the same process: a cancelk runner running a sleeping
+       job is SIGKILLed by this process, nothing of cancelk's on the way, and
+       timed until its pidfd is readable.  It is the process a stop kills,
+       with its ~170 mappings and the pages it wrote (a fresh interpreter
+       grown with one large block has ~40 and shares its pages with its
+       parent: its teardown is cheaper than a runner's of the same RSS);
     3. ``over_floor``: overhead = cancelk p50 - floor p50 (the exit figure: P3
-       and P4 count a zombie as gone), for each P3 job kind and both P4 rows.
+       and P4 count a zombie as gone), for each P3 job kind and both P4 rows;
+       the floor is 2b's when it was measured (the kernel's teardown of the
+       process a stop kills, alone), else 2's.
                                                     target overhead <= 0.3 ms at p50
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 try:
@@ -50,6 +62,37 @@ def _runner_rss(ctx: harness.Context) -> int:
         return int(psutil.Process(pid).memory_info().rss)
 
 
+def _runner_kill_exits(ctx: harness.Context, trials: int) -> list[int]:
+    """ns from SIGKILL to exited (pidfd readable) of a cancelk runner running
+    a job, killed by this process (step 2b); [] without pidfds."""
+    if not hasattr(os, "pidfd_open"):
+        return []
+    library = peers.by_name("cancelk")
+    samples: list[int] = []
+    with peers.opened(library, 1, ctx.method) as handle:
+        for _ in range(WARMUP + trials):
+            harness.warm(library, handle.pool, 1)  # also the runner replacing the last one
+            future = library.submit(handle.pool, jobs.nap, HOST_LIMIT_S)
+            give_up = time.monotonic() + harness.RESULT_LIMIT_S
+            while getattr(future, "pid", None) is None:
+                if time.monotonic() > give_up:
+                    raise RuntimeError("the floor's job did not start")
+                time.sleep(0.001)
+            pidfd = os.pidfd_open(future.pid)
+            try:
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                began = time.monotonic_ns()
+                os.kill(future.pid, signal.SIGKILL)
+                if not poller.poll(HOST_LIMIT_S * 1000):
+                    raise RuntimeError(f"a SIGKILLed runner ({future.pid}) did not exit")
+                samples.append(time.monotonic_ns() - began)
+            finally:
+                os.close(pidfd)
+            future.exception(timeout=harness.RESULT_LIMIT_S)  # ProcessDiedError
+    return samples[WARMUP:]
+
+
 def _measure(ctx: harness.Context) -> dict[str, Any]:
     if not peers.by_name("cancelk").available:
         return {"status": peers.by_name("cancelk").why_unavailable}
@@ -64,6 +107,8 @@ def _measure(ctx: harness.Context) -> dict[str, Any]:
     )
     host = json.loads(done.stdout)
     sizes = host["child_rss"]
+    ctx.say(f"P3/P4 kernel floor: SIGKILL a runner running a job, {trials} trials")
+    runner_kills = _runner_kill_exits(ctx, trials)
     return {
         "runner_rss_mb": target / 2**20,
         "floor_rss_mb": stats.median(sizes) / 2**20 if sizes else None,
@@ -72,6 +117,7 @@ def _measure(ctx: harness.Context) -> dict[str, Any]:
             [{"exit": e, "reaped": r} for e, r in zip(host["exit_ns"], host["reaped_ns"])],
             ("exit", "reaped"),
         ),
+        "runner_exit": stats.summarize(runner_kills),
     }
 
 
@@ -101,7 +147,10 @@ def _cancelk_rows(figures: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def over_floor(figures: dict[str, Any]) -> list[dict[str, Any]]:
     """cancelk's P3/P4 figures as floor + overhead (overhead = cancelk p50 - floor p50)."""
-    floor = figures.get("floor", {}).get("exit")
+    measured = figures.get("floor", {})
+    floor = measured.get("runner_exit")
+    if not floor or not floor.get("n"):
+        floor = measured.get("exit")
     if not floor or not floor.get("n"):
         return []
     out = []

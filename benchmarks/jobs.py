@@ -29,6 +29,7 @@ __all__ = [
     "hold",
     "identity",
     "import_numpy",
+    "nap",
     "noop",
     "report",
     "sleep",
@@ -44,6 +45,11 @@ def noop() -> None:
 
 def identity(value: object) -> object:
     return value
+
+
+def nap(seconds: float) -> None:
+    """Sleep, saying nothing (the floor's runner kill needs no report)."""
+    time.sleep(seconds)
 
 
 def getpid() -> int:

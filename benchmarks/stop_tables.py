@@ -123,12 +123,22 @@ def table_floor(figure: dict[str, Any]) -> str:
         [
             {"measure": "SIGKILL -> exited", **figure["exit"], "notes": figure["notes"]},
             {"measure": "SIGKILL -> reaped", **figure["reaped"]},
+            *(
+                [{"measure": "a runner itself: SIGKILL -> exited", **figure["runner_exit"]}]
+                if figure.get("runner_exit", {}).get("n")
+                else []
+            ),
         ],
         lambda r: [str(r["n"]), *ms_cells(r), notes_cell(r)],
         lead=("measure",),
     )
+    which = (
+        "a runner SIGKILLed by the benchmark"
+        if figure.get("runner_exit", {}).get("n")
+        else "a process of a runner's size"
+    )
     over = table(
-        "cancelk over the floor: p50 = floor p50 + overhead   target overhead <= "
+        f"cancelk over the floor ({which}): p50 = floor p50 + overhead   target overhead <= "
         f"{floor.OVERHEAD_TARGET_MS:g} ms at p50",
         ["figure", "n", "cancelk p50 = floor + overhead", "cancelk p99", "floor p99"],
         figure.get("over_floor", []),
