@@ -5,7 +5,7 @@
     round trips: submit(noop)  ----->  noop()
            vs submit(killable_wrapper, noop) -> a standby runs it, wait in C
     submit(measuring fn)       ----->  times, each in a block of its own, N x
-                                       [5 ms pause, noop(), killable_wrapper(noop)],
+                                       [10 ms pause, noop(), killable_wrapper(noop)],
                                        N back-to-back killable_wrapper(noop), N/2
                                        after a fork of the worker, N forked at
                                        the call (fresh), N bare fork+_exit+waitpid;
@@ -20,12 +20,12 @@ P6: overhead per call = killable_wrapper(noop) - median(noop()), measured inside
 the host worker and as a round trip from the user process.  Target <= 0.5 ms
 (the design's raised figure).  The default path is measured: in a pool worker
 a standby process, forked ahead of time, runs the job.  Each P6 call comes
-after a 5 ms pause, as a worker's next task does, by which time the standby
+after a 10 ms pause, as a worker's next task does, by which time the standby
 the last call used has been replaced; back-to-back calls are their own row
 (each waits for that replacement: the standbys' pace, not a call's cost), and
 so are calls right after a fork of the worker (the fork's page faults land on
-whatever writes next).  The round trips from the user process pause 5 ms
-between pairs for the same reason.  The fork-at-call path
+whatever writes next).  The round trips from the user process pause as
+long between pairs for the same reason.  The fork-at-call path
 (``killable_wrapper_fresh=True``, the only one before) and a bare fork are
 timed in blocks of their own.
 

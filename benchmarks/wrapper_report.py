@@ -140,7 +140,9 @@ def format_report(result: dict[str, Any]) -> str:
     parts = ["\n".join(head)]
     if measured:
         facts = ", ".join(
-            f"{name}: job start by {r['worker']['job_start']}" for name, r in measured.items()
+            f"{name}: job start by {r['worker']['job_start']}"
+            + (f", worker {r['worker']['rss_mb']:.0f} MB" if r["worker"].get("rss_mb") else "")
+            for name, r in measured.items()
         )
         parts.append(
             f"P6  killable_wrapper overhead per call (overhead = call - median "
