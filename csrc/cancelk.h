@@ -117,7 +117,8 @@ int cancelk_tree_rss(const int *roots, int nroots, int64_t *rss_bytes);
  * after CANCELK_STEP_WAITID tokens[0] is the token of the child concerned.
  * wake_ahead_ns > 0: the wait for the deadline sleeps until that long
  * before it and then polls, so a deadline that kills is met without a
- * wake-up's latency (at the cost of up to that much CPU). */
+ * wake-up's latency (at the cost of up to that much CPU; a signal that
+ * arrives while it polls is seen when the wait returns). */
 struct cancelk_loop;
 int cancelk_loop_new(int backend, struct cancelk_loop **out);
 void cancelk_loop_free(struct cancelk_loop *loop);

@@ -48,7 +48,7 @@
 /* The caller's open file descriptors, for handing them to another process
  * (killable_wrapper's standby gets the host's fd table with each job):
  * each fd in fds[], 1 in cloexec[] where FD_CLOEXEC is set; at most max.
- * How many, or -1.  Read from /proc/self/fd (Linux) or /dev/fd.  On Linux
+ * How many, or -1 (ENOBUFS: more than max).  Read from /proc/self/fd (Linux) or /dev/fd.  On Linux
  * dir may be a descriptor of /proc/self/fd kept open by the caller (read
  * again from its start: no path lookup, no open per call); else -1.  The
  * directory's own descriptor is left out. */
@@ -62,7 +62,7 @@ static int add_fd(int fd, int skip, int *fds, int *cloexec, int max, int *n)
 	if (flags < 0)
 		return 0;	/* closed meanwhile */
 	if (*n == max) {
-		errno = EMFILE;
+		errno = ENOBUFS;	/* not EMFILE, which opendir itself can say */
 		return -1;
 	}
 	fds[*n] = fd;
@@ -128,7 +128,7 @@ int cancelk_open_fds(int dir, int *fds, int *cloexec, int max)
 		fd = parse_fd(entry->d_name);
 		if (fd >= 0 && add_fd(fd, dirfd(listing), fds, cloexec, max, &n) != 0) {
 			closedir(listing);
-			errno = EMFILE;
+			errno = ENOBUFS;
 			return -1;
 		}
 	}
@@ -269,7 +269,7 @@ static int list_table(int dir, const int *exclude, int nexclude, int **fds_out, 
 		if (n >= 0)
 			break;
 		free(fds);
-		if (errno != EMFILE || max >= 1 << 24)
+		if (errno != ENOBUFS || max >= 1 << 24)
 			return -1;
 		max *= 8;
 	}
@@ -465,6 +465,17 @@ static void close_all(const int *fds, int n)
 		close(fds[i]);
 }
 
+/* Could this process hold count more fds at all?  (A count past it is no
+ * table of ours: refused before anything is allocated for it.) */
+static int within_fd_limit(uint32_t count)
+{
+	struct rlimit limit;
+
+	if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY)
+		return 1;
+	return (rlim_t)count <= limit.rlim_cur;
+}
+
 /* Bytes the table takes on the wire for count entries: the table, and a
  * '+' per chunk of fds after the first. */
 static size_t table_bytes(uint32_t count)
@@ -529,7 +540,7 @@ int cancelk_receive_table(int channel, int *keep, int nkeep, char *buf, size_t c
 		have += (size_t)rc;
 		if (!need && have >= COUNT_SIZE) {
 			count = get_i32((unsigned char *)area);
-			if (count > INT_MAX / ENTRY_SIZE) {
+			if (count > INT_MAX / ENTRY_SIZE || !within_fd_limit(count)) {
 				errno = EPROTO;
 				step = CANCELK_STEP_BAD_TABLE;
 				goto fail;
@@ -558,8 +569,10 @@ int cancelk_receive_table(int channel, int *keep, int nkeep, char *buf, size_t c
 		goto fail;
 	}
 	step = install((unsigned char *)area, fds, nfds, keep, nkeep);
-	if (step)
+	if (step == CANCELK_STEP_PLACE_FDS)
 		goto out;	/* what was not placed stays: this process reports and exits */
+	if (step)
+		goto fail;	/* nothing was placed */
 	*got = have - need;
 	if (*got)
 		memmove(buf, area + need, *got);
@@ -615,9 +628,12 @@ int cancelk_recv_pending(int fd, char *buf, size_t cap, int *fds, int maxfds, in
 			if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS)
 				continue;
 			count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-			for (i = 0; i < count; i++)
-				memcpy(&fds[(*nfds)++], CMSG_DATA(cmsg) + sizeof(int) * i,
-				       sizeof(int));
+			for (i = 0; i < count; i++) {
+				memcpy(&fds[*nfds], CMSG_DATA(cmsg) + sizeof(int) * i, sizeof(int));
+				if (!MSG_CMSG_CLOEXEC)	/* macOS: set here, as promised */
+					fcntl(fds[*nfds], F_SETFD, FD_CLOEXEC);
+				(*nfds)++;
+			}
 		}
 		if (msg.msg_flags & MSG_CTRUNC) {
 			errno = EPROTO;	/* more fds than a message of ours carries */

@@ -661,6 +661,19 @@ def test_receive_table_eof_and_garbage():
         assert caught.value.errno == errno.EPROTO
         assert "file descriptor table" in str(caught.value)
         assert dict(_core.open_fds()) == before
+        # A table whose fd came but whose target is no fd number: the fd
+        # received is closed again, nothing placed.
+        read_end, write_end = os.pipe()
+        try:
+            table = struct.pack("<I", 1) + struct.pack("<ii", -5, 0)
+            socket.send_fds(ours, [table], [read_end])
+            with pytest.raises(OSError) as caught:
+                _core.receive_table(theirs.fileno(), [theirs.fileno()])
+            assert caught.value.errno == errno.EPROTO
+            assert dict(_core.open_fds()) == before | {read_end: True, write_end: True}
+        finally:
+            os.close(read_end)
+            os.close(write_end)
     finally:
         ours.close()
         theirs.close()

@@ -266,7 +266,7 @@ def open_fds(directory: int = -1) -> list[tuple[int, bool]]:
         n = int(lib.cancelk_open_fds(directory, fds, cloexec, limit))
         if n >= 0:
             return [(int(fds[i]), bool(cloexec[i])) for i in range(n)]
-        if ffi.errno != _errno.EMFILE or limit >= 1 << 24:
+        if ffi.errno != _errno.ENOBUFS or limit >= 1 << 24:  # ENOBUFS: the array was full
             raise _fail("listing the open file descriptors")
         limit *= 8
 

@@ -473,8 +473,9 @@ def _read_frame(channel: int, start: bytes) -> bytes | None:
 
 
 def _readable(fd: int, timeout: float = 0.0) -> bool:
-    readable, _, _ = select.select([fd], [], [], timeout)
-    return bool(readable)
+    poller = select.poll()  # not select(): fds past 1024 are fine here
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _close_fds(*fds: int) -> None:
@@ -536,8 +537,14 @@ class StandbyJob:
         exclude = _own_fds(self.template, self.result_fd, self.pidfd)
         try:
             _send_job(self.result_fd, _fd_dir(), exclude, self._payload)
-        except (BrokenPipeError, ConnectionResetError):
-            self._finished = True  # it died idle: nothing to stop or wait for
+        except OSError as why:
+            # It died idle (EPIPE), or H's table cannot be passed (an fd the
+            # kernel will not send, too many fds in flight): the standby
+            # gets EOF when its channel is closed and runs nothing; the job
+            # is forked from H.
+            if not isinstance(why, (BrokenPipeError, ConnectionResetError)):
+                log.debug("killable_wrapper forks the job: %s", why)
+            self._finished = True
             self.template.done_with(self.pid)
             return False
         finally:
