@@ -388,41 +388,71 @@ out:
 
 /* ---------------------------------------------------------- receiving */
 
-/* Append the fds one message carried to *fds (grown as needed); 0, or -1
- * (the fds of this message are closed then). */
-static int take_fds(struct msghdr *msg, int **fds, int *nfds, int *room)
+static void close_all(const int *fds, int n)
+{
+	int i;
+
+	for (i = 0; i < n; i++)
+		close(fds[i]);
+}
+
+/* Append the fds a message carried (SCM_RIGHTS) to fds[*nfds..room),
+ * close-on-exec (set here where MSG_CMSG_CLOEXEC is missing); 0, or -1
+ * with errno EPROTO, every fd of the message closed, if they do not fit. */
+static int message_fds(struct msghdr *msg, int *fds, int *nfds, int room)
 {
 	struct cmsghdr *cmsg;
+	int first = *nfds, overflow = 0;
 
 	for (cmsg = CMSG_FIRSTHDR(msg); cmsg; cmsg = CMSG_NXTHDR(msg, cmsg)) {
-		int count, i;
-		const unsigned char *data = CMSG_DATA(cmsg);
+		size_t count, i;
 
 		if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS)
 			continue;
-		count = (int)((cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+		count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 		for (i = 0; i < count; i++) {
 			int fd;
 
-			memcpy(&fd, data + sizeof(int) * (size_t)i, sizeof(int));
-			if (*nfds == *room) {
-				int grown = *room ? *room * 2 : CANCELK_FD_CHUNK + 1;
-				int *bigger = realloc(*fds, sizeof(int) * (size_t)grown);
-
-				if (!bigger) {
-					for (; i < count; i++) {
-						memcpy(&fd, data + sizeof(int) * (size_t)i, sizeof(int));
-						close(fd);
-					}
-					return -1;
-				}
-				*fds = bigger;
-				*room = grown;
+			memcpy(&fd, CMSG_DATA(cmsg) + sizeof(int) * i, sizeof(int));
+			if (*nfds == room) {
+				close(fd);
+				overflow = 1;
+				continue;
 			}
-			(*fds)[(*nfds)++] = fd;
+			if (!MSG_CMSG_CLOEXEC)
+				fcntl(fd, F_SETFD, FD_CLOEXEC);
+			fds[(*nfds)++] = fd;
 		}
 	}
-	return 0;
+	if (!overflow)
+		return 0;
+	if (*nfds > first)
+		close_all(fds + first, *nfds - first);
+	*nfds = first;
+	errno = EPROTO;
+	return -1;
+}
+
+/* The most fds one message of a table brings: a chunk (and slack). */
+#define MESSAGE_FDS (CANCELK_FD_CHUNK + 3)
+
+/* Append the fds one message carried to *fds, grown as needed; 0, or -1
+ * (the fds of this message are closed then). */
+static int take_fds(struct msghdr *msg, int **fds, int *nfds, int *room)
+{
+	if (*room - *nfds < MESSAGE_FDS) {
+		int grown = *room ? *room * 2 + MESSAGE_FDS : MESSAGE_FDS;
+		int *bigger = realloc(*fds, sizeof(int) * (size_t)grown);
+
+		if (!bigger) {
+			message_fds(msg, *fds, nfds, *nfds);	/* closes them */
+			errno = ENOMEM;
+			return -1;
+		}
+		*fds = bigger;
+		*room = grown;
+	}
+	return message_fds(msg, *fds, nfds, *room);
 }
 
 /* One recvmsg into area[have..cap), its fds appended; bytes read, 0 on
@@ -432,7 +462,7 @@ static ssize_t receive_some(int channel, char *area, size_t have, size_t cap, in
 {
 	union {
 		struct cmsghdr align;
-		char space[CMSG_SPACE(sizeof(int) * (CANCELK_FD_CHUNK + 3))];
+		char space[CMSG_SPACE(sizeof(int) * MESSAGE_FDS)];
 	} control;
 	struct iovec iov = { area + have, cap - have };
 	struct msghdr msg;
@@ -455,14 +485,6 @@ static ssize_t receive_some(int channel, char *area, size_t have, size_t cap, in
 		return -1;
 	}
 	return got;
-}
-
-static void close_all(const int *fds, int n)
-{
-	int i;
-
-	for (i = 0; i < n; i++)
-		close(fds[i]);
 }
 
 /* Could this process hold count more fds at all?  (A count past it is no
@@ -604,7 +626,6 @@ int cancelk_recv_pending(int fd, char *buf, size_t cap, int *fds, int maxfds, in
 		} control;
 		struct iovec iov = { buf + have, cap - have };
 		struct msghdr msg;
-		struct cmsghdr *cmsg;
 		ssize_t got;
 
 		memset(&msg, 0, sizeof(msg));
@@ -622,19 +643,8 @@ int cancelk_recv_pending(int fd, char *buf, size_t cap, int *fds, int maxfds, in
 			}
 			goto fail;
 		}
-		for (cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
-			size_t count, i;
-
-			if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS)
-				continue;
-			count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-			for (i = 0; i < count; i++) {
-				memcpy(&fds[*nfds], CMSG_DATA(cmsg) + sizeof(int) * i, sizeof(int));
-				if (!MSG_CMSG_CLOEXEC)	/* macOS: set here, as promised */
-					fcntl(fds[*nfds], F_SETFD, FD_CLOEXEC);
-				(*nfds)++;
-			}
-		}
+		if (message_fds(&msg, fds, nfds, maxfds) != 0)
+			goto fail;
 		if (msg.msg_flags & MSG_CTRUNC) {
 			errno = EPROTO;	/* more fds than a message of ours carries */
 			goto fail;

@@ -127,9 +127,8 @@ def killable_wrapper(
     """
     if not callable(fn):
         raise TypeError(f"killable_wrapper needs a callable, not {type(fn).__name__}")
-    # Each call made here costs a few microseconds when its code is not in
-    # the CPU's caches, as between two jobs of a pool worker: none without
-    # an argument to check.
+    # This runs at every call: no clock read and no check for an option
+    # that was not given.
     deadline = None
     if killable_wrapper_timeout is not None:
         timeout = check_seconds(killable_wrapper_timeout, "killable_wrapper_timeout")
