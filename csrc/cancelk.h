@@ -93,9 +93,9 @@ int cancelk_send_table(int channel, int dir, const int *exclude, int nexclude,
 int cancelk_receive_table(int channel, int *keep, int nkeep, char *buf, size_t cap,
                           size_t *got);
 /* What a unix socket holds now (MSG_DONTWAIT), up to cap bytes, and the fds
- * that came with it (close-on-exec, in order; at most 4 a message, and
- * maxfds in all): bytes read, *state one of CANCELK_PENDING_*; -1 on error,
- * no fd kept. */
+ * that came with it (close-on-exec, in order; at most maxfds in all, a
+ * message whose fds do not fit is EPROTO): bytes read, *state one of
+ * CANCELK_PENDING_*; -1 on error, no fd kept. */
 #define CANCELK_PENDING_DRAINED 0	/* it holds nothing more now */
 #define CANCELK_PENDING_EOF 1
 #define CANCELK_PENDING_FULL 2		/* buf or fds full: more may be there */

@@ -436,35 +436,16 @@ static int message_fds(struct msghdr *msg, int *fds, int *nfds, int room)
 /* The most fds one message of a table brings: a chunk (and slack). */
 #define MESSAGE_FDS (CANCELK_FD_CHUNK + 3)
 
-/* Append the fds one message carried to *fds, grown as needed; 0, or -1
- * (the fds of this message are closed then). */
-static int take_fds(struct msghdr *msg, int **fds, int *nfds, int *room)
-{
-	if (*room - *nfds < MESSAGE_FDS) {
-		int grown = *room ? *room * 2 + MESSAGE_FDS : MESSAGE_FDS;
-		int *bigger = realloc(*fds, sizeof(int) * (size_t)grown);
-
-		if (!bigger) {
-			message_fds(msg, *fds, nfds, *nfds);	/* closes them */
-			errno = ENOMEM;
-			return -1;
-		}
-		*fds = bigger;
-		*room = grown;
-	}
-	return message_fds(msg, *fds, nfds, *room);
-}
-
-/* One recvmsg into area[have..cap), its fds appended; bytes read, 0 on
- * EOF, -1 on error (errno; EPROTO when the fds did not all fit). */
-static ssize_t receive_some(int channel, char *area, size_t have, size_t cap, int **fds,
-			    int *nfds, int *room)
+/* One recvmsg (retried on EINTR) into buf[0..len), the fds it brought
+ * appended to fds[*nfds..room) close-on-exec: bytes read, 0 on EOF, -1 on
+ * error (EAGAIN under MSG_DONTWAIT; EPROTO when its fds did not fit). */
+static ssize_t recv_fds(int fd, char *buf, size_t len, int flags, int *fds, int *nfds, int room)
 {
 	union {
 		struct cmsghdr align;
 		char space[CMSG_SPACE(sizeof(int) * MESSAGE_FDS)];
 	} control;
-	struct iovec iov = { area + have, cap - have };
+	struct iovec iov = { buf, len };
 	struct msghdr msg;
 	ssize_t got;
 
@@ -474,17 +455,34 @@ static ssize_t receive_some(int channel, char *area, size_t have, size_t cap, in
 		msg.msg_iovlen = 1;
 		msg.msg_control = control.space;
 		msg.msg_controllen = sizeof(control.space);
-		got = recvmsg(channel, &msg, MSG_CMSG_CLOEXEC);
+		got = recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
 	} while (got < 0 && errno == EINTR);
 	if (got < 0)
 		return -1;
-	if (take_fds(&msg, fds, nfds, room) != 0)
+	if (message_fds(&msg, fds, nfds, room) != 0)
 		return -1;
 	if (msg.msg_flags & MSG_CTRUNC) {
 		errno = EPROTO;	/* fds were dropped by the kernel */
 		return -1;
 	}
 	return got;
+}
+
+/* One recvmsg into area[have..cap), its fds appended to *fds (grown so
+ * that a message's fds fit): as recv_fds. */
+static ssize_t receive_some(int channel, char *area, size_t have, size_t cap, int **fds,
+			    int *nfds, int *room)
+{
+	if (*room - *nfds < MESSAGE_FDS) {
+		int grown = *room ? *room * 2 + MESSAGE_FDS : MESSAGE_FDS;
+		int *bigger = realloc(*fds, sizeof(int) * (size_t)grown);
+
+		if (!bigger)
+			return -1;	/* ENOMEM, before anything was received */
+		*fds = bigger;
+		*room = grown;
+	}
+	return recv_fds(channel, area + have, cap - have, 0, *fds, nfds, *room);
 }
 
 /* Could this process hold count more fds at all?  (A count past it is no
@@ -620,33 +618,13 @@ int cancelk_recv_pending(int fd, char *buf, size_t cap, int *fds, int maxfds, in
 	*nfds = 0;
 	*state = CANCELK_PENDING_FULL;
 	while (have < cap && maxfds - *nfds >= PENDING_FDS_PER_MESSAGE) {
-		union {
-			struct cmsghdr align;
-			char space[CMSG_SPACE(sizeof(int) * PENDING_FDS_PER_MESSAGE)];
-		} control;
-		struct iovec iov = { buf + have, cap - have };
-		struct msghdr msg;
-		ssize_t got;
+		ssize_t got = recv_fds(fd, buf + have, cap - have, MSG_DONTWAIT, fds, nfds, maxfds);
 
-		memset(&msg, 0, sizeof(msg));
-		msg.msg_iov = &iov;
-		msg.msg_iovlen = 1;
-		msg.msg_control = control.space;
-		msg.msg_controllen = sizeof(control.space);
-		got = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
 		if (got < 0) {
-			if (errno == EINTR)
-				continue;
 			if (errno == EAGAIN || errno == EWOULDBLOCK) {
 				*state = CANCELK_PENDING_DRAINED;
 				break;
 			}
-			goto fail;
-		}
-		if (message_fds(&msg, fds, nfds, maxfds) != 0)
-			goto fail;
-		if (msg.msg_flags & MSG_CTRUNC) {
-			errno = EPROTO;	/* more fds than a message of ours carries */
 			goto fail;
 		}
 		if (got == 0) {
