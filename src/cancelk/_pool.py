@@ -506,7 +506,14 @@ class Pool:
     def begin_shutdown(self, cancel_pending: bool, out: list[Completion]) -> None:
         self.shutting_down = True
         if cancel_pending:
-            self._cancel_pending(out)
+            self._cancel_pending(out, spare=self._free_runners())
+
+    def _free_runners(self) -> int:
+        """Slots whose runner is up or on its way and has no job: the jobs they
+        are about to take are spared by shutdown(cancel_futures=True), as the
+        stdlib spares those already in its call queue.  Runners start on
+        demand, so right after a burst of submits none may be ready yet."""
+        return sum(1 for s in self.slots if s.job is None and (s.connected or s.coming))
 
     def kill_everything(self, reason: str, out: list[Completion]) -> None:
         """Cancel what is queued and kill what runs; the pool then stops."""
@@ -518,11 +525,17 @@ class Pool:
                 self._count_end(job, "cancelled")
                 out.append(functools.partial(job.future._mark_cancelled, f"killed: {reason}"))
 
-    def _cancel_pending(self, out: list[Completion]) -> None:
+    def _cancel_pending(self, out: list[Completion], spare: int = 0) -> None:
+        """Cancel the queued jobs but the first ``spare`` still to run."""
+        kept: deque[Job] = deque()
         while self.pending:
             job = self._pop_pending()
+            if len(kept) < spare and not job.counted:
+                kept.append(job)
+                continue
             self._count_end(job, "cancelled")
             out.append(job.future.cancel)
+        self.pending = kept
 
     def finished(self) -> bool:
         """Shut down, and nothing is left to run or to end."""

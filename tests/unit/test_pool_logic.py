@@ -358,10 +358,48 @@ def test_shutdown_with_cancel_futures_cancels_the_queue(h):
     h.start_runner(0)
     running = h.submit()
     queued = [h.submit() for _ in range(3)]
+    assert h.pool.slots[1].coming, "a runner was asked for the queue"
     h.pool.begin_shutdown(True, h.out)
     h.settle()
-    assert all(f.cancelled() for f in queued)
+    assert not queued[0].done(), "the runner on its way takes the first queued job"
+    assert all(f.cancelled() for f in queued[1:])
     assert running.running()
+    h.start_runner(1)
+    h.pool.fill_idle()
+    assert queued[0].running()
+    assert not h.pool.pending
+
+
+def test_shutdown_with_cancel_futures_before_any_runner_is_up_spares_one_job_per_slot():
+    """The stdlib's submit starts its workers, and shutdown(cancel_futures=True)
+    spares what is already in its call queue: here, one job per runner asked for."""
+    h = Harness(size=3)
+    try:
+        futures = [h.submit() for _ in range(10)]
+        h.pool.begin_shutdown(True, h.out)
+        h.settle()
+        assert [f.cancelled() for f in futures] == [False] * 3 + [True] * 7
+        assert h.pool.stats()["cancelled"] == 7 and h.pool.stats()["pending"] == 3
+        for slot in range(3):
+            h.start_runner(slot)
+        h.pool.fill_idle()
+        assert all(f.running() for f in futures[:3])
+        assert not h.pool.finished()
+    finally:
+        h.close()
+
+
+def test_shutdown_with_cancel_futures_does_not_spare_jobs_already_cancelled():
+    h = Harness(size=2)
+    try:
+        futures = [h.submit() for _ in range(4)]
+        assert futures[0].cancel()
+        h.pool.begin_shutdown(True, h.out)
+        h.settle()
+        assert [f.cancelled() for f in futures] == [True, False, False, True]
+        assert h.pool.stats()["cancelled"] == 2 and h.pool.stats()["pending"] == 2
+    finally:
+        h.close()
 
 
 def test_kill_everything_cancels_the_queue_and_kills_what_runs(h):
