@@ -17,9 +17,11 @@ and P4 ("cancel -> gone") are reported as the floor plus cancelk's overhead
        grown with one large block has ~40 and shares its pages with its
        parent: its teardown is cheaper than a runner's of the same RSS);
     3. ``over_floor``: overhead = cancelk p50 - floor p50 (the exit figure: P3
-       and P4 count a zombie as gone), for each P3 job kind and both P4 rows;
-       the floor is 2b's when it was measured (the kernel's teardown of the
-       process a stop kills, alone), else 2's.
+       and P4 count a zombie as gone), for each P3 job kind and both P4 rows.
+       The floor is the row's own when it has one: stops.py follows each of
+       cancelk's trials with the same job SIGKILLed by the benchmark, in the
+       same pool, so the two are measured alternately under the same load.
+       Otherwise 2b's (measured after P3 and P4), else 2's.
                                                     target overhead <= 0.3 ms at p50
 """
 
@@ -131,31 +133,39 @@ def figure_floor(ctx: harness.Context) -> dict[str, Any]:
     return {"method": ctx.method, "trials": ctx.plan.floor_trials, "notes": heard, **measured}
 
 
-def _cancelk_rows(figures: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(what, summary) of cancelk's P3 "both" per job kind and P4 "gone" rows."""
-    rows: list[tuple[str, dict[str, Any]]] = []
+def _cancelk_rows(figures: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(what, summary, its paired floor) of cancelk's P3 "both" per job kind
+    and P4 "gone" rows; the floor is {} when the row has none."""
+    rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     for row in figures.get("P3", {}).get("rows", []):
         if row["name"] == "cancelk" and "kind" in row and "status" not in row:
             label = harness.KIND_LABELS[row["kind"]]
-            rows.append((f"P3 {label}: deadline -> done and gone", row["all"]))
+            what = f"P3 {label}: deadline -> done and gone"
+            rows.append((what, row["all"], row.get("floor", {})))
     for part, call in (("sync", "cancel()"), ("asyncio", "task.cancel()")):
         for row in figures.get("P4", {}).get(part, []):
             if row["name"] == "cancelk" and "status" not in row:
-                rows.append((f"P4 {part} {call} -> gone", row["gone"]))
+                rows.append((f"P4 {part} {call} -> gone", row["gone"], row.get("floor", {})))
     return rows
+
+
+def _run_floor(figures: dict[str, Any]) -> dict[str, Any]:
+    """The floor measured apart (step 2b, else 2), or {}."""
+    measured = figures.get("floor", {})
+    for key in ("runner_exit", "exit"):
+        floor = measured.get(key)
+        if floor and floor.get("n"):
+            return dict(floor)
+    return {}
 
 
 def over_floor(figures: dict[str, Any]) -> list[dict[str, Any]]:
     """cancelk's P3/P4 figures as floor + overhead (overhead = cancelk p50 - floor p50)."""
-    measured = figures.get("floor", {})
-    floor = measured.get("runner_exit")
-    if not floor or not floor.get("n"):
-        floor = measured.get("exit")
-    if not floor or not floor.get("n"):
-        return []
+    apart = _run_floor(figures)
     out = []
-    for what, summary in _cancelk_rows(figures):
-        if not summary.get("n"):
+    for what, summary, paired in _cancelk_rows(figures):
+        floor, kind = (paired, "paired") if paired.get("n") else (apart, "measured apart")
+        if not summary.get("n") or not floor.get("n"):
             continue
         overhead = summary["median_ms"] - floor["median_ms"]
         out.append(
@@ -164,6 +174,8 @@ def over_floor(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 "n": summary["n"],
                 "cancelk_p50_ms": summary["median_ms"],
                 "cancelk_p99_ms": summary["p99_ms"],
+                "floor": kind,
+                "floor_n": floor["n"],
                 "floor_p50_ms": floor["median_ms"],
                 "floor_p99_ms": floor["p99_ms"],
                 "overhead_ms": overhead,

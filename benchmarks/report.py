@@ -114,7 +114,8 @@ def _verdicts_p7(figure: dict[str, Any]) -> list[str]:
 
 def _verdicts_floor(figure: dict[str, Any]) -> list[str]:
     return [
-        f"{row['what']}: p50 {fmt(row['cancelk_p50_ms'])} = floor {fmt(row['floor_p50_ms'])} "
+        f"{row['what']}: p50 {fmt(row['cancelk_p50_ms'])} = floor "
+        f"({row.get('floor', 'measured apart')}) {fmt(row['floor_p50_ms'])} "
         f"+ overhead {fmt(row['overhead_ms'])} ms (target overhead <= "
         f"{floor.OVERHEAD_TARGET_MS:g}): {_met(row['met'])}"
         for row in figure.get("over_floor", [])
@@ -171,9 +172,25 @@ def _verdicts_p9(figure: dict[str, Any]) -> list[str]:
     ]
 
 
+P2_VERSUS_PEBBLE = 1.2
+
+
+def _verdicts_p2(figure: dict[str, Any]) -> list[str]:
+    lines = _versus_stdlib(figure["rows"], "P2 throughput", 1.5, most=False)
+    versus = figure.get("versus_pebble")
+    if versus:
+        rounds = ", ".join(f"{ratio:.2f}" for ratio in versus["by_round"])
+        lines.append(
+            f"P2 throughput {versus['of_medians']:.2f}x {versus['peer']} (medians; rounds "
+            f"{rounds}; target >= {P2_VERSUS_PEBBLE:g}x in every round): "
+            f"{_met(versus['worst_round'] >= P2_VERSUS_PEBBLE)}"
+        )
+    return lines
+
+
 VERDICTS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "P1": lambda figure: _versus_stdlib(figure["rows"], "P1 round trip", 0.5, most=True),
-    "P2": lambda figure: _versus_stdlib(figure["rows"], "P2 throughput", 1.5, most=False),
+    "P2": _verdicts_p2,
     "P3": _verdicts_p3,
     "P4": _verdicts_p4,
     "floor": _verdicts_floor,

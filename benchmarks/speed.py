@@ -80,38 +80,80 @@ def _throughput_run(
 
 
 def figure_p2(ctx: harness.Context) -> dict[str, Any]:
+    """Rounds of one run per library, each in a fresh pool, the order rotated
+    every round: what the machine does meanwhile weighs on every library alike,
+    and each round gives a ratio of runs made side by side."""
     plan = ctx.plan
+    libraries = list(peers.LIBRARIES)
+    runs: dict[str, list[int]] = {library.name: [] for library in libraries}
+    failures: dict[str, str] = {}
+    notes: dict[str, list[str]] = {library.name: [] for library in libraries}
+    for round_index in range(plan.p2_repeats):
+        turn = round_index % len(libraries)
+        for library in libraries[turn:] + libraries[:turn]:
+            if not library.available or library.name in failures:
+                continue
+            ctx.say(
+                f"P2 throughput, {plan.p2_jobs} jobs, round {round_index + 1} of "
+                f"{plan.p2_repeats}: {library.name}"
+            )
+            took = _p2_round(ctx, library, notes[library.name])
+            if isinstance(took, str):
+                failures[library.name] = took
+            else:
+                runs[library.name].append(took)
 
     def body(library: peers.Library) -> dict[str, Any]:
-        ctx.say(f"P2 throughput, {plan.p2_jobs} jobs: {library.name}")
-        runs: list[int] = []
-        failure = ""
-        with peers.opened(library, ctx.workers, ctx.method) as handle:
-            harness.warm(library, handle.pool, ctx.workers)
-            for _ in range(plan.p2_repeats):
-                took = _throughput_run(library, handle.pool, plan.p2_jobs)
-                if isinstance(took, str):
-                    failure = took
-                    break
-                runs.append(took)
-        row: dict[str, Any] = {"notes": harness.handle_notes(handle)}
-        if failure:
-            row["status"] = f"did not finish: {failure}"
+        row: dict[str, Any] = {"notes": list(dict.fromkeys(notes[library.name]))}
+        if library.name in failures:
+            row["status"] = f"did not finish: {failures[library.name]}"
             return row
-        rates = [plan.p2_jobs / (ns / 1e9) for ns in runs]
+        rates = [plan.p2_jobs / (ns / 1e9) for ns in runs[library.name]]
         row.update(
             {
-                "runs": len(runs),
+                "runs": len(rates),
+                "jobs_per_s": rates,
                 "jobs_per_s_median": stats.median(rates),
                 "jobs_per_s_worst": min(rates),
-                "us_per_job_median": stats.median(runs) / plan.p2_jobs / 1e3,
+                "us_per_job_median": stats.median(runs[library.name]) / plan.p2_jobs / 1e3,
             }
         )
         return row
 
-    rows = harness.each_library(ctx, peers.LIBRARIES, ctx.method, body)
+    rows = harness.each_library(ctx, libraries, ctx.method, body)
     harness.ratios(rows, lambda row: row["jobs_per_s_median"])
-    return {"workers": ctx.workers, "method": ctx.method, "jobs": plan.p2_jobs, "rows": rows}
+    figure = {"workers": ctx.workers, "method": ctx.method, "jobs": plan.p2_jobs, "rows": rows}
+    figure["versus_pebble"] = _versus(rows, "pebble")
+    return figure
+
+
+def _p2_round(ctx: harness.Context, library: peers.Library, notes: list[str]) -> int | str:
+    """ns for one run of ``plan.p2_jobs`` no-op jobs in a fresh, warm pool, or why not."""
+    with ctx.capture.heard() as heard:
+        try:
+            with peers.opened(library, ctx.workers, ctx.method) as handle:
+                harness.warm(library, handle.pool, ctx.workers)
+                took = _throughput_run(library, handle.pool, ctx.plan.p2_jobs)
+            notes.extend(harness.handle_notes(handle))
+        except Exception as why:
+            took = f"error: {type(why).__name__}: {why}"
+    notes.extend(heard)
+    return took
+
+
+def _versus(rows: list[dict[str, Any]], peer: str) -> dict[str, Any] | None:
+    """cancelk's rate over ``peer``'s: of the medians, and round by round."""
+    mine = next((r for r in rows if r["name"] == "cancelk" and "status" not in r), None)
+    theirs = next((r for r in rows if r["name"] == peer and "status" not in r), None)
+    if mine is None or theirs is None:
+        return None
+    by_round = [a / b for a, b in zip(mine["jobs_per_s"], theirs["jobs_per_s"])]
+    return {
+        "peer": theirs["library"],
+        "of_medians": mine["jobs_per_s_median"] / theirs["jobs_per_s_median"],
+        "by_round": by_round,
+        "worst_round": min(by_round),
+    }
 
 
 def _map_rss(library: peers.Library, pool: Any, items: int) -> dict[str, Any]:

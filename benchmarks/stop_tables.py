@@ -132,20 +132,23 @@ def table_floor(figure: dict[str, Any]) -> str:
         lambda r: [str(r["n"]), *ms_cells(r), notes_cell(r)],
         lead=("measure",),
     )
-    which = (
+    apart = (
         "a runner SIGKILLed by the benchmark"
         if figure.get("runner_exit", {}).get("n")
         else "a process of a runner's size"
     )
     over = table(
-        f"cancelk over the floor ({which}): p50 = floor p50 + overhead   target overhead <= "
-        f"{floor.OVERHEAD_TARGET_MS:g} ms at p50",
-        ["figure", "n", "cancelk p50 = floor + overhead", "cancelk p99", "floor p99"],
+        "cancelk over the floor: p50 = floor p50 + overhead   target overhead <= "
+        f"{floor.OVERHEAD_TARGET_MS:g} ms at p50\n"
+        "  floor 'paired': each trial followed, in the same pool, by the same job SIGKILLed by "
+        f"the benchmark; 'measured apart': {apart}, above",
+        ["figure", "n", "cancelk p50 = floor + overhead", "cancelk p99", "floor", "floor p99"],
         figure.get("over_floor", []),
         lambda r: [
             str(r["n"]),
             f"{fmt(r['cancelk_p50_ms'])} = {fmt(r['floor_p50_ms'])} + {fmt(r['overhead_ms'])}",
             fmt(r["cancelk_p99_ms"]),
+            f"{r.get('floor', 'measured apart')}, n={r.get('floor_n', '?')}",
             fmt(r["floor_p99_ms"]),
         ],
         lead=("what",),

@@ -17,6 +17,12 @@ pidfd becomes readable (probes.py).  A job still running ``give_up`` (2 s) past
 its deadline or cancel is reported as "not stopped after 2000 ms", killed by the
 benchmark, and the pool is replaced.  P4 and P5 cancel a job 10 ms after it
 reported its start.
+
+cancelk's P3 and P4 trials are each followed, in the same pool, by their floor:
+the same job, started the same way, SIGKILLed by the benchmark at the moment the
+stop would begin (the deadline, or 10 ms after the start), timed until its pidfd
+is readable.  The two alternate trial by trial, so what the machine does
+meanwhile weighs on both alike; floor.py reports the overhead over this floor.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib.util
+import os
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -83,6 +91,53 @@ def _timeout_trial(ctx: harness.Context, kind: str) -> harness.Trial:
     return trial
 
 
+def _floor_trial(
+    ctx: harness.Context, job: Callable[..., Any], kill_after_ns: int
+) -> Callable[[peers.Library, Any], int | str]:
+    """The kernel's part of a stop: ``job`` started as a trial's, its process
+    SIGKILLed ``kill_after_ns`` after its start by the benchmark, ns to exited."""
+
+    def trial(library: peers.Library, pool: Any) -> int | str:
+        reports = ctx.reports
+        token = reports.token()
+        future = library.submit(pool, job, reports.path, token, harness.LONG_JOB_S)
+        start = reports.wait(token, harness.START_LIMIT_S)
+        if start is None:
+            return f"the floor's job did not start within {harness.START_LIMIT_S:.0f} s"
+        pid, started = start
+        watch = probes.Gone(pid)
+        try:
+            time.sleep(max(0.0, (started + kill_after_ns - probes.now_ns()) / 1e9))
+            began = probes.now_ns()
+            os.kill(pid, signal.SIGKILL)
+            gone = watch.wait(began + ctx.give_up_ns)
+        finally:
+            watch.close()
+        if gone is None:
+            return f"a SIGKILLed runner ({pid}) had not exited after {ctx.give_up_ms} ms"
+        future.exception(timeout=harness.RESULT_LIMIT_S)  # the job died
+        return gone - began
+
+    return trial
+
+
+def _with_floor(
+    trial: harness.Trial, floor: Callable[[peers.Library, Any], int | str]
+) -> harness.Trial:
+    """cancelk's trial, then its floor in the same pool (see the module's docstring)."""
+
+    def paired(library: peers.Library, pool: Any) -> harness.Outcome:
+        outcome = trial(library, pool)
+        if isinstance(outcome, str) or library.name != "cancelk":
+            return outcome
+        took = floor(library, pool)
+        if isinstance(took, str):
+            return took
+        return {**outcome, "floor": took}
+
+    return paired
+
+
 def figure_p3(ctx: harness.Context) -> dict[str, Any]:
     plan = ctx.plan
     rows: list[dict[str, Any]] = []
@@ -111,12 +166,14 @@ def figure_p3(ctx: harness.Context) -> dict[str, Any]:
             }
             try:
                 keeper = harness.Keeper(library, 1, ctx.method)
-                result = harness.run_trials(ctx, keeper, _timeout_trial(ctx, kind), plan.p3_trials)
+                floor = _floor_trial(ctx, jobs.KINDS[kind], harness.TIMEOUT_NS)
+                trial = _with_floor(_timeout_trial(ctx, kind), floor)
+                result = harness.run_trials(ctx, keeper, trial, plan.p3_trials)
             except Exception as why:
                 row["status"] = f"error: {type(why).__name__}: {why}"
                 rows.append(row)
                 continue
-            row.update(harness.summaries(result["good"], ("done", "gone", "all")))
+            row.update(harness.summaries(result["good"], ("done", "gone", "all", "floor")))
             row["outcomes"] = dict(collections.Counter(t["outcome"] for t in result["good"]))
             row["failures"] = result["failures"]
             row["notes"] = result["notes"]
@@ -225,12 +282,14 @@ def figure_p4(ctx: harness.Context) -> dict[str, Any]:
             sync_rows.append({**base, "status": library.why_unavailable})
             async_rows.append({**base, "api": "task.cancel()", "status": library.why_unavailable})
             continue
+        floor = _floor_trial(ctx, jobs.sleep, int(SETTLE_S * 1e9))
         ctx.say(f"P4 cancel -> gone ({library.stop_api}): {library.name}")
-        sync_rows.append({**base, **_p4_row(ctx, library, _cancel_trial(ctx), plan)})
+        trial = _with_floor(_cancel_trial(ctx), floor)
+        sync_rows.append({**base, **_p4_row(ctx, library, trial, plan)})
         if isinstance(library, peers.DeadpoolCancel):
             continue  # the asyncio path of Deadpool is Future.cancel() already
         ctx.say(f"P4 asyncio task cancel -> gone: {library.name}")
-        row = _p4_row(ctx, library, _asyncio_trial(ctx), plan)
+        row = _p4_row(ctx, library, _with_floor(_asyncio_trial(ctx), floor), plan)
         async_rows.append({**base, "api": "task.cancel()", **row})
     return {"method": ctx.method, "sync": sync_rows, "asyncio": async_rows}
 
@@ -247,7 +306,7 @@ def _p4_row(
         )
     except Exception as why:
         return {"status": f"error: {type(why).__name__}: {why}"}
-    row = harness.summaries(result["good"], ("call", "done", "gone"))
+    row = harness.summaries(result["good"], ("call", "done", "gone", "floor"))
     returned = collections.Counter(t["returned"] for t in result["good"] if "returned" in t)
     row["returned"] = {str(k): v for k, v in returned.items()}
     row["failures"] = result["failures"]
