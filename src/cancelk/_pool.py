@@ -510,9 +510,12 @@ class Pool:
 
     def _free_runners(self) -> int:
         """Slots whose runner is up or on its way and has no job: the jobs they
-        are about to take are spared by shutdown(cancel_futures=True), as the
-        stdlib spares those already in its call queue.  Runners start on
-        demand, so right after a burst of submits none may be ready yet."""
+        are about to take are spared by shutdown(cancel_futures=True).  Runners
+        start on demand, so right after a burst of submits none may be ready
+        yet, and cancelling the whole queue then would run nothing at all.
+        The stdlib spares more: the max_workers + 1 jobs in its call queue,
+        even while every worker is busy; here a job no runner is about to
+        take is cancelled, as the caller asked."""
         return sum(1 for s in self.slots if s.job is None and (s.connected or s.coming))
 
     def kill_everything(self, reason: str, out: list[Completion]) -> None:

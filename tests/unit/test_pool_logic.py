@@ -385,6 +385,33 @@ def test_shutdown_with_cancel_futures_before_any_runner_is_up_spares_one_job_per
         h.pool.fill_idle()
         assert all(f.running() for f in futures[:3])
         assert not h.pool.finished()
+        for slot, seq, _payload in list(h.io.jobs):
+            h.words.begin(slot, h.words.state(slot), seq)
+            h.words.finish(slot, seq)
+            h.runner_finishes(slot, seq, seq)
+        assert [f.result(0) for f in futures[:3]] == [1, 2, 3]
+        assert h.pool.finished()
+        counts = h.pool.stats()
+        assert counts["submitted"] == 10 and counts["finished"] == 3 and counts["cancelled"] == 7
+        assert counts["pending"] == counts["running"] == 0
+    finally:
+        h.close()
+
+
+def test_jobs_spared_by_shutdown_get_runners_again_after_the_supervisor_is_lost():
+    h = Harness(size=2)
+    try:
+        futures = [h.submit() for _ in range(5)]
+        h.pool.begin_shutdown(True, h.out)
+        h.settle()
+        assert [f.cancelled() for f in futures] == [False, False, True, True, True]
+        h.pool.supervisor_lost(555, 9, h.out)
+        h.settle()
+        h.io.control.clear()
+        h.pool.supervisor_started()
+        asked = [m for m in h.io.control if isinstance(m, _protocol.StartRunner)]
+        assert len(asked) == 2, "the new supervisor is asked for a runner per spared job"
+        assert not h.pool.finished()
     finally:
         h.close()
 
