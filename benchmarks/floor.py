@@ -16,12 +16,14 @@ and P4 ("cancel -> gone") are reported as the floor plus cancelk's overhead
        with its ~170 mappings and the pages it wrote (a fresh interpreter
        grown with one large block has ~40 and shares its pages with its
        parent: its teardown is cheaper than a runner's of the same RSS);
-    3. ``over_floor``: overhead = cancelk p50 - floor p50 (the exit figure: P3
+    3. ``over_floor``: cancelk's overhead over the floor (the exit figure: P3
        and P4 count a zombie as gone), for each P3 job kind and both P4 rows.
        The floor is the row's own when it has one: stops.py follows each of
        cancelk's trials with the same job SIGKILLed by the benchmark, in the
-       same pool, so the two are measured alternately under the same load.
-       Otherwise 2b's (measured after P3 and P4), else 2's.
+       same pool, so the two are measured alternately under the same load,
+       and the overhead is the median of the trials' differences.  Otherwise
+       the floor is 2b's (measured after P3 and P4), else 2's, and the
+       overhead is cancelk p50 - floor p50.
                                                     target overhead <= 0.3 ms at p50
 """
 
@@ -133,19 +135,18 @@ def figure_floor(ctx: harness.Context) -> dict[str, Any]:
     return {"method": ctx.method, "trials": ctx.plan.floor_trials, "notes": heard, **measured}
 
 
-def _cancelk_rows(figures: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(what, summary, its paired floor) of cancelk's P3 "both" per job kind
-    and P4 "gone" rows; the floor is {} when the row has none."""
-    rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+def _cancelk_rows(figures: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(what, row) of cancelk's P3 rows per job kind ("all": done and gone,
+    as ``measure``) and P4 rows ("gone")."""
+    rows: list[tuple[str, dict[str, Any]]] = []
     for row in figures.get("P3", {}).get("rows", []):
         if row["name"] == "cancelk" and "kind" in row and "status" not in row:
             label = harness.KIND_LABELS[row["kind"]]
-            what = f"P3 {label}: deadline -> done and gone"
-            rows.append((what, row["all"], row.get("floor", {})))
+            rows.append((f"P3 {label}: deadline -> done and gone", {**row, "measure": row["all"]}))
     for part, call in (("sync", "cancel()"), ("asyncio", "task.cancel()")):
         for row in figures.get("P4", {}).get(part, []):
             if row["name"] == "cancelk" and "status" not in row:
-                rows.append((f"P4 {part} {call} -> gone", row["gone"], row.get("floor", {})))
+                rows.append((f"P4 {part} {call} -> gone", {**row, "measure": row["gone"]}))
     return rows
 
 
@@ -160,14 +161,19 @@ def _run_floor(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def over_floor(figures: dict[str, Any]) -> list[dict[str, Any]]:
-    """cancelk's P3/P4 figures as floor + overhead (overhead = cancelk p50 - floor p50)."""
+    """cancelk's P3/P4 figures beside their floor, and the overhead over it."""
     apart = _run_floor(figures)
     out = []
-    for what, summary, paired in _cancelk_rows(figures):
+    for what, row in _cancelk_rows(figures):
+        summary, paired = row["measure"], row.get("floor", {})
         floor, kind = (paired, "paired") if paired.get("n") else (apart, "measured apart")
         if not summary.get("n") or not floor.get("n"):
             continue
-        overhead = summary["median_ms"] - floor["median_ms"]
+        differences = row.get("over_floor", {})
+        if kind == "paired" and differences.get("n"):
+            overhead = differences["median_ms"]  # the median of the trials' own differences
+        else:
+            overhead = summary["median_ms"] - floor["median_ms"]
         out.append(
             {
                 "what": what,

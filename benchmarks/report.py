@@ -114,9 +114,9 @@ def _verdicts_p7(figure: dict[str, Any]) -> list[str]:
 
 def _verdicts_floor(figure: dict[str, Any]) -> list[str]:
     return [
-        f"{row['what']}: p50 {fmt(row['cancelk_p50_ms'])} = floor "
-        f"({row.get('floor', 'measured apart')}) {fmt(row['floor_p50_ms'])} "
-        f"+ overhead {fmt(row['overhead_ms'])} ms (target overhead <= "
+        f"{row['what']}: p50 {fmt(row['cancelk_p50_ms'])}, floor "
+        f"({row.get('floor', 'measured apart')}) {fmt(row['floor_p50_ms'])}, overhead "
+        f"{row['overhead_ms']:+.3f} ms (target overhead <= "
         f"{floor.OVERHEAD_TARGET_MS:g}): {_met(row['met'])}"
         for row in figure.get("over_floor", [])
     ]

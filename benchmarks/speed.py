@@ -80,17 +80,17 @@ def _throughput_run(
 
 
 def figure_p2(ctx: harness.Context) -> dict[str, Any]:
-    """Rounds of one run per library, each in a fresh pool, the order rotated
-    every round: what the machine does meanwhile weighs on every library alike,
-    and each round gives a ratio of runs made side by side."""
+    """Rounds of one run per library, each in a fresh pool, the order reversed
+    every other round: what the machine does meanwhile weighs on every library
+    alike, and neighbours (cancelk and Pebble) run next to each other, each
+    first in turn, so each round gives a ratio of runs made side by side."""
     plan = ctx.plan
     libraries = list(peers.LIBRARIES)
     runs: dict[str, list[int]] = {library.name: [] for library in libraries}
     failures: dict[str, str] = {}
     notes: dict[str, list[str]] = {library.name: [] for library in libraries}
     for round_index in range(plan.p2_repeats):
-        turn = round_index % len(libraries)
-        for library in libraries[turn:] + libraries[:turn]:
+        for library in libraries[:: -1 if round_index % 2 else 1]:
             if not library.available or library.name in failures:
                 continue
             ctx.say(

@@ -110,15 +110,53 @@ def table_p5(figure: dict[str, Any]) -> str:
 def table_floor(figure: dict[str, Any]) -> str:
     title = "P3/P4 kernel floor"
     if "status" in figure:
-        return f"{title}: not measured: {figure['status']}"
+        measured = f"{title}: not measured apart: {figure['status']}"
+    else:
+        measured = _table_floor_apart(figure, title)
+    apart = (
+        "a runner SIGKILLed by the benchmark"
+        if figure.get("runner_exit", {}).get("n")
+        else "a process of a runner's size"
+    )
+    over = table(
+        f"cancelk over the floor   target overhead <= {floor.OVERHEAD_TARGET_MS:g} ms at p50\n"
+        "  floor 'paired': each trial followed, in the same pool, by the same job SIGKILLed by "
+        "the benchmark; overhead = the median of the trials' differences\n"
+        f"  floor 'measured apart': {apart}; overhead = cancelk p50 - floor p50",
+        [
+            "figure",
+            "n",
+            "cancelk p50",
+            "floor p50",
+            "overhead",
+            "cancelk p99",
+            "floor p99",
+            "floor",
+        ],
+        figure.get("over_floor", []),
+        lambda r: [
+            str(r["n"]),
+            fmt(r["cancelk_p50_ms"]),
+            fmt(r["floor_p50_ms"]),
+            f"{r['overhead_ms']:+.3f}",
+            fmt(r["cancelk_p99_ms"]),
+            fmt(r["floor_p99_ms"]),
+            f"{r.get('floor', 'measured apart')}, n={r.get('floor_n', '?')}",
+        ],
+        lead=("what",),
+    )
+    return measured + "\n\n" + over
+
+
+def _table_floor_apart(figure: dict[str, Any], title: str) -> str:
     floor_mb = figure["floor_rss_mb"]
     sizes = f"a cancelk runner {figure['runner_rss_mb']:.1f} MB RSS, " + (
         f"the killed process {floor_mb:.1f} MB" if floor_mb is not None else "killed process"
     )
     wait = "its pidfd is readable (exited)" if figure["clock"] == "pidfd" else "waitpid returns"
-    measured = table(
-        f"{title} ({figure['method']}): fork a process of a runner's size ({sizes}), "
-        f"SIGKILL it, ms until {wait} / until it is reaped",
+    return table(
+        f"{title} ({figure['method']}), measured apart: fork a process of a runner's size "
+        f"({sizes}), SIGKILL it, ms until {wait} / until it is reaped",
         ["measure", "n", "p50 ms", "p99 ms", "notes"],
         [
             {"measure": "SIGKILL -> exited", **figure["exit"], "notes": figure["notes"]},
@@ -132,25 +170,3 @@ def table_floor(figure: dict[str, Any]) -> str:
         lambda r: [str(r["n"]), *ms_cells(r), notes_cell(r)],
         lead=("measure",),
     )
-    apart = (
-        "a runner SIGKILLed by the benchmark"
-        if figure.get("runner_exit", {}).get("n")
-        else "a process of a runner's size"
-    )
-    over = table(
-        "cancelk over the floor: p50 = floor p50 + overhead   target overhead <= "
-        f"{floor.OVERHEAD_TARGET_MS:g} ms at p50\n"
-        "  floor 'paired': each trial followed, in the same pool, by the same job SIGKILLed by "
-        f"the benchmark; 'measured apart': {apart}, above",
-        ["figure", "n", "cancelk p50 = floor + overhead", "cancelk p99", "floor", "floor p99"],
-        figure.get("over_floor", []),
-        lambda r: [
-            str(r["n"]),
-            f"{fmt(r['cancelk_p50_ms'])} = {fmt(r['floor_p50_ms'])} + {fmt(r['overhead_ms'])}",
-            fmt(r["cancelk_p99_ms"]),
-            f"{r.get('floor', 'measured apart')}, n={r.get('floor_n', '?')}",
-            fmt(r["floor_p99_ms"]),
-        ],
-        lead=("what",),
-    )
-    return measured + "\n\n" + over

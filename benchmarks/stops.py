@@ -22,7 +22,8 @@ cancelk's P3 and P4 trials are each followed, in the same pool, by their floor:
 the same job, started the same way, SIGKILLed by the benchmark at the moment the
 stop would begin (the deadline, or 10 ms after the start), timed until its pidfd
 is readable.  The two alternate trial by trial, so what the machine does
-meanwhile weighs on both alike; floor.py reports the overhead over this floor.
+meanwhile weighs on both alike; floor.py reports the overhead over this floor
+as the median of the trials' differences.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def _floor_trial(
         future = library.submit(pool, job, reports.path, token, harness.LONG_JOB_S)
         start = reports.wait(token, harness.START_LIMIT_S)
         if start is None:
+            future.cancel()  # cancelk's cancel: queued or running, it goes
             return f"the floor's job did not start within {harness.START_LIMIT_S:.0f} s"
         pid, started = start
         watch = probes.Gone(pid)
@@ -114,6 +116,7 @@ def _floor_trial(
         finally:
             watch.close()
         if gone is None:
+            peers.kill_tree(pid)
             return f"a SIGKILLed runner ({pid}) had not exited after {ctx.give_up_ms} ms"
         future.exception(timeout=harness.RESULT_LIMIT_S)  # the job died
         return gone - began
@@ -122,20 +125,30 @@ def _floor_trial(
 
 
 def _with_floor(
-    trial: harness.Trial, floor: Callable[[peers.Library, Any], int | str]
+    trial: harness.Trial, floor: Callable[[peers.Library, Any], int | str], measure: str
 ) -> harness.Trial:
-    """cancelk's trial, then its floor in the same pool (see the module's docstring)."""
+    """cancelk's trial, then its floor in the same pool (see the module's
+    docstring); ``over_floor`` is the trial's ``measure`` minus its floor.  A
+    floor that fails is noted; the trial's own figures still count."""
 
     def paired(library: peers.Library, pool: Any) -> harness.Outcome:
         outcome = trial(library, pool)
         if isinstance(outcome, str) or library.name != "cancelk":
             return outcome
-        took = floor(library, pool)
+        try:
+            took = floor(library, pool)
+        except Exception as why:
+            took = f"{type(why).__name__}: {why}"
         if isinstance(took, str):
-            return took
-        return {**outcome, "floor": took}
+            return {**outcome, "floor_failed": took}
+        return {**outcome, "floor": took, "over_floor": outcome[measure] - took}
 
     return paired
+
+
+def _floor_notes(good: list[dict[str, Any]]) -> list[str]:
+    failed = collections.Counter(t["floor_failed"] for t in good if "floor_failed" in t)
+    return [f"paired floor not measured ({n}x): {why}" for why, n in failed.items()]
 
 
 def figure_p3(ctx: harness.Context) -> dict[str, Any]:
@@ -167,16 +180,17 @@ def figure_p3(ctx: harness.Context) -> dict[str, Any]:
             try:
                 keeper = harness.Keeper(library, 1, ctx.method)
                 floor = _floor_trial(ctx, jobs.KINDS[kind], harness.TIMEOUT_NS)
-                trial = _with_floor(_timeout_trial(ctx, kind), floor)
+                trial = _with_floor(_timeout_trial(ctx, kind), floor, "all")
                 result = harness.run_trials(ctx, keeper, trial, plan.p3_trials)
             except Exception as why:
                 row["status"] = f"error: {type(why).__name__}: {why}"
                 rows.append(row)
                 continue
-            row.update(harness.summaries(result["good"], ("done", "gone", "all", "floor")))
+            measures = ("done", "gone", "all", "floor", "over_floor")
+            row.update(harness.summaries(result["good"], measures))
             row["outcomes"] = dict(collections.Counter(t["outcome"] for t in result["good"]))
             row["failures"] = result["failures"]
-            row["notes"] = result["notes"]
+            row["notes"] = result["notes"] + _floor_notes(result["good"])
             rows.append(row)
     return {"method": ctx.method, "timeout_ms": harness.TIMEOUT_S * 1e3, "rows": rows}
 
@@ -284,12 +298,12 @@ def figure_p4(ctx: harness.Context) -> dict[str, Any]:
             continue
         floor = _floor_trial(ctx, jobs.sleep, int(SETTLE_S * 1e9))
         ctx.say(f"P4 cancel -> gone ({library.stop_api}): {library.name}")
-        trial = _with_floor(_cancel_trial(ctx), floor)
+        trial = _with_floor(_cancel_trial(ctx), floor, "gone")
         sync_rows.append({**base, **_p4_row(ctx, library, trial, plan)})
         if isinstance(library, peers.DeadpoolCancel):
             continue  # the asyncio path of Deadpool is Future.cancel() already
         ctx.say(f"P4 asyncio task cancel -> gone: {library.name}")
-        row = _p4_row(ctx, library, _with_floor(_asyncio_trial(ctx), floor), plan)
+        row = _p4_row(ctx, library, _with_floor(_asyncio_trial(ctx), floor, "gone"), plan)
         async_rows.append({**base, "api": "task.cancel()", **row})
     return {"method": ctx.method, "sync": sync_rows, "asyncio": async_rows}
 
@@ -306,11 +320,11 @@ def _p4_row(
         )
     except Exception as why:
         return {"status": f"error: {type(why).__name__}: {why}"}
-    row = harness.summaries(result["good"], ("call", "done", "gone", "floor"))
+    row = harness.summaries(result["good"], ("call", "done", "gone", "floor", "over_floor"))
     returned = collections.Counter(t["returned"] for t in result["good"] if "returned" in t)
     row["returned"] = {str(k): v for k, v in returned.items()}
     row["failures"] = result["failures"]
-    row["notes"] = result["notes"]
+    row["notes"] = result["notes"] + _floor_notes(result["good"])
     return row
 
 
