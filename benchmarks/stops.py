@@ -92,6 +92,24 @@ def _timeout_trial(ctx: harness.Context, kind: str) -> harness.Trial:
     return trial
 
 
+def _time_stop(
+    ctx: harness.Context, pid: int, stop: Callable[[], Any]
+) -> tuple[int, int, int | None, Any]:
+    """``stop()``, timed until ``pid`` is gone: (began, stop returned, gone or
+    None, what it returned), monotonic ns; a ``pid`` still there is killed."""
+    watch = probes.Gone(pid)  # before the stop: the pid cannot be reused meanwhile
+    try:
+        began = probes.now_ns()
+        returned = stop()
+        called = probes.now_ns()
+        gone = watch.wait(began + ctx.give_up_ns)
+    finally:
+        watch.close()
+    if gone is None:
+        peers.kill_tree(pid)
+    return began, called, gone, returned
+
+
 def _floor_trial(
     ctx: harness.Context, job: Callable[..., Any], kill_after_ns: int
 ) -> Callable[[peers.Library, Any], int | str]:
@@ -107,16 +125,9 @@ def _floor_trial(
             future.cancel()  # cancelk's cancel: queued or running, it goes
             return f"the floor's job did not start within {harness.START_LIMIT_S:.0f} s"
         pid, started = start
-        watch = probes.Gone(pid)
-        try:
-            time.sleep(max(0.0, (started + kill_after_ns - probes.now_ns()) / 1e9))
-            began = probes.now_ns()
-            os.kill(pid, signal.SIGKILL)
-            gone = watch.wait(began + ctx.give_up_ns)
-        finally:
-            watch.close()
+        time.sleep(max(0.0, (started + kill_after_ns - probes.now_ns()) / 1e9))
+        began, _, gone, _ = _time_stop(ctx, pid, lambda: os.kill(pid, signal.SIGKILL))
         if gone is None:
-            peers.kill_tree(pid)
             return f"a SIGKILLed runner ({pid}) had not exited after {ctx.give_up_ms} ms"
         future.exception(timeout=harness.RESULT_LIMIT_S)  # the job died
         return gone - began
@@ -206,18 +217,10 @@ def _cancel_trial(ctx: harness.Context) -> harness.Trial:
         if start is None:
             return f"the job did not start within {harness.START_LIMIT_S:.0f} s"
         pid = start[0]
-        watch = probes.Gone(pid)
         time.sleep(SETTLE_S)
-        try:
-            began = probes.now_ns()
-            returned = library.stop(pool, future)
-            called = probes.now_ns()
-            gone = watch.wait(began + ctx.give_up_ns)
-            done = clock.wait(began + ctx.give_up_ns)
-        finally:
-            watch.close()
+        began, called, gone, returned = _time_stop(ctx, pid, lambda: library.stop(pool, future))
+        done = clock.wait(began + ctx.give_up_ns)
         if gone is None:
-            peers.kill_tree(pid)
             return f"{library.stop_api} returned {returned}; not stopped after {ctx.give_up_ms} ms"
         if done is None:
             return f"process gone, future not done after {ctx.give_up_ms} ms"
