@@ -123,7 +123,16 @@ class FrameReader:
                 else:
                     chunk = sock.recv(_CHUNK)
                     count = len(chunk)
-                    self._take(chunk, frames)
+                    if (
+                        count > _HEADER_SIZE
+                        and not self._buffer
+                        and _unpack_header(chunk, 0)[0] == count - _HEADER_SIZE
+                    ):
+                        # The usual read, one result: exactly one whole frame,
+                        # small (under _CHUNK), cut out without _take's loop.
+                        frames.append(chunk[_HEADER_SIZE:])
+                    else:
+                        self._take(chunk, frames)
                     if 0 < count < _CHUNK and not wait:
                         # Short read: the socket was drained.  A further recv
                         # would only fail (one syscall and one exception per

@@ -188,3 +188,30 @@ def test_receive_on_a_non_blocking_socket_returns_what_is_there():
     finally:
         left.close()
         right.close()
+
+
+def test_receive_cuts_one_whole_frame_per_read_and_whatever_else_comes():
+    import socket
+
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    reader = _wire.FrameReader()
+    try:
+        sends = [
+            (_wire.frame(b"first"), [b"first"]),  # exactly one frame: the usual read
+            (_wire.frame(b""), [b""]),
+            (_wire.frame(b"x") + _wire.frame(b"yz"), [b"x", b"yz"]),
+            (_wire.frame(b"part")[:6], []),  # a frame's head only: kept
+            (_wire.frame(b"part")[6:], [b"part"]),
+            (_wire.frame(b"\x00" * 1000), [b"\x00" * 1000]),
+        ]
+        for data, expected in sends:
+            left.sendall(data)
+            frames, ended = reader.receive(right)
+            assert [bytes(f) for f in frames] == expected and not ended
+        left.close()
+        assert reader.receive(right) == ([], True)
+    finally:
+        right.close()
+        if left.fileno() >= 0:
+            left.close()
