@@ -444,6 +444,25 @@ def test_supervisor_killed_mid_run_every_future_ends_once(make_pool, backend, sc
 
 
 @pytest.mark.timeout(60)
+def test_a_submit_that_races_the_pool_breaking_raises_broken_process_pool(make_pool, monkeypatch):
+    """A submit that passed its usability check just before the pool broke and
+    stopped must say the pool is broken, not that it was shut down."""
+    exe = make_pool(1, initializer=jobs.init_fail_always, initargs=("init boom",))
+    first = exe.submit(jobs.outcome_job, "result", "first")
+    with pytest.raises(BrokenProcessPool):
+        first.result(timeout=RESULT_WAIT)
+    manager = exe._manager
+    give_up = time.monotonic() + RESULT_WAIT
+    while not manager.io.stopped and time.monotonic() < give_up:
+        time.sleep(0.01)
+    assert manager.io.stopped
+    monkeypatch.setattr(manager, "check_usable", lambda: None)  # as if checked before the break
+    with pytest.raises(BrokenProcessPool, match="broken") as raised:
+        exe.submit(jobs.outcome_job, "result", "late")
+    assert isinstance(raised.value.__cause__, BrokenProcessPool)
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("initializer", ["always", "half"])
 def test_initializer_failure_with_threads_submitting_ends_every_future_once(make_pool, initializer):
     fail = jobs.init_fail_always if initializer == "always" else jobs.init_fail_on_odd_pid

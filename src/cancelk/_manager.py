@@ -88,7 +88,10 @@ class Manager:
         """Take the job; what refused it, if anything (its future fails with it)."""
         why: Exception
         if self.io.stopped:
-            why = _after_shutdown()
+            # Broken after this submit's check_usable(): the pool stopped
+            # because it broke, not because the caller shut it down.
+            broken = self.pool.broken
+            why = _after_shutdown() if broken is None else _broken_error(broken)
         else:
             if module is not None:
                 self.io.note_module(module)
@@ -114,7 +117,7 @@ class Manager:
             return
         self._check_not_forked()
         if broken is not None:
-            raise BrokenProcessPool(f"the pool is broken: {broken}") from broken
+            raise _broken_error(broken)
         if self.closing:
             raise _after_shutdown()
 
@@ -257,6 +260,12 @@ _TEARDOWN_WAIT = 5.0  # seconds a Ctrl-C'd shutdown waits for killed jobs to be 
 
 def _after_shutdown() -> RuntimeError:
     return RuntimeError("cannot schedule new futures after shutdown")
+
+
+def _broken_error(broken: BaseException) -> BrokenProcessPool:
+    error = BrokenProcessPool(f"the pool is broken: {broken}")
+    error.__cause__ = broken
+    return error
 
 
 _live_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
