@@ -215,3 +215,33 @@ def test_receive_cuts_one_whole_frame_per_read_and_whatever_else_comes():
         right.close()
         if left.fileno() >= 0:
             left.close()
+
+
+def test_feed_and_read_fd_cut_the_same_frames_as_receive():
+    import os
+
+    sends = [
+        (_wire.frame(b"first"), [b"first"]),  # exactly one frame: the usual read
+        (_wire.frame(b""), [b""]),
+        (_wire.frame(b"x") + _wire.frame(b"yz"), [b"x", b"yz"]),
+        (_wire.frame(b"part")[:6], []),
+        (_wire.frame(b"part")[6:], [b"part"]),
+        (_wire.frame(b"\x01" * 1000), [b"\x01" * 1000]),
+    ]
+    fed = _wire.FrameReader()
+    for data, expected in sends:
+        assert [bytes(f) for f in fed.feed(data)] == expected
+    read_end, write_end = os.pipe()
+    reader = _wire.FrameReader()
+    try:
+        for data, expected in sends:
+            os.write(write_end, data)
+            frames, ended = reader.read_fd(read_end)
+            assert [bytes(f) for f in frames] == expected and not ended
+        os.close(write_end)
+        write_end = -1
+        assert reader.read_fd(read_end) == ([], True)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
