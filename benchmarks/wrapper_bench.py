@@ -139,6 +139,7 @@ def measure_backend(backend: str, plan: Plan, start_method: str) -> dict[str, An
             wrapper_jobs.time_calls_in_worker, plan.calls, plan.warmup_calls
         ).result()
         trips = time_round_trips(pool, plan.round_trips, plan.warmup_calls)
+        handoff = pool.submit(wrapper_jobs.handoff_floor_in_worker, plan.calls // 5).result()
         floor = pool.submit(
             wrapper_jobs.teardown_floor_in_worker, plan.timeout_trials, plan.warmup_trials
         ).result()
@@ -160,6 +161,7 @@ def measure_backend(backend: str, plan: Plan, start_method: str) -> dict[str, An
             "fresh": stats.summarize(calls["fresh"]),
             "fresh_overhead": stats.summarize(_overhead(calls["fresh"], calls["direct"])),
             "fork_exit_reap": stats.summarize(calls["fork_floor"]),
+            "handoff_floor": stats.summarize(handoff),
         },
         "p6_round_trip": {
             "plain": stats.summarize(trips["plain"]),

@@ -11,6 +11,9 @@ these functions to it); everything here is timed there, not in the user process.
                               a standby runs it), N x the same forked at the call
                               (killable_wrapper_fresh=True, the only way before),
                               N bare forks
+    handoff_floor_in_worker   the floor under P6: a job handed to an idle copy of
+                              this worker forked ahead of time (pickle, one
+                              write, one read, both ways), nothing else
     timeout_trials_in_worker  killable_wrapper(job, timeout=50 ms): deadline ->
                               ProcessTimeoutError raised, -> every job process gone
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import pickle
 import subprocess
 import threading
 import time
@@ -45,6 +49,7 @@ __all__ = [
     "KIND_LABELS",
     "TIMEOUT_NS",
     "TIMEOUT_S",
+    "handoff_floor_in_worker",
     "noop",
     "set_backend",
     "time_calls_in_worker",
@@ -212,6 +217,92 @@ def _timed(calls: int, call: Callable[[], object]) -> list[int]:
         call()
         samples.append(clock() - t)
     return samples
+
+
+# Copies of the worker forked at once, each used for one floor trial: their
+# forks are not timed, and the first trial after each batch is dropped (this
+# worker's first write to each page it now shares with the batch faults).
+_HANDOFF_BATCH = 20
+
+
+def _warm_other() -> None:
+    return None
+
+
+def _serve_one_job(channel: int) -> None:  # pragma: no cover - runs in the fork
+    """A copy of the worker that takes one pickled job and answers its
+    pickled outcome, warmed like a standby (a round trip of another
+    function first); it never goes back into the pool's code."""
+    code = 0
+    try:
+        warm = pickle.loads(pickle.dumps((_warm_other, (), {}), pickle.HIGHEST_PROTOCOL))
+        pickle.dumps(("ok", warm[0]()), pickle.HIGHEST_PROTOCOL)
+        os.write(channel, b"r")  # warmed up: the trials wait for every copy to be
+        data = os.read(channel, 1 << 16)
+        if data:
+            fn, args, kwargs = pickle.loads(data)
+            os.write(channel, pickle.dumps(("ok", fn(*args, **kwargs)), pickle.HIGHEST_PROTOCOL))
+            os.read(channel, 1)  # until the worker closes its end, after its timed read
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _fork_servers(count: int) -> list[tuple[int, int]]:
+    import socket
+
+    servers: list[tuple[int, int]] = []
+    try:
+        for _ in range(count):
+            ours, theirs = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the fork
+                ours.close()
+                for _pid, fd in servers:
+                    os.close(fd)
+                _serve_one_job(theirs.detach())
+            theirs.close()
+            servers.append((pid, ours.detach()))
+        for _pid, fd in servers:
+            if os.read(fd, 1) != b"r":
+                raise RuntimeError("a copy of the worker for the P6 floor did not start")
+    except BaseException:
+        _end_servers(servers)
+        raise
+    return servers
+
+
+def _end_servers(servers: Sequence[tuple[int, int]]) -> None:
+    for pid, fd in servers:
+        os.close(fd)  # EOF: an unused server exits
+        os.waitpid(pid, 0)
+
+
+def handoff_floor_in_worker(trials: int) -> list[int]:
+    """ns per job handed to an idle pre-forked copy of this worker, after the
+    same GAP_S pause as P6's calls: pickle, write, the copy reads, unpickles,
+    calls, pickles, writes, this worker reads and unpickles.  The least any
+    standby design pays here; killable_wrapper adds what its guarantees need
+    (the state check, the fd table, watching and killing the job)."""
+    clock = time.perf_counter_ns
+    samples: list[int] = []
+    while len(samples) < trials:
+        servers = _fork_servers(_HANDOFF_BATCH)
+        try:
+            for index, (_pid, fd) in enumerate(servers):
+                time.sleep(GAP_S)
+                t = clock()
+                os.write(fd, pickle.dumps((noop, (), {}), pickle.HIGHEST_PROTOCOL))
+                outcome = pickle.loads(os.read(fd, 1 << 16))
+                took = clock() - t
+                if outcome != ("ok", None):
+                    raise RuntimeError(f"the floor's server answered {outcome!r}")
+                if index:
+                    samples.append(took)
+        finally:
+            _end_servers(servers)
+    return samples[:trials]
 
 
 def teardown_floor_in_worker(trials: int, warmup: int) -> dict[str, Any]:

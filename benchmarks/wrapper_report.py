@@ -35,6 +35,7 @@ P6_ROWS = (
     ("p6_in_worker", "fresh", "in worker: forked at the call (fresh=True)"),
     ("p6_in_worker", "fresh_overhead", "in worker: OVERHEAD, forked at the call"),
     ("p6_in_worker", "fork_exit_reap", "in worker: bare fork+_exit+waitpid"),
+    ("p6_in_worker", "handoff_floor", "in worker: FLOOR, job to an idle pre-forked copy"),
     ("p6_round_trip", "plain", "round trip: submit(noop)"),
     ("p6_round_trip", "killable_wrapper", "round trip: submit(killable_wrapper, noop)"),
     ("p6_round_trip", "overhead", "round trip: OVERHEAD"),
@@ -114,9 +115,12 @@ def _verdicts(measured: dict[str, Any]) -> list[str]:
             if floor is not None and floor == floor  # not NaN
             else ""
         )
+        handoff = result["p6_in_worker"].get("handoff_floor", {}).get("median_ms")
+        handoff_note = f" (floor, a bare hand-off: {handoff:.3f})" if handoff is not None else ""
         lines.append(
-            f"{name}: P6 overhead p50 {overhead['median_ms']:.3f} ms (target <= {P6_TARGET_MS}) "
-            f"{'MET' if ok6 else 'NOT MET'}; P3 worst all-gone p50 {worst50:.3f}{over} / "
+            f"{name}: P6 overhead p50 {overhead['median_ms']:.3f} ms{handoff_note} "
+            f"(target <= {P6_TARGET_MS}) {'MET' if ok6 else 'NOT MET'}; "
+            f"P3 worst all-gone p50 {worst50:.3f}{over} / "
             f"p99 {gone['p99_ms']:.3f} ms ({KIND_LABELS[worst]}; target 0.5 / 2) "
             f"{'MET' if ok3 else 'NOT MET'}; failed trials: {failures}"
         )
