@@ -229,12 +229,15 @@ def _warm_other() -> None:
     return None
 
 
-def _serve_one_job(channel: int) -> None:  # pragma: no cover - runs in the fork
+def _serve_one_job(channel: int, others: Sequence[int]) -> None:  # pragma: no cover - the fork
     """A copy of the worker that takes one pickled job and answers its
     pickled outcome, warmed like a standby (a round trip of another
-    function first); it never goes back into the pool's code."""
+    function first); it never goes back into the pool's code.  ``others``:
+    the worker's ends of the other copies' channels, closed here."""
     code = 0
     try:
+        for fd in others:
+            os.close(fd)
         warm = pickle.loads(pickle.dumps((_warm_other, (), {}), pickle.HIGHEST_PROTOCOL))
         pickle.dumps(("ok", warm[0]()), pickle.HIGHEST_PROTOCOL)
         os.write(channel, b"r")  # warmed up: the trials wait for every copy to be
@@ -258,10 +261,7 @@ def _fork_servers(count: int) -> list[tuple[int, int]]:
             ours, theirs = socket.socketpair()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the fork
-                ours.close()
-                for _pid, fd in servers:
-                    os.close(fd)
-                _serve_one_job(theirs.detach())
+                _serve_one_job(theirs.fileno(), [ours.fileno(), *(fd for _pid, fd in servers)])
             theirs.close()
             servers.append((pid, ours.detach()))
         for _pid, fd in servers:
@@ -287,7 +287,7 @@ def handoff_floor_in_worker(trials: int) -> list[int]:
     (the state check, the fd table, watching and killing the job)."""
     clock = time.perf_counter_ns
     samples: list[int] = []
-    while len(samples) < trials:
+    while len(samples) < max(trials, 1):
         servers = _fork_servers(_HANDOFF_BATCH)
         try:
             for index, (_pid, fd) in enumerate(servers):
@@ -302,7 +302,7 @@ def handoff_floor_in_worker(trials: int) -> list[int]:
                     samples.append(took)
         finally:
             _end_servers(servers)
-    return samples[:trials]
+    return samples[: max(trials, 1)]
 
 
 def teardown_floor_in_worker(trials: int, warmup: int) -> dict[str, Any]:
