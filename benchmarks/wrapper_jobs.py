@@ -30,6 +30,7 @@ import ctypes
 import math
 import os
 import pickle
+import socket
 import subprocess
 import threading
 import time
@@ -253,8 +254,6 @@ def _serve_one_job(channel: int, others: Sequence[int]) -> None:  # pragma: no c
 
 
 def _fork_servers(count: int) -> list[tuple[int, int]]:
-    import socket
-
     servers: list[tuple[int, int]] = []
     try:
         for _ in range(count):
