@@ -637,7 +637,11 @@ def test_every_future_of_a_chaotic_mix_ends_once_with_an_allowed_outcome(
         f"actor lateness median {statistics.median(late) * 1e3:.2f} ms, "
         f"max {late[-1] * 1e3:.2f} ms; stats {run.stats}"
     )
-    # the mix really raced both ways somewhere
-    races = by_kind.get("cancel_race", {})
+    # the mix really raced both ways somewhere.  Counted over every kind that
+    # races a cancel against the job's end: one kind alone (52 jobs of 0-5 ms,
+    # the cancel 0-6 ms after the start, the actor 1.4 ms late at the median)
+    # lost every race in one clean-clone run.
+    racing = ("cancel_race", "cancel_race_raise", "cancel_grace_race")
+    won = sum(by_kind.get(kind, {}).get("cancelled", 0) for kind in racing)
     if n >= 400:
-        assert races.get("cancelled", 0) > 0, f"{where}: no cancel race was won by the cancel"
+        assert won > 0, f"{where}: no cancel race was won by the cancel"
