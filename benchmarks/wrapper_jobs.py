@@ -258,7 +258,12 @@ def _fork_servers(count: int) -> list[tuple[int, int]]:
     try:
         for _ in range(count):
             ours, theirs = socket.socketpair()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except BaseException:
+                ours.close()
+                theirs.close()
+                raise
             if pid == 0:  # pragma: no cover - the fork
                 _serve_one_job(theirs.fileno(), [ours.fileno(), *(fd for _pid, fd in servers)])
             theirs.close()
@@ -285,8 +290,9 @@ def handoff_floor_in_worker(trials: int) -> list[int]:
     standby design pays here; killable_wrapper adds what its guarantees need
     (the state check, the fd table, watching and killing the job)."""
     clock = time.perf_counter_ns
+    wanted = max(trials, 1)
     samples: list[int] = []
-    while len(samples) < max(trials, 1):
+    while len(samples) < wanted:
         servers = _fork_servers(_HANDOFF_BATCH)
         try:
             for index, (_pid, fd) in enumerate(servers):
@@ -301,7 +307,7 @@ def handoff_floor_in_worker(trials: int) -> list[int]:
                     samples.append(took)
         finally:
             _end_servers(servers)
-    return samples[: max(trials, 1)]
+    return samples[:wanted]
 
 
 def teardown_floor_in_worker(trials: int, warmup: int) -> dict[str, Any]:

@@ -190,6 +190,18 @@ def test_receive_on_a_non_blocking_socket_returns_what_is_there():
         right.close()
 
 
+# What each read brings, and the frames it completes (reads in this order,
+# into one reader): every way of cutting must agree on them.
+_CUT_CASES = [
+    (_wire.frame(b"first"), [b"first"]),  # exactly one frame: the usual read
+    (_wire.frame(b""), [b""]),
+    (_wire.frame(b"x") + _wire.frame(b"yz"), [b"x", b"yz"]),
+    (_wire.frame(b"part")[:6], []),  # a frame's head only: kept
+    (_wire.frame(b"part")[6:], [b"part"]),
+    (_wire.frame(b"\x00" * 1000), [b"\x00" * 1000]),
+]
+
+
 def test_receive_cuts_one_whole_frame_per_read_and_whatever_else_comes():
     import socket
 
@@ -197,15 +209,7 @@ def test_receive_cuts_one_whole_frame_per_read_and_whatever_else_comes():
     right.setblocking(False)
     reader = _wire.FrameReader()
     try:
-        sends = [
-            (_wire.frame(b"first"), [b"first"]),  # exactly one frame: the usual read
-            (_wire.frame(b""), [b""]),
-            (_wire.frame(b"x") + _wire.frame(b"yz"), [b"x", b"yz"]),
-            (_wire.frame(b"part")[:6], []),  # a frame's head only: kept
-            (_wire.frame(b"part")[6:], [b"part"]),
-            (_wire.frame(b"\x00" * 1000), [b"\x00" * 1000]),
-        ]
-        for data, expected in sends:
+        for data, expected in _CUT_CASES:
             left.sendall(data)
             frames, ended = reader.receive(right)
             assert [bytes(f) for f in frames] == expected and not ended
@@ -220,21 +224,13 @@ def test_receive_cuts_one_whole_frame_per_read_and_whatever_else_comes():
 def test_feed_and_read_fd_cut_the_same_frames_as_receive():
     import os
 
-    sends = [
-        (_wire.frame(b"first"), [b"first"]),  # exactly one frame: the usual read
-        (_wire.frame(b""), [b""]),
-        (_wire.frame(b"x") + _wire.frame(b"yz"), [b"x", b"yz"]),
-        (_wire.frame(b"part")[:6], []),
-        (_wire.frame(b"part")[6:], [b"part"]),
-        (_wire.frame(b"\x01" * 1000), [b"\x01" * 1000]),
-    ]
     fed = _wire.FrameReader()
-    for data, expected in sends:
+    for data, expected in _CUT_CASES:
         assert [bytes(f) for f in fed.feed(data)] == expected
     read_end, write_end = os.pipe()
     reader = _wire.FrameReader()
     try:
-        for data, expected in sends:
+        for data, expected in _CUT_CASES:
             os.write(write_end, data)
             frames, ended = reader.read_fd(read_end)
             assert [bytes(f) for f in frames] == expected and not ended
