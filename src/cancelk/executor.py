@@ -96,6 +96,10 @@ class _Submitter:
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
         self.seqs = itertools.count(1)
+        # A loop submits one function over and over: its module is looked
+        # up once.  By id, so that no function is kept alive; an id reused
+        # by another function at worst skips a spare's import ahead of it.
+        self._last_fn_id = 0
 
     def submit(
         self,
@@ -122,7 +126,11 @@ class _Submitter:
             return future
         job = Job(future, next(self.seqs), payload, options, options.deadline_at(submitted))
         future._cancelk_job = job  # type: ignore[attr-defined]
-        self.manager.submit(job, _module_of(fn))
+        module = None
+        if id(fn) != self._last_fn_id:
+            self._last_fn_id = id(fn)
+            module = _module_of(fn)
+        self.manager.submit(job, module)
         return future
 
 
