@@ -55,7 +55,7 @@ class Plan:
     p1_trips: int = 1000
     p1_warmup: int = 100
     p2_jobs: int = 20_000
-    p2_repeats: int = 3
+    p2_repeats: int = 5  # paired rounds: the machine moves every library by up to 2x between runs
     p3_trials: int = 30  # per library and job kind
     p4_trials: int = 50  # per library, sync and asyncio each
     floor_trials: int = 60  # kills of a runner-sized process (floor.py)
