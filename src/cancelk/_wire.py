@@ -1,6 +1,8 @@
 """Framing and outcome encoding shared by every stream cancelk writes.
 
     job side:    run_and_encode(fn, args, kwargs) -> (kind, outcome) -> write_frame(fd)
+    a runner:    run_and_encode_in_parts(...) -> (kind, parts) -> write_parts(fd)
+                 (a large result is written from where it lies, never joined)
     parent side: read(fd) -> FrameReader.feed -> body -> decode_outcome -> Outcome
 
 A frame is an 8-byte little-endian length followed by its body.  Readers are
@@ -21,6 +23,8 @@ from typing import Any, Union
 
 from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote, pickling_error
 
+# What a pickler writes: bytes, or a large bytes-like object of the value itself.
+Part = Union[bytes, bytearray, memoryview, pickle.PickleBuffer]
 HEADER = struct.Struct("<Q")
 OUTCOME_VALUE, OUTCOME_ERROR = 0, 1  # what an encoded outcome holds
 SMALL = 1 << 16  # below this, copying to join a header and a payload beats a second syscall
@@ -45,6 +49,39 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def write_parts(fd: int, parts: list[Part]) -> None:
+    """Blocking write of the parts, in order, as one stream: ``writev``, at
+    most IOV_MAX parts a call, resumed where a short write stopped."""
+    views = [view for view in map(_flat_view, parts) if view.nbytes]
+    index = 0
+    while index < len(views):
+        written = os.writev(fd, views[index : index + _IOV_MAX])
+        while written:
+            first = views[index]
+            if written < first.nbytes:
+                views[index] = first[written:]
+                break
+            written -= first.nbytes
+            index += 1
+
+
+def _flat_view(part: Part) -> memoryview:
+    view = memoryview(part)
+    if not view.c_contiguous:
+        # A Fortran-ordered array's buffer, as pickle wrote it: its memory in order.
+        return memoryview(view.tobytes(order="A"))
+    return view if view.ndim == 1 and view.format == "B" else view.cast("B")
+
+
+def parts_size(parts: list[Part]) -> int:
+    if len(parts) == 1 and type(parts[0]) is bytes:
+        return len(parts[0])  # nearly every outcome: one small pickle
+    return sum(len(part) if type(part) is bytes else memoryview(part).nbytes for part in parts)
+
+
+_IOV_MAX = 1024  # Linux's and macOS's limit on the buffers of one writev
 
 
 def write_frame(fd: int, payload: bytes) -> None:
@@ -254,13 +291,44 @@ def encode_result(value: object) -> tuple[int, bytes]:
     try:
         return OUTCOME_VALUE, dumps(("ok", value))
     except Exception as why:
-        message = (
-            f"the job's result of type {_type_name(value)} could not be pickled: "
-            f"{type(why).__name__}: {why}"
-        )
-        return OUTCOME_ERROR, _dumps_error(
-            pickling_error(message, why), message, format_remote(why)
-        )
+        return OUTCOME_ERROR, _unpicklable_result(value, why)
+
+
+def encode_result_in_parts(value: object) -> tuple[int, list[Part]]:
+    """As ``encode_result``, the pickle kept in the parts the pickler wrote it
+    in: a large bytes-like object in the value (a 100 MB ``bytes``, an array's
+    buffer) is a part by itself, by reference, not copied into one buffer
+    with the rest (its copy and its pages' faults saved).  A value whose
+    pickle is always small is pickled at once, the cheaper way for it."""
+    if type(value) in _ALWAYS_SMALL:
+        kind, outcome = encode_result(value)
+        return kind, [outcome]
+    parts: list[Part] = []
+    try:
+        pickle.Pickler(_PartsFile(parts), protocol=PROTOCOL).dump(("ok", value))
+    except Exception as why:
+        return OUTCOME_ERROR, [_unpicklable_result(value, why)]
+    return OUTCOME_VALUE, parts
+
+
+_ALWAYS_SMALL = frozenset((type(None), bool, int, float, complex))
+
+
+class _PartsFile:
+    """The file a Pickler writes to: every write kept as it came."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, parts: list[Part]) -> None:
+        self.write = parts.append
+
+
+def _unpicklable_result(value: object, why: Exception) -> bytes:
+    message = (
+        f"the job's result of type {_type_name(value)} could not be pickled: "
+        f"{type(why).__name__}: {why}"
+    )
+    return _dumps_error(pickling_error(message, why), message, format_remote(why))
 
 
 def _dumps_error(error: ResultPicklingError, message: str, tb: str) -> bytes:
@@ -280,6 +348,17 @@ def run_and_encode(
     except BaseException as exc:
         return OUTCOME_ERROR, encode_exception(exc)
     return encode_result(value)
+
+
+def run_and_encode_in_parts(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int, list[Part]]:
+    """As ``run_and_encode``, a value's pickle in parts (``encode_result_in_parts``)."""
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:
+        return OUTCOME_ERROR, [encode_exception(exc)]
+    return encode_result_in_parts(value)
 
 
 class Outcome:

@@ -8,7 +8,8 @@
                               initializer's exception (INIT_SEQ, error)
     user process ══channel══► job frame (seq, slot, pickled fn/args/kwargs)
                               words.begin(slot, seq)   (lost race: wait to be killed)
-                              run, encode the outcome
+                              run, pickle the outcome (in parts: a large
+                              result is never joined into one buffer)
                               words.finish(slot, seq)  (lost race: wait to be killed)
     user process ◄══channel══ result frame (seq, kind, outcome)
 
@@ -52,7 +53,7 @@ def run(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner pr
             code = 3
             return
         _preload(setup.preload)
-        _send(setup.channel_fd, _protocol.INIT_SEQ, _wire.OUTCOME_VALUE, _READY)
+        _send(setup.channel_fd, _protocol.INIT_SEQ, _wire.OUTCOME_VALUE, [_READY])
         _serve(setup)
     except BaseException:
         code = 70
@@ -79,7 +80,7 @@ def _initialize(setup: RunnerSetup) -> bool:  # pragma: no cover - runs in the r
         # Logged where it happened, as the stdlib's workers do, then sent.
         logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
         outcome = _wire.encode_exception(exc)
-        _send(setup.channel_fd, _protocol.INIT_SEQ, _wire.OUTCOME_ERROR, outcome)
+        _send(setup.channel_fd, _protocol.INIT_SEQ, _wire.OUTCOME_ERROR, [outcome])
         return False
     return True
 
@@ -101,14 +102,14 @@ def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner
             _await_kill()
         held = [job]
         del job
-        kind, outcome = _run_job(held)
+        kind, parts = _run_job(held)
         _child.leave_if_forked_by_job(me)
         _child.flush_std_streams()
         if not words.finish(slot, seq):
             _await_kill()
         before = seq | DONE
-        _send(setup.channel_fd, seq, kind, outcome)
-        del outcome  # a 100 MB result must not stay in memory while idle
+        _send(setup.channel_fd, seq, kind, parts)
+        del parts  # a 100 MB result must not stay in memory while idle
         done += 1
         _reap_orphans()
 
@@ -127,23 +128,26 @@ def _incoming_frames(channel_fd: int) -> Iterator[_wire.Body]:  # pragma: no cov
             return
 
 
-def _run_job(held: list[memoryview]) -> tuple[int, bytes]:  # pragma: no cover - in the runner
+def _run_job(held: list[memoryview]) -> tuple[int, list[_wire.Part]]:  # pragma: no cover
     """Unpickle the job, let go of its frame (a 100 MB argument is not kept
-    twice while the job runs), run it."""
+    twice while the job runs), run it; the outcome's pickle in parts (a
+    large result is sent from where it lies, not copied into one buffer)."""
     try:
         fn, args, kwargs = _wire.loads(held.pop())
     except BaseException as exc:
-        return _wire.OUTCOME_ERROR, _wire.encode_exception(exc)
-    return _wire.run_and_encode(fn, args, kwargs)
+        return _wire.OUTCOME_ERROR, [_wire.encode_exception(exc)]
+    return _wire.run_and_encode_in_parts(fn, args, kwargs)
 
 
-def _send(channel_fd: int, seq: int, kind: int, outcome: bytes) -> None:  # pragma: no cover
-    head = _protocol.result_frame_head(seq, kind, len(outcome))
-    if len(outcome) <= _wire.SMALL:
-        _wire.write_all(channel_fd, head + outcome)  # one write: the user wakes once
+def _send(  # pragma: no cover - runs in the runner process
+    channel_fd: int, seq: int, kind: int, parts: list[_wire.Part]
+) -> None:
+    size = _wire.parts_size(parts)
+    head = _protocol.result_frame_head(seq, kind, size)
+    if size <= _wire.SMALL:
+        _wire.write_all(channel_fd, head + b"".join(parts))  # one write: the user wakes once
     else:
-        _wire.write_all(channel_fd, head)
-        _wire.write_all(channel_fd, outcome)
+        _wire.write_parts(channel_fd, [head, *parts])
 
 
 def _await_kill() -> None:  # pragma: no cover - runs in the runner process

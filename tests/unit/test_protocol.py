@@ -241,3 +241,88 @@ def test_feed_and_read_fd_cut_the_same_frames_as_receive():
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+class _Point:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Point) and other.x == self.x
+
+
+_LARGE_BYTES = b"\x05" * (3 * _wire.LARGE)
+
+_PARTS_VALUES = [
+    None,
+    7,
+    2.5,
+    [1, "two", 3.0],
+    {"point": _Point(4)},
+    b"short",
+    _LARGE_BYTES,
+    bytearray(b"\x09" * _wire.LARGE),
+    "é" * _wire.LARGE,
+    list(range(300_000)),  # framed: many 64 KB writes
+    (_LARGE_BYTES, [_LARGE_BYTES], b"tail"),  # one object twice: the memo
+]
+
+
+@pytest.mark.parametrize("value", _PARTS_VALUES, ids=lambda v: type(v).__name__)
+def test_a_result_in_parts_is_the_same_pickle_as_in_one_piece(value):
+    kind, parts = _wire.encode_result_in_parts(value)
+    assert kind == _wire.OUTCOME_VALUE
+    joined = b"".join(parts)
+    assert joined == _wire.encode_result(value)[1]
+    assert _wire.parts_size(parts) == len(joined)
+    assert _wire.decode_outcome(joined).value == value
+
+
+def test_a_large_bytes_result_is_a_part_by_itself_not_a_copy():
+    _kind, parts = _wire.encode_result_in_parts(("x", _LARGE_BYTES))
+    assert any(part is _LARGE_BYTES for part in parts)
+    assert max(len(part) for part in parts if part is not _LARGE_BYTES) < 1024
+
+
+def test_an_unpicklable_result_in_parts_becomes_an_error_outcome():
+    kind, parts = _wire.run_and_encode_in_parts(lambda: [1, lambda: 1], (), {})
+    assert kind == _wire.OUTCOME_ERROR and len(parts) == 1
+    error = _wire.decode_outcome(parts[0]).exception
+    assert isinstance(error, ResultPicklingError)
+    assert "of type builtins.list could not be pickled" in str(error)
+
+
+def test_a_job_that_raises_gives_its_error_in_one_part():
+    kind, parts = _wire.run_and_encode_in_parts(int, ("x",), {})
+    assert kind == _wire.OUTCOME_ERROR and len(parts) == 1
+    assert isinstance(_wire.decode_outcome(parts[0]).exception, ValueError)
+
+
+def test_write_parts_writes_every_part_in_order_past_short_writes_and_iov_max():
+    import socket
+    import threading
+
+    parts: list[_wire.Part] = [bytes([i % 251]) * (i % 7) for i in range(3000)]  # empty ones too
+    parts += [_LARGE_BYTES, bytearray(b"\x02" * 70_000), pickle.PickleBuffer(b"buffer")]
+    parts.append(memoryview(b"abcdef")[::2])  # not contiguous: its bytes in order
+    parts.append(memoryview(bytearray(b"0123456789ab")).cast("B", shape=[3, 4]))
+    expected = b"".join(bytes(memoryview(part).tobytes()) for part in parts)
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # many short writes
+    received = bytearray()
+
+    def read_all() -> None:
+        while chunk := right.recv(1 << 16):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        _wire.write_parts(left.fileno(), parts)
+    finally:
+        left.close()
+        reader.join(10)
+        right.close()
+    assert not reader.is_alive()
+    assert bytes(received) == expected
+    assert _wire.parts_size(parts[:3003]) == len(expected) - 3 - 12
