@@ -506,6 +506,11 @@ def digest(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def digests(*blocks, nested):
+    """The SHA-256 of each block, then of the first block in ``nested``."""
+    return [digest(block) for block in blocks] + [digest(nested[0])]
+
+
 def big_round_trip(data, seed):
     """Check the argument, return ``len(data)`` bytes of another pattern, the
     argument's digest, and the runner's RSS after building the result."""

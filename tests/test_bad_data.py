@@ -38,6 +38,7 @@ from cancelk import ProcessDiedError, ProcessTimeout, ProcessTimeoutError
 from cancelk.errors import ResultPicklingError
 
 import jobs
+import procs
 from jobs import MB, RESULT_WAIT
 
 # Python's own TypeError names the class that failed to load only from 3.10
@@ -278,6 +279,25 @@ def test_100_mb_argument_and_result_round_trip_and_memory_is_released(make_pool,
     assert runner_after <= runner_before + slack, (
         f"the runner kept {(runner_after - runner_before) / MB:.0f} MiB after the job ended"
     )
+
+
+@pytest.mark.timeout(60)
+def test_a_queued_jobs_large_arguments_are_those_of_its_submit(make_pool):
+    """Large arguments are pickled in parts, a ``bytes`` by reference: a
+    ``bytearray`` (or a list holding one) changed while the job waits for a
+    runner must still reach it as it was at submit."""
+    exe = make_pool(1)
+    blocker = exe.submit(jobs.sleep_return, 0.5, "blocker")
+    procs.wait_running(blocker)
+    data = jobs.pattern(3 * MB, "bytes")
+    buffer = bytearray(jobs.pattern(2 * MB, "bytearray"))
+    nested = [bytearray(jobs.pattern(MB + 5, "nested"))]
+    expected = [jobs.digest(data), jobs.digest(buffer), jobs.digest(nested[0])]
+    queued = exe.submit(jobs.digests, data, buffer, nested=nested)
+    buffer[:] = bytes(len(buffer))
+    nested[0][:10] = b"changed!!!"
+    assert blocker.result(timeout=RESULT_WAIT) == "blocker"
+    assert queued.result(timeout=RESULT_WAIT) == expected
 
 
 @pytest.mark.timeout(120)

@@ -46,7 +46,7 @@ from cancelk._channels import RunnerLink, SupervisorLink, Waker, close_quietly
 from cancelk._compat import RunnerHandles
 from cancelk._pool import Completion, Placement, Pool, fail
 from cancelk._restarts import RestartPolicy, start_failed_error, status_text
-from cancelk._wire import SMALL
+from cancelk._wire import SMALL, Payload
 from cancelk.errors import oom_detail
 from cancelk.supervisor import PRELOAD_LIMIT, SupervisorConfig, SupervisorProcess, SupervisorStart
 
@@ -107,15 +107,16 @@ class ManagerThread(threading.Thread):
         self.ending = False  # the loop has ended: nothing more runs ``soon``
 
     # -- PoolIO: never blocks, any thread -----------------------------------------
-    def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
+    def send_job(self, slot: int, head: bytes, payload: Payload) -> None:
         link = self.runners[slot]
         if link is None:
             return  # the runner died; its exit settles the job
-        if len(payload) <= SMALL:
+        if isinstance(payload, bytes) and len(payload) <= SMALL:
             sent = link.outbox.push(head + payload)  # one send: the runner wakes once
         else:
-            head_sent = link.outbox.push(head)
-            sent = link.outbox.push(payload) and head_sent
+            sent = link.outbox.push(head)
+            for part in [payload] if isinstance(payload, bytes) else payload:
+                sent = link.outbox.push(part) and sent
         if not sent:
             self.want_write.add(slot)
             self.wake()

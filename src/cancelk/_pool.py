@@ -93,7 +93,7 @@ class Job:
         self,
         future: Future,
         seq: int,
-        payload: bytes,
+        payload: _wire.Payload,
         options: JobOptions,
         deadline_at: float | None = None,
     ) -> None:
@@ -140,7 +140,7 @@ class Slot:
 class PoolIO(Protocol):
     """What the pool logic asks of the outside world; never blocks."""
 
-    def send_job(self, slot: int, head: bytes, payload: bytes) -> None: ...
+    def send_job(self, slot: int, head: bytes, payload: _wire.Payload) -> None: ...
 
     def send_control(self, message: _protocol.ControlMessage) -> None: ...
 
@@ -269,8 +269,10 @@ class Pool:
             return False
         self.running += 1
         slot.job = job
-        head = _protocol.job_frame_head(job.seq, slot.index, len(job.payload))
-        self.io.send_job(slot.index, head, job.payload)
+        payload = job.payload
+        size = len(payload) if type(payload) is bytes else _wire.payload_size(payload)
+        head = _protocol.job_frame_head(job.seq, slot.index, size)
+        self.io.send_job(slot.index, head, payload)
         job.payload = b""
         options = job.options
         if (

@@ -18,13 +18,15 @@ import pickle
 import pickletools
 import socket
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any, Union
 
 from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote, pickling_error
 
 # What a pickler writes: bytes, or a large bytes-like object of the value itself.
 Part = Union[bytes, bytearray, memoryview, pickle.PickleBuffer]
+Payload = Union[bytes, list[bytes]]  # a job's pickled call: one piece, or parts (dumps_call)
 HEADER = struct.Struct("<Q")
 OUTCOME_VALUE, OUTCOME_ERROR = 0, 1  # what an encoded outcome holds
 SMALL = 1 << 16  # below this, copying to join a header and a payload beats a second syscall
@@ -33,6 +35,34 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 def dumps(obj: object) -> bytes:
     return pickle.dumps(obj, protocol=PROTOCOL)
+
+
+def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload:
+    """A job's pickled ``(fn, args, kwargs)``.  With a large argument (its
+    own size LARGE or more), the parts the pickler wrote, never joined: a
+    large ``bytes`` (or a ``str``'s UTF-8) by reference, anything mutable (a
+    ``bytearray``, an array's buffer) copied now, so that the job sees its
+    arguments as they were at submit, however long it waits to start."""
+    call = (fn, args, kwargs)
+    if not (args and _any_large(args)) and not (kwargs and _any_large(kwargs.values())):
+        return pickle.dumps(call, protocol=PROTOCOL)
+    parts: list[Part] = []
+    pickle.Pickler(_PartsFile(parts), protocol=PROTOCOL).dump(call)
+    return [part if type(part) is bytes else _flat_view(part).tobytes() for part in parts]
+
+
+def _any_large(values: Iterable[object]) -> bool:
+    for value in values:
+        try:
+            if sys.getsizeof(value) >= LARGE:
+                return True
+        except Exception:  # a __sizeof__ of the user's that fails: taken as small
+            continue
+    return False
+
+
+def payload_size(payload: Payload) -> int:
+    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
 
 
 def loads(data: bytes | memoryview) -> Any:

@@ -118,7 +118,7 @@ class _Submitter:
             )
         future = Future(self.manager)
         try:
-            payload = _wire.dumps((fn, args, kwargs))
+            payload = _wire.dumps_call(fn, args, kwargs)
         except Exception as why:
             self.manager.check_usable()
             self.manager.count_refused_submit()

@@ -326,3 +326,34 @@ def test_write_parts_writes_every_part_in_order_past_short_writes_and_iov_max():
     assert not reader.is_alive()
     assert bytes(received) == expected
     assert _wire.parts_size(parts[:3003]) == len(expected) - 3 - 12
+
+
+def _noop() -> None:
+    return None
+
+
+class _SizeRefused:
+    def __sizeof__(self) -> int:
+        raise RuntimeError("no size")
+
+
+def test_a_call_with_small_arguments_is_pickled_in_one_piece():
+    call = (_noop, (1, "two", [3]), {"four": b"4" * 1000})
+    assert _wire.dumps_call(*call) == _wire.dumps(call)
+    assert isinstance(_wire.dumps_call(_noop, (_SizeRefused(),), {}), bytes)
+
+
+def test_a_large_bytes_argument_is_sent_by_reference_and_a_mutable_one_copied_now():
+    data = b"\x03" * (2 * _wire.LARGE)
+    buffer = bytearray(b"\x04" * _wire.LARGE)
+    call = (_noop, (data,), {"buffer": buffer})
+    payload = _wire.dumps_call(*call)
+    assert isinstance(payload, list)
+    assert any(part is data for part in payload)
+    assert all(type(part) is bytes for part in payload)
+    joined = b"".join(payload)
+    assert joined == _wire.dumps(call)
+    assert _wire.payload_size(payload) == len(joined)
+    buffer[:] = b"\x00" * len(buffer)  # changed after submit: the job sees it as it was
+    assert b"".join(payload) == joined
+    assert pickle.loads(joined)[2]["buffer"] == b"\x04" * _wire.LARGE
