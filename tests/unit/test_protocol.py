@@ -298,7 +298,9 @@ def test_a_job_that_raises_gives_its_error_in_one_part():
     assert isinstance(_wire.decode_outcome(parts[0]).exception, ValueError)
 
 
-def test_write_parts_writes_every_part_in_order_past_short_writes_and_iov_max():
+@pytest.mark.parametrize("most", [None, 777], ids=["whole-writes", "short-writes"])
+def test_write_parts_writes_every_part_in_order_past_short_writes_and_iov_max(monkeypatch, most):
+    import os
     import socket
     import threading
 
@@ -307,8 +309,23 @@ def test_write_parts_writes_every_part_in_order_past_short_writes_and_iov_max():
     parts.append(memoryview(b"abcdef")[::2])  # not contiguous: its bytes in order
     parts.append(memoryview(bytearray(b"0123456789ab")).cast("B", shape=[3, 4]))
     expected = b"".join(bytes(memoryview(part).tobytes()) for part in parts)
+    widest, real_writev = [], os.writev
+
+    def writev(fd, buffers):
+        # as a write interrupted by a signal: at most ``most`` bytes taken
+        widest.append(len(buffers))
+        if most is None:
+            return real_writev(fd, buffers)
+        taken, room = [], most
+        for buffer in buffers:
+            if room <= 0:
+                break
+            taken.append(buffer[:room])
+            room -= len(taken[-1])
+        return real_writev(fd, taken)
+
+    monkeypatch.setattr(_wire.os, "writev", writev)
     left, right = socket.socketpair()
-    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # many short writes
     received = bytearray()
 
     def read_all() -> None:
@@ -325,6 +342,7 @@ def test_write_parts_writes_every_part_in_order_past_short_writes_and_iov_max():
         right.close()
     assert not reader.is_alive()
     assert bytes(received) == expected
+    assert max(widest) <= 1024
     assert _wire.parts_size(parts[:3003]) == len(expected) - 3 - 12
 
 
