@@ -270,7 +270,7 @@ class Pool:
         self.running += 1
         slot.job = job
         payload = job.payload
-        size = len(payload) if type(payload) is bytes else _wire.payload_size(payload)
+        size = len(payload) if isinstance(payload, bytes) else _wire.parts_size(payload)
         head = _protocol.job_frame_head(job.seq, slot.index, size)
         self.io.send_job(slot.index, head, payload)
         job.payload = b""

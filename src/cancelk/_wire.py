@@ -19,7 +19,7 @@ import pickletools
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
 from cancelk.errors import RemoteTraceback, ResultPicklingError, format_remote, pickling_error
@@ -46,9 +46,16 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
     call = (fn, args, kwargs)
     if not (args and _any_large(args)) and not (kwargs and _any_large(kwargs.values())):
         return pickle.dumps(call, protocol=PROTOCOL)
-    parts: list[Part] = []
-    pickle.Pickler(_PartsFile(parts), protocol=PROTOCOL).dump(call)
+    parts = dumps_in_parts(call)
     return [part if type(part) is bytes else _flat_view(part).tobytes() for part in parts]
+
+
+def dumps_in_parts(obj: object) -> list[Part]:
+    """``obj``'s pickle as the pieces the pickler wrote it in: a large
+    bytes-like object inside ``obj`` is a piece by itself, by reference."""
+    parts: list[Part] = []
+    pickle.Pickler(_PartsFile(parts), protocol=PROTOCOL).dump(obj)
+    return parts
 
 
 def _any_large(values: Iterable[object]) -> bool:
@@ -59,10 +66,6 @@ def _any_large(values: Iterable[object]) -> bool:
         except Exception:  # a __sizeof__ of the user's that fails: taken as small
             continue
     return False
-
-
-def payload_size(payload: Payload) -> int:
-    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
 
 
 def loads(data: bytes | memoryview) -> Any:
@@ -105,7 +108,7 @@ def _flat_view(part: Part) -> memoryview:
     return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
-def parts_size(parts: list[Part]) -> int:
+def parts_size(parts: Sequence[Part]) -> int:
     if len(parts) == 1 and type(parts[0]) is bytes:
         return len(parts[0])  # nearly every outcome: one small pickle
     return sum(len(part) if type(part) is bytes else memoryview(part).nbytes for part in parts)
@@ -328,20 +331,19 @@ def encode_result_in_parts(value: object) -> tuple[int, list[Part]]:
     """As ``encode_result``, the pickle kept in the parts the pickler wrote it
     in: a large bytes-like object in the value (a 100 MB ``bytes``, an array's
     buffer) is a part by itself, by reference, not copied into one buffer
-    with the rest (its copy and its pages' faults saved).  A value whose
-    pickle is always small is pickled at once, the cheaper way for it."""
-    if type(value) in _ALWAYS_SMALL:
+    with the rest (its copy and its pages' faults saved).  A scalar is
+    pickled at once, the cheaper way for it."""
+    if type(value) in _SCALARS:
         kind, outcome = encode_result(value)
         return kind, [outcome]
-    parts: list[Part] = []
     try:
-        pickle.Pickler(_PartsFile(parts), protocol=PROTOCOL).dump(("ok", value))
+        return OUTCOME_VALUE, dumps_in_parts(("ok", value))
     except Exception as why:
         return OUTCOME_ERROR, [_unpicklable_result(value, why)]
-    return OUTCOME_VALUE, parts
 
 
-_ALWAYS_SMALL = frozenset((type(None), bool, int, float, complex))
+# Their pickles are small but for the rare huge int, which is then copied once more.
+_SCALARS = frozenset((type(None), bool, int, float, complex))
 
 
 class _PartsFile:

@@ -371,7 +371,7 @@ def test_a_large_bytes_argument_is_sent_by_reference_and_a_mutable_one_copied_no
     assert all(type(part) is bytes for part in payload)
     joined = b"".join(payload)
     assert joined == _wire.dumps(call)
-    assert _wire.payload_size(payload) == len(joined)
+    assert _wire.parts_size(payload) == len(joined)
     buffer[:] = b"\x00" * len(buffer)  # changed after submit: the job sees it as it was
     assert b"".join(payload) == joined
     assert pickle.loads(joined)[2]["buffer"] == b"\x04" * _wire.LARGE
