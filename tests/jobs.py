@@ -1215,3 +1215,16 @@ def fork_and_return(path):
         return "child"
     time.sleep(0.2)  # the child's return comes first
     return "parent"
+
+
+def count_run(path, token, seconds=0.0):
+    """Append ``token`` to the file at ``path`` (one line a run), sleep, return it."""
+    with open(path, "a") as file:
+        file.write(f"{token}\n")
+    time.sleep(seconds)
+    return token, os.getpid()
+
+
+def exit_after(seconds, code):
+    time.sleep(seconds)
+    os._exit(code)

@@ -73,7 +73,7 @@ class RunnerHandle:
             return
         io = self._manager.io
         io.handles.stopping(self._runner_id)
-        io.kill_now(Placement(self._slot, self._runner_id, self.pid, 0))
+        io.kill_now(Placement(self._slot, self._runner_id, self.pid, 0, 0))
         io.send_control(_protocol.KillRunner(self._slot, self._runner_id))
 
     def terminate(self) -> None:

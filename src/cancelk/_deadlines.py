@@ -5,7 +5,8 @@
     GraceCancel(slot, seq, g)  ─► add_grace: ends g from now
     the C loop sleeps until next_ns()
     decided_kills(now) ─► for each deadline passed: the job has not begun yet?
-                           move it (a limit counts from the start);
+                           move it (a limit counts from the start), or drop
+                           it if the job was taken back and never begins;
                            else decide the kill through the job's shared word
                            ─► (slot, seq, flag) for the supervisor to kill and report
 
@@ -32,7 +33,9 @@ class Words(Protocol):
 
     def started_ns(self, slot: int) -> int: ...
 
-    def decide_kill(self, slot: int, seq: int, flag: int, before: int | None = None) -> bool: ...
+    def decide_kill(self, slot: int, seq: int, flag: int) -> bool: ...
+
+    def awaits_claim(self, slot: int, seq: int) -> bool: ...
 
 
 @dataclass(order=True)
@@ -76,10 +79,11 @@ class DeadlineBook:
         self._add(slot, Deadline(now + grace_ns, seq, KILL_CANCEL, grace_ns))
 
     def _add(self, slot: int, deadline: Deadline) -> None:
-        # A job reaches a slot only after the previous one ended, so the
-        # deadlines of older jobs are moot: dropping them keeps the book
-        # bounded however long the limits are.
-        kept = [d for d in self.by_slot.get(slot, ()) if d.seq >= deadline.seq]
+        # A slot's jobs have rising seqs, so the deadlines of jobs older than
+        # the one it runs now are moot: dropping them keeps the book bounded
+        # however long the limits are.  (The job sent ahead has a later seq.)
+        current = job_of(self.words.state(slot))
+        kept = [d for d in self.by_slot.get(slot, ()) if d.seq >= current]
         kept.append(deadline)
         self.by_slot[slot] = kept
 
@@ -97,7 +101,11 @@ class DeadlineBook:
         for slot, book in list(self.by_slot.items()):
             kept = []
             for deadline in book:
-                if deadline.at_ns > now or self._moved(slot, deadline, now):
+                if deadline.at_ns > now:
+                    kept.append(deadline)
+                elif self._never_begins(slot, deadline):
+                    continue
+                elif self._moved(slot, deadline, now):
                     kept.append(deadline)
                 elif self.words.decide_kill(slot, deadline.seq, deadline.flag):
                     decided.append(DecidedKill(slot, deadline.seq, deadline.flag))
@@ -107,6 +115,12 @@ class DeadlineBook:
             else:
                 del self.by_slot[slot]
         return decided
+
+    def _never_begins(self, slot: int, deadline: Deadline) -> bool:
+        """Its job has not begun, and was taken back (cancelled, or queued
+        again after its runner died): it will not begin here."""
+        began = job_of(self.words.state(slot)) >= deadline.seq
+        return not began and not self.words.awaits_claim(slot, deadline.seq)
 
     def _moved(self, slot: int, deadline: Deadline, now: int) -> bool:
         """Move a deadline whose job has not begun, or (time limits) began later."""

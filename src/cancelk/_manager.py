@@ -144,19 +144,30 @@ class Manager:
                 self._starting = False
 
     # -- cancelling, stopping, counting ---------------------------------------------------
-    def cancel_running(self, future: Future) -> bool:
-        """Future.cancel() of a running job; never takes the lock."""
+    def cancel_running(self, future: Future) -> bool | None:
+        """Future.cancel() of a running job; never takes the lock.  None: the
+        job is queued again (its runner died before it began)."""
         self._check_not_forked()
         job: Job | None = getattr(future, "_cancelk_job", None)
-        if job is None or not self.pool.cancel_running(job):
+        decided = None if job is None else self.pool.cancel_running(job)
+        if job is not None and decided is None:
+            return None
+        if job is None or not decided:
             return future.cancelled()
         # Marked before it is counted: counting unlinks the job from the
         # future, and a concurrent cancel() that then finds no job answers
         # from the future's state, which must already say cancelled.
-        reason = "the job was cancelled; its processes were killed"
+        if job.taken_back:
+            reason = "the job was cancelled before its runner began it"
+        else:
+            reason = "the job was cancelled; its processes were killed"
         answer = future._mark_cancelled(reason, by_caller=True) or future.cancelled()
         self._post(lambda out: self.pool.count_cancelled(job))
         return answer
+
+    def claimed_pid(self, future: Future) -> int | None:
+        job: Job | None = getattr(future, "_cancelk_job", None)
+        return None if job is None else self.pool.claimed_pid(job)
 
     def call_soon(self, call: Callable[[], object]) -> None:
         """Run ``call`` on the manager thread, outside the lock; from any context."""

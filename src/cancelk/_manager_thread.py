@@ -262,8 +262,10 @@ class ManagerThread(threading.Thread):
         if self.timers:
             self._run_due_timers(out)
         pool = self.pool
-        if pool.idle and pool.pending:
+        if pool.pending:
             pool.fill_idle()  # first: queued jobs go before those in the intake
+        elif pool.idle and pool.ahead:
+            pool.take_over_sent_ahead()
         if self.intake:
             self._run_intake(out)
         self._register_writes()  # last: dispatching may have queued bytes
@@ -486,8 +488,8 @@ class ManagerThread(threading.Thread):
         with self.lock.rlock:
             self.pool.break_pool(error, out)
             for slot in self.pool.slots:
-                if slot.job is not None:
-                    out.append(functools.partial(fail, slot.job.future, error))
+                for job in slot.jobs:
+                    out.append(functools.partial(fail, job.future, error))
             link, self.supervisor = self.supervisor, None
             if link is not None:
                 # Its runners follow it (parent-death signal); their trees

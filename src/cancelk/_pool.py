@@ -1,16 +1,24 @@
 """The pool's logic: which job goes to which runner, and how every job ends.
 
     under the manager's lock (a submitting thread or the manager thread):
-      accept(job) ── an idle runner? ── yes ─► dispatch: PENDING -> RUNNING,
+      accept(job) ── an idle runner? ── yes ─► dispatch: a seq, a CLAIM word,
+         │                                     PENDING -> RUNNING,
          │                                     io.send_job(head, payload),
          │                                     io.send_control(SetTimeLimit)
-         └── no ─► pending (FIFO) ─► fill_idle() when a runner is free
+         ├── no, but every slot has a runner and one runs a single job
+         │   (and the job has no fixed deadline or memory limit)
+         │         ─► dispatch there too: sent ahead, the runner's next job
+         └── no ─► pending (FIFO) ─► fill_idle() when a runner has room
       result_arrived / runner_exited / job_killed / supervisor_lost
          ─► the job's ending, as a completion run after the lock is released
-         ─► the runner idle again, or gone until runner_started
+         ─► the runner has room again, or is gone until runner_started
+      a job its runner never claimed (it died first; or an idle runner
+      takes it over): RETURNED on its CLAIM word ─► RUNNING -> PENDING,
+         first in the queue again, with a new seq when next dispatched
 
     from any thread, without the lock (signal handlers and finalizers too):
-      cancel_running(job) ─► CAS of the job's shared word (I1)
+      cancel_running(job) ─► not claimed yet: TAKEN on its CLAIM word, never runs
+                          ─► claimed: CAS of the slot's STATE word (I1)
                           ─► io.kill_now(placement), io.send_control(KillRunner)
 
 Nothing here touches a socket, a selector, a thread or the OS: every effect
@@ -26,7 +34,9 @@ tests/unit/test_pool_logic.py drives all of it through a fake PoolIO.
 
 from __future__ import annotations
 
+import enum
 import functools
+import itertools
 import logging
 import signal
 import time
@@ -73,7 +83,8 @@ class Placement(NamedTuple):
     slot: int
     runner_id: int
     pid: int
-    state_before: int  # the slot's shared word before the job began
+    word: int  # the slot's CLAIM word the job was offered under
+    seq: int
 
 
 class Job:
@@ -87,6 +98,7 @@ class Job:
         "payload",
         "placement",
         "seq",
+        "taken_back",
     )
 
     def __init__(
@@ -98,7 +110,7 @@ class Job:
         deadline_at: float | None = None,
     ) -> None:
         self.future = future
-        self.seq = seq
+        self.seq = seq  # given at each dispatch: a slot's jobs have rising seqs
         self.payload = payload
         self.options = options
         self.deadline_at = deadline_at  # time.monotonic() by which it must be gone
@@ -106,6 +118,7 @@ class Job:
         self.cancel_requested = False  # a graceful cancel was sent to the supervisor
         self.killed_by_cancel = False  # a cancel won the job's word: it ends cancelled
         self.counted = False  # its ending is decided and counted; its runner may still be dying
+        self.taken_back = False  # cancelled before its runner claimed it: it never runs
 
 
 class Slot:
@@ -115,12 +128,11 @@ class Slot:
         "coming",
         "connected",
         "index",
-        "job",
+        "jobs",
         "pid",
         "ready",
         "retiring",
         "runner_id",
-        "state_before",
         "tasks",
     )
 
@@ -131,8 +143,9 @@ class Slot:
         self.connected = False  # the manager holds an open channel to the runner
         self.ready = False  # the runner's initializer has run: it can take a job now
         self.coming = False  # a runner was asked for (or the dead one's replacement is due)
-        self.job: Job | None = None
-        self.state_before = 0  # the shared word before the current job began
+        # The jobs sent to its runner, oldest first: the one it runs, and at
+        # most one sent ahead; taken-back ones until they are noticed.
+        self.jobs: list[Job] = []
         self.tasks = 0
         self.retiring = False  # it exits after this job (max_tasks_per_child)
 
@@ -165,7 +178,11 @@ class Pool:
         self.memory_watch_told = False  # the log said how memory limits are enforced
         self.io = io
         self.words: _slots.SlotWords | None = None
-        self.idle: list[Slot] = []
+        self.seqs = itertools.count(1)
+        self.idle: list[Slot] = []  # ready runners with no job
+        self.roomy: list[Slot] = []  # ready runners with one job, that may take the next
+        self.ahead: set[Slot] = set()  # runners with a job sent ahead of the one they run
+        self.up = 0  # slots whose runner is connected and ready
         self.pending: deque[Job] = deque()
         self.shutting_down = False
         self.broken: BaseException | None = None
@@ -187,7 +204,7 @@ class Pool:
             self._count_end(job, "failed")
             out.append(functools.partial(fail, job.future, self.broken))
             return
-        if self.pending or not self._dispatch_to_idle(job):
+        if self.pending or not self._place(job):
             self.pending.append(job)  # behind those queued first: jobs start in order
             if job.deadline_at is not None:
                 self.io.add_timer(job.deadline_at, functools.partial(self._queue_deadline, job))
@@ -237,8 +254,39 @@ class Pool:
         self.counts["failed"] += 1
 
     def fill_idle(self) -> None:
-        while self.idle and self.pending:
-            self._dispatch_to_idle(self._pop_pending())
+        pending = self.pending
+        while pending and (self.idle or (self.roomy and self._may_send_ahead(pending[0]))):
+            self._place(self._pop_pending())
+
+    def _may_send_ahead(self, job: Job) -> bool:
+        """May the job wait behind another one on a busy runner?  Only once
+        every slot has its runner (so none is left unstarted for it); not
+        with a fixed deadline or a memory limit, which the supervisor watches
+        for the job its runner runs now; and not with a large payload, which
+        is let go once sent, so it could not be handed back."""
+        return (
+            self.up == len(self.slots)
+            and job.deadline_at is None
+            and job.options.memory_limit is None
+            and isinstance(job.payload, bytes)
+            and len(job.payload) <= _wire.SMALL
+        )
+
+    def take_over_sent_ahead(self) -> None:
+        """Idle runners and nothing queued: a job sent ahead to a busy runner,
+        not claimed yet, is taken back and given to an idle one."""
+        for slot in list(self.ahead):
+            if not self.idle:
+                return
+            job = slot.jobs[-1] if len(slot.jobs) == 2 else None
+            if (
+                job is not None
+                and not job.taken_back
+                and self._hand_back(job) != (job.seq | _slots.CLAIMED)
+            ):
+                slot.jobs.remove(job)
+                self._file(slot)
+                self.fill_idle()
 
     def _pop_pending(self) -> Job:
         job = self.pending.popleft()
@@ -251,29 +299,40 @@ class Pool:
         if job.placement is None and self._count_end(job, "cancelled"):
             self.ended_in_queue += 1
 
-    def _dispatch_to_idle(self, job: Job) -> bool:
+    def _place(self, job: Job) -> bool:
         """True once the job is placed or needs no placing (cancelled meanwhile)."""
-        if not self.idle:
+        if self.idle:
+            slot = self.idle.pop()
+        elif self.roomy and self._may_send_ahead(job):
+            slot = self.roomy.pop()
+        else:
             return False
-        slot = self.idle.pop()
         if not self._dispatch(slot, job):
-            self.idle.append(slot)
+            self._file(slot)
             self._count_end(job, "cancelled")  # no-op if its cancel was counted
         return True
 
     def _dispatch(self, slot: Slot, job: Job) -> bool:
-        # Placed before it turns RUNNING: a cancel that sees RUNNING sees where.
-        job.placement = Placement(slot.index, slot.runner_id, slot.pid, slot.state_before)
-        if not job.future._start_running(slot.pid):
+        assert self.words is not None
+        seq = job.seq = next(self.seqs)
+        word = 1 - slot.jobs[0].placement.word if slot.jobs else 0  # type: ignore[union-attr]
+        # Offered, then placed, before it turns RUNNING: a cancel that sees
+        # RUNNING sees where, and can take it back.
+        self.words.offer(slot.index, word, seq)
+        job.placement = Placement(slot.index, slot.runner_id, slot.pid, word, seq)
+        if not job.future._start_running(None):  # its pid: once its runner claims it
             job.placement = None
             return False
         self.running += 1
-        slot.job = job
+        slot.jobs.append(job)
+        self._file(slot)
         payload = job.payload
         size = len(payload) if isinstance(payload, bytes) else _wire.parts_size(payload)
-        head = _protocol.job_frame_head(job.seq, slot.index, size)
+        head = _protocol.job_frame_head(seq, slot.index, word, size)
         self.io.send_job(slot.index, head, payload)
-        job.payload = b""
+        if size > _wire.SMALL:
+            job.payload = b""  # not held twice; such a job is not handed back
+
         options = job.options
         if (
             options.timeout is not None
@@ -308,46 +367,95 @@ class Pool:
             )
 
     # -- cancelling (any thread, no lock) ----------------------------------------
-    def cancel_running(self, job: Job) -> bool:
-        """True once a cancel decided the running job's kill (now or earlier)."""
+    def cancel_running(self, job: Job) -> bool | None:
+        """True once a cancel decided the running job's kill (now or earlier),
+        or took it back before it began; None if it is queued again (its
+        runner died first): the caller cancels it there."""
         if job.killed_by_cancel:
             return True
-        placement = job.placement
-        if placement is None or job.future.done():
+        if job.future.done():
             return False
         grace = job.options.cancel_timeout
-        if grace is None:
+        if grace is not None and grace <= 0:
+            return self.kill(job, _slots.KILL_CANCEL, "cancel")
+        taken = self._take_back(job)
+        if taken is not _Taken.CLAIMED:
+            return _ANSWERS[taken]  # it had not begun: cancelled as a queued job is
+        placement = job.placement  # claimed: it stays where it is
+        if grace is None or placement is None:
             return False  # unlimited grace: the job is left to finish
-        if grace > 0:
-            if not job.cancel_requested:
-                job.cancel_requested = True
-                self.io.send_control(
-                    _protocol.GraceCancel(
-                        placement.slot, placement.runner_id, job.seq, seconds_to_ns(grace)
-                    )
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            self.io.send_control(
+                _protocol.GraceCancel(
+                    placement.slot, placement.runner_id, placement.seq, seconds_to_ns(grace)
                 )
-            return False  # undecided: it may still finish within its grace
-        return self.kill(job, _slots.KILL_CANCEL, "cancel")
+            )
+        return False  # undecided: it may still finish within its grace
 
-    def kill(self, job: Job, flag: int, reason: str) -> bool:
-        """Decide the job's kill through its shared word; False if it finished first."""
+    def claimed_pid(self, job: Job) -> int | None:
+        """The pid of the runner that claimed the job, if one did; any thread."""
+        placement, words = job.placement, self.words
+        if placement is None or words is None:
+            return None
+        try:
+            word = words.claim_word(placement.slot, placement.word)
+        except IndexError:  # the pool stopped meanwhile: its words are gone
+            return None
+        return placement.pid if word == placement.seq | _slots.CLAIMED else None
+
+    def _take_back(self, job: Job) -> _Taken:
+        """Cancel a job its runner has not claimed, if it has not."""
+        assert self.words is not None
+        while True:
+            placement = job.placement
+            if placement is None:
+                if job.future._is_pending():
+                    return _Taken.QUEUED
+                return _Taken.ENDED if job.future.done() else _Taken.NEVER_RUNS
+            slot, word, seq = placement.slot, placement.word, placement.seq
+            was = self.words.take_back(slot, word, seq, _slots.TAKEN)
+            if was == seq:
+                job.taken_back = True
+                job.killed_by_cancel = True
+                log.info("cancelled job %d before its runner (pid %d) began it", seq, placement.pid)
+                return _Taken.NEVER_RUNS
+            if was == seq | _slots.CLAIMED:
+                return _Taken.CLAIMED
+            if was == seq | _slots.TAKEN:
+                return _Taken.NEVER_RUNS  # by another cancel
+            if was != seq | _slots.RETURNED:
+                return _Taken.ENDED  # the word serves a later job now
+            if job.placement is placement:
+                # Returned, and the hand-back that did it is this thread's
+                # own, interrupted (a finalizer): it sees the cancel next.
+                return _Taken.ENDED if job.future.done() else _Taken.NEVER_RUNS
+            # Returned: queued again, or dispatched again; look once more.
+
+    def kill(self, job: Job, flag: int, reason: str) -> bool | None:
+        """Decide the job's kill through its shared words; False if it finished
+        first, None if it is queued again."""
+        taken = self._take_back(job)
+        if taken is not _Taken.CLAIMED:
+            answer = _ANSWERS[taken]
+            return answer if answer is None else answer and flag == _slots.KILL_CANCEL
         placement = job.placement
         assert placement is not None and self.words is not None
-        if not self.words.decide_kill(placement.slot, job.seq, flag, placement.state_before):
+        seq = placement.seq
+        if not self.words.decide_kill_claimed(placement.slot, seq, flag, placement.runner_id):
             # Lost: the job finished, or another cancel decided first.  The
             # word is read before the flag: the winner sets the flag before
             # it kills, and only after the kill can the word move on to a
             # new runner, so one of the two reads sees the winner's decision.
             return flag == _slots.KILL_CANCEL and (
-                self.words.state(placement.slot) == job.seq | _slots.KILL_CANCEL
-                or job.killed_by_cancel
+                self.words.state(placement.slot) == seq | _slots.KILL_CANCEL or job.killed_by_cancel
             )
         job.killed_by_cancel = flag == _slots.KILL_CANCEL
         if not self.io.kill_now(placement):
             # No pidfd here (posix backend) or it is being closed: the
             # supervisor kills the group (it also does when it reaps).
             self.io.send_control(_protocol.KillRunner(placement.slot, placement.runner_id))
-        log.info("killing job %d (pid %d): %s", job.seq, placement.pid, reason)
+        log.info("killing job %d (pid %d): %s", seq, placement.pid, reason)
         return True
 
     # -- runners ----------------------------------------------------------------
@@ -355,16 +463,15 @@ class Pool:
         """A runner took the slot; it takes jobs once it says it is ready."""
         slot = self.slots[index]
         slot.runner_id, slot.pid, slot.connected, slot.coming = runner_id, pid, True, False
-        slot.state_before = _slots.FRESH | runner_id
-        slot.tasks, slot.retiring, slot.ready, slot.job = 0, False, False, None
+        slot.tasks, slot.retiring, slot.ready, slot.jobs = 0, False, False, []
         self.counts["processes_started"] += 1
+        self._file(slot)
 
     def channel_closed(self, index: int) -> None:
         """The runner's channel reached its end: no job may go there any more."""
         slot = self.slots[index]
         slot.connected = False
-        if slot in self.idle:
-            self.idle.remove(slot)
+        self._file(slot)
 
     def result_arrived(
         self, index: int, seq: int, kind: int, outcome: memoryview, out: list[Completion]
@@ -373,11 +480,12 @@ class Pool:
         if seq == _protocol.INIT_SEQ:
             self._initialized(slot, kind, outcome, out)
             return
-        job = slot.job
-        if job is None or job.seq != seq:
+        for job in slot.jobs:
+            if job.seq == seq:
+                break
+        else:
             return  # a result its kill overtook: the kill decided the ending
-        slot.job = None
-        slot.state_before = seq | _slots.DONE
+        slot.jobs.remove(job)
         slot.tasks += 1
         self.init_failures = 0
         self._count_end(job, "failed" if kind == _wire.OUTCOME_ERROR else "finished")
@@ -385,19 +493,67 @@ class Pool:
         out.append(functools.partial(settle_from_outcome, job.future, outcome))
         if self.max_tasks is not None and slot.tasks >= self.max_tasks:
             slot.retiring = True  # it exits by itself; a fresh runner replaces it
-        else:
-            self._now_idle(slot)
+        self._file(slot)
 
-    def _now_idle(self, slot: Slot) -> None:
-        if slot.connected and slot.ready and self.broken is None and slot not in self.idle:
+    def _file(self, slot: Slot) -> None:
+        """List the slot where dispatch looks: idle (no job), roomy (one job,
+        room for the next) or neither; in ``ahead`` if it holds two."""
+        jobs = slot.jobs
+        if jobs and (jobs[0].taken_back or jobs[-1].taken_back):
+            jobs[:] = [job for job in jobs if not job.taken_back]
+        if slot in self.idle:
+            self.idle.remove(slot)
+        if slot in self.roomy:
+            self.roomy.remove(slot)
+        self.ahead.discard(slot)
+        if len(jobs) == 2:
+            self.ahead.add(slot)
+        if not (slot.connected and slot.ready) or slot.retiring or self.broken is not None:
+            return
+        if not jobs:
             self.idle.append(slot)
+        elif len(jobs) == 1 and (self.max_tasks is None or slot.tasks + 1 < self.max_tasks):
+            self.roomy.append(slot)
+
+    def _count_up(self) -> None:
+        self.up = sum(1 for slot in self.slots if slot.connected and slot.ready)
+
+    def _hand_back(self, job: Job) -> int:
+        """Take back a job its runner has not claimed (the runner died, or an
+        idle one takes it over) and queue it first again.  Returns its CLAIM
+        word as it was: the job's seq if it was handed back."""
+        placement = job.placement
+        assert placement is not None and self.words is not None
+        words, seq, was = self.words, placement.seq, [0]
+        if not job.payload:
+            return seq | _slots.CLAIMED  # a large payload was let go: it ends with its runner
+
+        def take_back() -> bool:
+            was[0] = words.take_back(placement.slot, placement.word, seq, _slots.RETURNED)
+            if was[0] != seq:
+                return False
+            job.placement = None
+            return True
+
+        back = job.future._hand_back(take_back)
+        if back is None:
+            return was[0]
+        self.running -= 1
+        if not back:
+            self._count_end(job, "cancelled")  # a cancel marked it meanwhile
+            return seq
+        self.pending.appendleft(job)
+        if job.deadline_at is not None:
+            self.io.add_timer(job.deadline_at, functools.partial(self._queue_deadline, job))
+        return seq
 
     def _initialized(
         self, slot: Slot, kind: int, outcome: memoryview, out: list[Completion]
     ) -> None:
         if kind == _wire.OUTCOME_VALUE:
             slot.ready = True
-            self._now_idle(slot)
+            self._count_up()
+            self._file(slot)
             return
         error = _wire.decode_outcome(bytes(outcome)).exception
         self._initializer_failed(slot, f"the pool's initializer failed: {error!r}", error, out)
@@ -434,18 +590,23 @@ class Pool:
         self.channel_closed(index)
         slot.ready = False
         slot.coming = True  # the supervisor replaces a runner that exits
-        job, slot.job = slot.job, None
-        if job is not None:
-            self._settle_stopped(slot, job, state, status, out, detail)
+        self._count_up()
+        jobs, slot.jobs = slot.jobs, []
+        self._file(slot)
+        for job in reversed(jobs):  # reversed: a returned pair queues in its order
+            if not job.taken_back and self._hand_back(job) == job.seq | _slots.CLAIMED:
+                self._settle_stopped(slot, job, state, status, out, detail)
 
     def job_killed(
         self, index: int, runner_id: int, seq: int, flag: int, peak: int, out: list[Completion]
     ) -> None:
         """The supervisor's kill is final: settle now, before the runner's teardown."""
         slot = self.slots[index]
-        job = slot.job
-        if slot.runner_id == runner_id and job is not None and job.seq == seq:
-            self._settle_stopped(slot, job, seq | flag, None, out, peak=peak)
+        if slot.runner_id != runner_id:
+            return
+        for job in slot.jobs:
+            if job.seq == seq:
+                self._settle_stopped(slot, job, seq | flag, None, out, peak=peak)
 
     def supervisor_lost(self, pid: int, status: int | None, out: list[Completion]) -> None:
         """The supervisor died, and every runner with it."""
@@ -453,13 +614,17 @@ class Pool:
         how = "status unknown" if status is None else f"status {status}"
         detail = f"the cancelk supervisor (pid {pid}) died, {how}"
         for slot in self.slots:
-            job, slot.job = slot.job, None
-            if job is not None:
-                state = self.words.state(slot.index)
-                self._settle_stopped(slot, job, state, None, out, detail)
-            slot.pid = slot.runner_id = slot.state_before = 0
+            jobs, slot.jobs = slot.jobs, []
+            for job in reversed(jobs):
+                if not job.taken_back and self._hand_back(job) == job.seq | _slots.CLAIMED:
+                    state = self.words.state(slot.index)
+                    self._settle_stopped(slot, job, state, None, out, detail)
+            slot.pid = slot.runner_id = 0
             slot.connected = slot.ready = slot.coming = False
         self.idle.clear()
+        self.roomy.clear()
+        self.ahead.clear()
+        self.up = 0
 
     def _settle_stopped(
         self,
@@ -479,8 +644,12 @@ class Pool:
             out.append(functools.partial(_settle_then_unlink, ending.settle, job.future))
 
     def count_cancelled(self, job: Job) -> None:
-        """A cancel decided the running job's kill: it no longer counts as running."""
-        self._count_end(job, "cancelled")
+        """A cancel decided the running job's kill (or took it back): it no
+        longer counts as running.  One returned to the queue meanwhile ends there."""
+        if job.placement is None:
+            self.queued_job_cancelled(job)
+        else:
+            self._count_end(job, "cancelled")
 
     def _count_end(self, job: Job, counter: str, unlink: bool = True) -> bool:
         """Count the job's ending once; False if it was counted already."""
@@ -500,6 +669,7 @@ class Pool:
         self.broken = error
         self.shutting_down = True
         self.idle.clear()
+        self.roomy.clear()
         while self.pending:
             job = self._pop_pending()
             if self._count_end(job, "failed"):
@@ -518,17 +688,17 @@ class Pool:
         The stdlib spares more: the max_workers + 1 jobs in its call queue,
         even while every worker is busy; here a job no runner is about to
         take is cancelled, as the caller asked."""
-        return sum(1 for s in self.slots if s.job is None and (s.connected or s.coming))
+        return sum(1 for s in self.slots if not s.jobs and (s.connected or s.coming))
 
     def kill_everything(self, reason: str, out: list[Completion]) -> None:
         """Cancel what is queued and kill what runs; the pool then stops."""
         self.shutting_down = True
         self._cancel_pending(out)
         for slot in self.slots:
-            job = slot.job
-            if job is not None and not job.counted and self.kill(job, _slots.KILL_CANCEL, reason):
-                self._count_end(job, "cancelled")
-                out.append(functools.partial(job.future._mark_cancelled, f"killed: {reason}"))
+            for job in list(slot.jobs):
+                if not job.counted and self.kill(job, _slots.KILL_CANCEL, reason):
+                    self._count_end(job, "cancelled")
+                    out.append(functools.partial(job.future._mark_cancelled, f"killed: {reason}"))
 
     def _cancel_pending(self, out: list[Completion], spare: int = 0) -> None:
         """Cancel the queued jobs but the first ``spare`` still to run."""
@@ -546,13 +716,26 @@ class Pool:
         """Shut down, and nothing is left to run or to end."""
         if not self.shutting_down or len(self.pending) > self.ended_in_queue:
             return False
-        return all(slot.job is None for slot in self.slots)
+        return all(all(job.taken_back for job in slot.jobs) for slot in self.slots)
 
     def stats(self) -> dict[str, int]:
         counts = dict(self.counts)
         counts["running"] = self.running
         counts["pending"] = len(self.pending) - self.ended_in_queue
         return counts
+
+
+class _Taken(enum.Enum):
+    """What a cancel found of a job sent to a runner."""
+
+    NEVER_RUNS = "taken back before its runner claimed it (here or by another cancel)"
+    ENDED = "it ended; its CLAIM word may serve a later job"
+    QUEUED = "its runner died first: it is queued again"
+    CLAIMED = "its runner claimed it: it runs, or begins now"
+
+
+# cancel_running's answer for each: decided, lost, look again.
+_ANSWERS = {_Taken.NEVER_RUNS: True, _Taken.ENDED: False, _Taken.QUEUED: None}
 
 
 class Ending(NamedTuple):

@@ -240,7 +240,8 @@ def decode(body: bytes | bytearray) -> ControlMessage:
 
 
 # -- runner channels ------------------------------------------------------------
-JOB_HEAD = struct.Struct("<QQ")  # seq, slot: a spare learns its slot from its first job
+# seq, slot, CLAIM word: a spare learns its slot from its first job
+JOB_HEAD = struct.Struct("<QII")
 RESULT_HEAD = struct.Struct("<QB")  # seq, outcome kind
 INIT_SEQ = 0  # a result frame for no job: the initializer ran (value) or raised (error)
 
@@ -248,17 +249,17 @@ INIT_SEQ = 0  # a result frame for no job: the initializer ran (value) or raised
 _JOB_FRAME_HEAD = struct.Struct(HEADER.format + JOB_HEAD.format.lstrip("<"))
 
 
-def job_frame_head(seq: int, slot: int, payload_size: int) -> bytes:
+def job_frame_head(seq: int, slot: int, word: int, payload_size: int) -> bytes:
     """Frame header and job head to send before a job's pickled payload."""
-    return _JOB_FRAME_HEAD.pack(JOB_HEAD.size + payload_size, seq, slot)
+    return _JOB_FRAME_HEAD.pack(JOB_HEAD.size + payload_size, seq, slot, word)
 
 
-def parse_job(body: bytes | bytearray) -> tuple[int, int, memoryview]:
-    """(seq, slot, pickled job) of a job frame's body."""
+def parse_job(body: bytes | bytearray) -> tuple[int, int, int, memoryview]:
+    """(seq, slot, CLAIM word, pickled job) of a job frame's body."""
     if len(body) < JOB_HEAD.size:
         raise ProtocolError(f"job frame of {len(body)} bytes is shorter than its head")
-    seq, slot = JOB_HEAD.unpack_from(body)
-    return seq, slot, memoryview(body)[JOB_HEAD.size :]
+    seq, slot, word = JOB_HEAD.unpack_from(body)
+    return seq, slot, word, memoryview(body)[JOB_HEAD.size :]
 
 
 def result_frame_head(seq: int, kind: int, outcome_size: int) -> bytes:

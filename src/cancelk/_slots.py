@@ -10,11 +10,20 @@
                 seq|KILL_*   a kill of job seq was decided (time limit or deadline,
                              cancel, memory limit)
     STARTED_NS  CLOCK_MONOTONIC when the running job began (time limits count from it)
+    CLAIM 0, 1  seq          job seq was sent to the runner, which has not taken it
+                seq|CLAIMED  the runner took it: it runs next (or runs, or ran)
+                seq|TAKEN    a cancel took it back first: it never runs
+                seq|RETURNED its runner died first: the pool queues it again
+
+A slot holds at most two jobs at once, the one its runner runs and the next
+(sent ahead, so the runner need not wait for the user process between two
+jobs); each job has one of the two CLAIM words while it is the slot's.
 
 Every transition is a compare-and-swap from a value that names the job (or,
 before its first job, the runner), so "finished" and "killed" cannot both win,
-and a late kill cannot hit the next job or the next runner: once job seq is
-DONE, or the slot has a new runner, no CAS expecting an older value succeeds (I1).
+nor "taken by the runner" and "taken back", and a late kill cannot hit the
+next job or the next runner: once job seq is DONE, or the slot has a new
+runner, no CAS expecting an older value succeeds (I1).
 """
 
 from __future__ import annotations
@@ -31,9 +40,14 @@ KILL_TIMEOUT = 1 << 60
 KILL_CANCEL = 1 << 61
 KILL_MEMORY = 1 << 62
 SEQ_MASK = (1 << 48) - 1
+# What a CLAIM word adds to its job's seq (bits above SEQ_MASK, below FRESH).
+CLAIMED = 1 << 55
+TAKEN = 1 << 56
+RETURNED = 1 << 57
+CLAIM_WORDS = 2
 
-_STATE, _STARTED_NS = 0, 1
-_WORDS_PER_SLOT = 4  # two spare words keep each slot on its own 32 bytes
+_STATE, _STARTED_NS, _CLAIM = 0, 1, 2
+_WORDS_PER_SLOT = 4  # STATE, STARTED_NS, two CLAIM words: each slot on its own 32 bytes
 
 
 def _size(slots: int) -> int:
@@ -64,12 +78,45 @@ class SlotWords:
         words = self._words
         self._state = [words.address(i * _WORDS_PER_SLOT + _STATE) for i in range(slots)]
         self._started = [words.address(i * _WORDS_PER_SLOT + _STARTED_NS) for i in range(slots)]
+        self._claims = [
+            [words.address(i * _WORDS_PER_SLOT + _CLAIM + w) for w in range(CLAIM_WORDS)]
+            for i in range(slots)
+        ]
 
     def state(self, slot: int) -> int:
         return _core.word_load(self._state[slot])
 
     def started_ns(self, slot: int) -> int:
         return _core.word_load(self._started[slot])
+
+    def claim_word(self, slot: int, word: int) -> int:
+        return _core.word_load(self._claims[slot][word])
+
+    def offer(self, slot: int, word: int, seq: int) -> None:
+        """User process: job ``seq`` is on its way to the slot's runner, under
+        CLAIM ``word`` (whose last job is settled: taken, taken back or returned)."""
+        _core.word_store(self._claims[slot][word], seq)
+
+    def claim(self, slot: int, word: int, seq: int) -> bool:
+        """Runner: take job ``seq`` to run it next; False if it was taken back
+        (the runner skips it)."""
+        return bool(_core.word_cas(self._claims[slot][word], seq, seq | CLAIMED))
+
+    def take_back(self, slot: int, word: int, seq: int, mark: int) -> int:
+        """Take job ``seq`` back before its runner claims it (``mark``: TAKEN
+        or RETURNED).  Returns the word as it was: ``seq`` when taken back
+        now, ``seq | CLAIMED`` when the runner has it, else what it holds."""
+        address = self._claims[slot][word]
+        while True:
+            current = _core.word_load(address)
+            if current != seq or _core.word_cas(address, seq, seq | mark):
+                return current
+
+    def awaits_claim(self, slot: int, seq: int) -> bool:
+        """Supervisor: may job ``seq`` still begin here (sent, and not taken back)?"""
+        return any(
+            _core.word_load(address) in (seq, seq | CLAIMED) for address in self._claims[slot]
+        )
 
     def begin(self, slot: int, before: int, seq: int) -> bool:
         """Runner: job ``seq`` starts; False if its kill was already decided."""
@@ -80,14 +127,21 @@ class SlotWords:
         """Runner: job ``seq`` is done; False if its kill won the race."""
         return bool(_core.word_cas(self._state[slot], seq, seq | DONE))
 
-    def decide_kill(self, slot: int, seq: int, flag: int, before: int | None = None) -> bool:
-        """Kill job ``seq`` if it runs, or (given what preceded it) has not begun."""
+    def decide_kill(self, slot: int, seq: int, flag: int) -> bool:
+        """Kill job ``seq`` if it runs."""
+        return bool(_core.word_cas(self._state[slot], seq, seq | flag))
+
+    def decide_kill_claimed(self, slot: int, seq: int, flag: int, runner_id: int) -> bool:
+        """Kill job ``seq``, which runner ``runner_id`` claimed, if it runs or
+        has not begun yet; False if it ended, or its runner is gone."""
         word = self._state[slot]
         while True:
-            # Retry while the word names this job: the runner's begin() may
-            # move it from ``before`` to ``seq`` between a load and a CAS.
+            # A claimed job begins right after its predecessor's DONE (or
+            # the runner's FRESH word): that value, or the job's own, may be
+            # replaced by a kill.  Retry while it names the job or that moment.
             current = _core.word_load(word)
-            if current != seq and (before is None or current != before):
+            waiting = (current & DONE and job_of(current) < seq) or current == FRESH | runner_id
+            if current != seq and not waiting:
                 return False
             if _core.word_cas(word, current, seq | flag):
                 return True
@@ -100,7 +154,7 @@ class SlotWords:
     def close(self) -> None:
         # No address may outlive the mapping: a use after close is an
         # IndexError, never a write to unmapped memory.
-        self._state, self._started = [], []
+        self._state, self._started, self._claims = [], [], []
         if self._words is not None:
             self._words.close()
             self._words = None

@@ -95,7 +95,6 @@ class _Submitter:
 
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
-        self.seqs = itertools.count(1)
         # A loop submits one function over and over: its module is looked
         # up once.  By id, so that no function is kept alive; an id reused
         # by another function at worst skips a spare's import ahead of it.
@@ -124,7 +123,7 @@ class _Submitter:
             self.manager.count_refused_submit()
             future.set_exception(why)
             return future
-        job = Job(future, next(self.seqs), payload, options, options.deadline_at(submitted))
+        job = Job(future, 0, payload, options, options.deadline_at(submitted))  # seq: at dispatch
         future._cancelk_job = job  # type: ignore[attr-defined]
         module = None
         if id(fn) != self._last_fn_id:

@@ -26,9 +26,11 @@ __all__ = ["Future"]
 
 
 class _Owner(Protocol):
-    def cancel_running(self, future: Future) -> bool: ...
+    def cancel_running(self, future: Future) -> bool | None: ...
 
     def cancelled_in_queue(self, future: Future) -> None: ...
+
+    def claimed_pid(self, future: Future) -> int | None: ...
 
     def call_soon(self, call: Callable[[], object]) -> None: ...
 
@@ -36,7 +38,7 @@ class _Owner(Protocol):
 class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     """A future of a cancelk job: a ``concurrent.futures.Future`` whose
     ``cancel()`` also stops a running job.  ``pid`` is the job's process
-    while it runs."""
+    while it runs (once that process has taken it)."""
 
     def __init__(self, owner: _Owner | None = None) -> None:
         super().__init__()
@@ -46,8 +48,16 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
 
     @property
     def pid(self) -> int | None:
-        """The pid of the process running the job, while it runs; else None."""
-        return self._job_pid if self.running() else None
+        """The pid of the process running the job, while it runs; else None.
+
+        A job counts as running once it is on its way to a process (as in the
+        stdlib), which may still be running the job before it; ``pid`` is
+        None until that process has taken it."""
+        if not self.running():
+            return None
+        if self._job_pid is None and self._owner is not None:
+            return self._owner.claimed_pid(self)
+        return self._job_pid
 
     def cancel(self) -> bool:
         """Cancel the job, even a running one; never blocks on the kill.
@@ -72,7 +82,10 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 if state == FINISHED:
                     return False
             if state == RUNNING:
-                return self._owner.cancel_running(self)
+                answer = self._owner.cancel_running(self)
+                if answer is not None:
+                    return answer
+                continue  # its runner died before it began: queued again, cancelled there
             # Queued: cancelled at once, so wait() and as_completed() see it
             # now rather than when the pool would have reached it.  Only while
             # still PENDING: one the pool started meanwhile is cancelled as
@@ -82,15 +95,34 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 self._owner.cancelled_in_queue(self)
                 return True
 
-    def _start_running(self, pid: int) -> bool:
-        """The pool starts the job in process ``pid``: PENDING -> RUNNING,
-        False if it was cancelled."""
+    def _start_running(self, pid: int | None) -> bool:
+        """The pool starts the job (in process ``pid``, if known):
+        PENDING -> RUNNING, False if it was cancelled."""
         with self._condition:
             if self._state != PENDING:
                 return False
             self._job_pid = pid
             self._state = RUNNING
             return True
+
+    def _hand_back(self, take_back: Callable[[], bool]) -> bool | None:
+        """The pool takes the job off a runner that never claimed it: under
+        this future's lock, ``take_back()`` (False: the runner has it) and
+        RUNNING -> PENDING, so cancel() finds the job on its runner or
+        queued, never between.  None: not taken back; False: taken back,
+        but cancelled meanwhile; True: PENDING again."""
+        with self._condition:
+            if not take_back():
+                return None
+            if self._state != RUNNING:
+                return False
+            self._state = PENDING
+            self._job_pid = None
+            return True
+
+    def _is_pending(self) -> bool:
+        with self._condition:
+            return bool(self._state == PENDING)
 
     def result(self, timeout: float | None = None) -> Any:
         """The job's result, waiting up to ``timeout`` seconds.

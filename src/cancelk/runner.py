@@ -6,7 +6,9 @@
                          (a warm spare waits here until a slot needs it)
     user process ◄══channel══ ready frame (INIT_SEQ, value), or the
                               initializer's exception (INIT_SEQ, error)
-    user process ══channel══► job frame (seq, slot, pickled fn/args/kwargs)
+    user process ══channel══► job frame (seq, slot, CLAIM word, pickled fn/args/kwargs);
+                              the next one may arrive while a job runs
+                              words.claim(slot, word, seq)  (taken back: skip it)
                               words.begin(slot, seq)   (lost race: wait to be killed)
                               run, pickle the outcome (in parts: a large
                               result is never joined into one buffer)
@@ -96,8 +98,10 @@ def _serve(setup: RunnerSetup) -> None:  # pragma: no cover - runs in the runner
         frame = next(frames, None)
         if frame is None:
             return  # the user process closed the channel: shut down
-        seq, slot, job = _protocol.parse_job(frame)
+        seq, slot, word, job = _protocol.parse_job(frame)
         del frame
+        if not words.claim(slot, word, seq):
+            continue  # cancelled, or given to another runner, before it began
         if not words.begin(slot, before, seq):
             _await_kill()
         held = [job]

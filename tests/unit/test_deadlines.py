@@ -18,6 +18,7 @@ class FakeWords:
     def __init__(self) -> None:
         self.states: dict[int, int] = {}
         self.starts: dict[int, int] = {}
+        self.taken_back: set[int] = set()  # seqs taken back before they began
 
     def state(self, slot: int) -> int:
         return self.states.get(slot, FRESH | 1)
@@ -25,12 +26,14 @@ class FakeWords:
     def started_ns(self, slot: int) -> int:
         return self.starts.get(slot, 0)
 
-    def decide_kill(self, slot: int, seq: int, flag: int, before: int | None = None) -> bool:
-        current = self.state(slot)
-        if current != seq and (before is None or current != before):
+    def decide_kill(self, slot: int, seq: int, flag: int) -> bool:
+        if self.state(slot) != seq:
             return False
         self.states[slot] = seq | flag
         return True
+
+    def awaits_claim(self, slot: int, seq: int) -> bool:
+        return seq not in self.taken_back
 
     def begin(self, slot: int, seq: int, at: int) -> None:
         self.states[slot], self.starts[slot] = seq, at
@@ -135,3 +138,22 @@ def test_a_deadline_and_a_time_limit_the_earlier_wins(words, book):
     assert book.next_ns() == 200 * MS
     assert book.decided_kills(200 * MS) == [DecidedKill(0, 5, KILL_TIMEOUT)]
     assert book.decided_kills(500 * MS) == []
+
+
+def test_the_limit_of_a_job_sent_ahead_keeps_the_running_jobs_limit(words, book):
+    words.begin(0, 5, at=0)
+    book.add_time_limit(0, 5, 50 * MS, now=0)
+    book.add_time_limit(0, 6, 10 * MS, now=1 * MS)  # job 6 waits behind job 5
+    assert book.decided_kills(11 * MS) == []  # 6 has not begun: its limit moves
+    assert book.decided_kills(50 * MS) == [DecidedKill(0, 5, KILL_TIMEOUT)]
+    words.begin(0, 6, at=52 * MS)
+    assert book.decided_kills(61 * MS) == []
+    assert book.decided_kills(62 * MS) == [DecidedKill(0, 6, KILL_TIMEOUT)]
+
+
+def test_the_limit_of_a_job_taken_back_before_it_began_is_dropped(words, book):
+    words.begin(0, 5, at=0)
+    book.add_time_limit(0, 6, 10 * MS, now=0)  # sent ahead behind job 5
+    words.taken_back.add(6)  # cancelled before the runner claimed it
+    assert book.decided_kills(10 * MS) == []
+    assert book.next_ns() is None

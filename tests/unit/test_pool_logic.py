@@ -29,14 +29,16 @@ pytestmark = pytest.mark.timeout(10)
 class FakeIO:
     def __init__(self) -> None:
         self.jobs: list[tuple[int, int, bytes]] = []  # (slot, seq, payload)
+        self.claim_words: dict[int, int] = {}  # seq: the CLAIM word it was offered under
         self.control: list[_protocol.ControlMessage] = []
         self.killed: list[int] = []  # slots killed through a pidfd
         self.timers: list = []  # (time.monotonic() time, command)
 
     def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
-        seq, job_slot, body = _protocol.parse_job((head + payload)[8:])
+        seq, job_slot, word, body = _protocol.parse_job((head + payload)[8:])
         assert job_slot == slot
         self.jobs.append((slot, seq, bytes(body)))
+        self.claim_words[seq] = word
 
     def send_control(self, message: _protocol.ControlMessage) -> None:
         self.control.append(message)
@@ -60,11 +62,15 @@ class Harness:
         os.close(fd)
         self.pool.words = self.words
         self.out: list = []
-        self.seq = 0
         self.next_runner = 1
 
     def close(self) -> None:
         self.words.close()
+
+    def begin(self, slot: int, before: int, seq: int) -> bool:
+        """The runner claims job ``seq`` and begins it; False if either failed."""
+        word = self.io.claim_words[seq]
+        return self.words.claim(slot, word, seq) and self.words.begin(slot, before, seq)
 
     def start_runner(self, slot: int, ready: bool = True) -> int:
         runner_id = self.next_runner
@@ -85,22 +91,30 @@ class Harness:
         self.pool.runner_exited(slot, runner_id, status, self.words.state(slot), None, self.out)
         self.settle()
 
-    def submit(self, options: JobOptions | None = None) -> Future:
+    def submit(self, options: JobOptions | None = None, payload: bytes = b"payload") -> Future:
         future = Future(self)
         options = options or JobOptions()
-        self.seq += 1
-        job = Job(future, self.seq, b"payload", options)
+        job = Job(future, 0, payload, options)
         future._cancelk_job = job
         self.pool.accept(job, self.out)
         return future
 
     # Future's owner, as the manager is
-    def cancel_running(self, future: Future) -> bool:
+    def cancel_running(self, future: Future) -> bool | None:
         job = future._cancelk_job
-        if job is None or not self.pool.cancel_running(job):
+        decided = None if job is None else self.pool.cancel_running(job)
+        if job is not None and decided is None:
+            return None  # queued again: Future.cancel() looks once more
+        if job is None or not decided:
             return future.cancelled()
+        reason = "cancelled before it began" if job.taken_back else "cancelled"
+        answer = future._mark_cancelled(reason) or future.cancelled()
         self.pool.count_cancelled(job)
-        return future._mark_cancelled("cancelled") or future.cancelled()
+        return answer
+
+    def claimed_pid(self, future: Future) -> int | None:
+        job = future._cancelk_job
+        return None if job is None else self.pool.claimed_pid(job)
 
     def cancelled_in_queue(self, future: Future) -> None:
         if future._cancelk_job is not None:
@@ -116,6 +130,21 @@ class Harness:
         for complete in self.out:
             complete()
         self.out.clear()
+
+    def begin_job(self, future: Future) -> int:
+        """The runner of the future's job claims and begins it; its seq."""
+        placement = future._cancelk_job.placement
+        assert self.begin(placement.slot, self.words.state(placement.slot), placement.seq)
+        return placement.seq
+
+    def run_to_end(self, future: Future, value: object, outcome=None) -> None:
+        """The future's job runs on its runner and returns ``value``."""
+        seq = self.begin_job(future)
+        slot = future._cancelk_job.placement.slot
+        assert self.words.finish(slot, seq)
+        kind, encoded = outcome or _wire.encode_result(value)
+        self.pool.result_arrived(slot, seq, kind, memoryview(encoded), self.out)
+        self.settle()
 
     def runner_finishes(self, slot: int, seq: int, value: object) -> None:
         kind, outcome = _wire.encode_result(value)
@@ -139,14 +168,16 @@ def test_a_job_waits_for_a_runner_then_is_dispatched(h):
     h.start_runner(0)
     h.pool.fill_idle()
     assert h.io.jobs == [(0, 1, b"payload")]
-    assert future.running() and future.pid == 1001
+    assert future.running() and future.pid is None, "its runner has not taken it yet"
+    assert h.begin(0, FRESH | 1, 1)
+    assert future.pid == 1001
     assert h.pool.stats()["running"] == 1 and h.pool.stats()["pending"] == 0
 
 
 def test_a_result_settles_the_future_and_frees_the_runner(h):
     h.start_runner(0)
     future = h.submit()
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     h.words.finish(0, 1)
     h.runner_finishes(0, 1, {"answer": 42})
     assert future.result(0) == {"answer": 42}
@@ -182,7 +213,7 @@ def test_a_queued_job_cancelled_is_never_dispatched(h):
 def test_cancel_of_a_running_job_decides_its_kill(h):
     h.start_runner(0)
     future = h.submit()
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     assert future.cancel() is True
     assert future.cancelled()
     assert h.io.killed == [0]
@@ -200,13 +231,13 @@ def test_cancel_before_the_runner_began_the_job_still_wins(h):
     h.start_runner(0)
     future = h.submit()  # sent, but the runner has not called begin()
     assert future.cancel()
-    assert not h.words.begin(0, FRESH | 1, 1), "the runner must not start it"
+    assert not h.begin(0, FRESH | 1, 1), "the runner must not start it"
 
 
 def test_cancel_after_the_job_finished_loses(h):
     h.start_runner(0)
     future = h.submit()
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     h.words.finish(0, 1)  # finished; the result is on its way
     assert future.cancel() is False
     assert not h.io.killed
@@ -217,7 +248,7 @@ def test_cancel_after_the_job_finished_loses(h):
 def test_a_cancel_with_grace_asks_the_supervisor_once(h):
     h.start_runner(0)
     future = h.submit(JobOptions(cancel_timeout=0.5))
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     assert future.cancel() is False
     assert future.cancel() is False
     assert h.io.control == [_protocol.GraceCancel(0, 1, 1, 500_000_000)]
@@ -227,6 +258,7 @@ def test_a_cancel_with_grace_asks_the_supervisor_once(h):
 def test_an_unlimited_grace_never_kills(h):
     h.start_runner(0)
     future = h.submit(JobOptions(cancel_timeout=None))
+    h.begin(0, FRESH | 1, 1)
     assert future.cancel() is False
     assert not h.io.control and not h.io.killed
 
@@ -234,7 +266,7 @@ def test_an_unlimited_grace_never_kills(h):
 def test_a_timeout_kill_ends_with_process_timeout_error_once(h):
     h.start_runner(0)
     future = h.submit(JobOptions(timeout=0.05))
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     assert h.words.decide_kill(0, 1, KILL_TIMEOUT)  # as the supervisor does
     h.pool.job_killed(0, 1, 1, KILL_TIMEOUT, 0, h.out)
     h.settle()
@@ -251,7 +283,7 @@ def test_a_runner_death_fails_only_its_job(h):
     h.start_runner(0)
     h.start_runner(1)
     doomed, fine = h.submit(), h.submit()
-    h.words.begin(1, FRESH | 2, 1)  # idle.pop() took slot 1 first
+    h.begin(1, FRESH | 2, 1)  # idle.pop() took slot 1 first
     h.pool.runner_exited(1, 2, signal.SIGSEGV, h.words.state(1), None, h.out)
     h.settle()
     error = doomed.exception(0)
@@ -263,6 +295,7 @@ def test_a_runner_death_fails_only_its_job(h):
 def test_an_exit_code_death_names_the_code(h):
     h.start_runner(0)
     future = h.submit()
+    h.begin(0, FRESH | 1, 1)
     status = 3 << 8  # exited with code 3
     h.pool.runner_exited(0, 1, status, h.words.state(0), None, h.out)
     h.settle()
@@ -309,11 +342,13 @@ def test_a_lost_supervisor_fails_running_jobs_and_keeps_queued_ones():
     try:
         h.start_runner(0)
         running, queued = h.submit(), h.submit()
+        assert queued.running(), "sent ahead to the only runner"
+        h.begin(0, FRESH | 1, 1)
         h.pool.supervisor_lost(555, 9, h.out)
         h.settle()
         error = running.exception(0)
         assert isinstance(error, ProcessDiedError) and "supervisor (pid 555) died" in str(error)
-        assert not queued.done() and list(h.pool.pending)
+        assert not queued.done() and not queued.running() and list(h.pool.pending)
         h.start_runner(0)  # a new supervisor's runner
         h.pool.fill_idle()
         assert queued.running()
@@ -326,7 +361,7 @@ def test_max_tasks_retires_a_runner_after_its_jobs():
     try:
         h.start_runner(0)
         first, second = h.submit(), h.submit()
-        h.words.begin(0, FRESH | 1, 1)
+        h.begin(0, FRESH | 1, 1)
         h.words.finish(0, 1)
         h.runner_finishes(0, 1, "one")
         assert first.result(0) == "one"
@@ -347,7 +382,7 @@ def test_shutdown_finishes_only_when_nothing_runs(h):
     h.pool.begin_shutdown(False, h.out)
     assert not h.pool.finished()
     for slot, seq in ((0, 1), (1, 2)):
-        h.words.begin(slot, h.words.state(slot), seq)
+        h.begin(slot, h.words.state(slot), seq)
         h.words.finish(slot, seq)
         h.runner_finishes(slot, seq, seq)
     assert running.result(0) == 1 and queued.result(0) == 2
@@ -386,7 +421,7 @@ def test_shutdown_with_cancel_futures_before_any_runner_is_up_spares_one_job_per
         assert all(f.running() for f in futures[:3])
         assert not h.pool.finished()
         for slot, seq, _payload in list(h.io.jobs):
-            h.words.begin(slot, h.words.state(slot), seq)
+            h.begin(slot, h.words.state(slot), seq)
             h.words.finish(slot, seq)
             h.runner_finishes(slot, seq, seq)
         assert [f.result(0) for f in futures[:3]] == [1, 2, 3]
@@ -433,7 +468,7 @@ def test_kill_everything_cancels_the_queue_and_kills_what_runs(h):
     h.start_runner(0)
     running = h.submit()
     queued = h.submit()
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     h.pool.kill_everything("terminate_workers()", h.out)
     h.settle()
     assert running.cancelled() and queued.cancelled()
@@ -449,15 +484,18 @@ def test_jobs_start_in_the_order_they_were_submitted():
     h = Harness(size=1)
     try:
         h.start_runner(0)
-        first, second = h.submit(), h.submit()
-        h.words.begin(0, FRESH | 1, 1)
+        first, second, third = h.submit(), h.submit(), h.submit()
+        assert second.running() and not third.running(), "one sent ahead, one queued"
+        h.begin(0, FRESH | 1, 1)
         h.words.finish(0, 1)
         _kind, outcome = _wire.encode_result(1)
-        h.pool.result_arrived(0, 1, _kind, memoryview(outcome), h.out)  # runner 0 idle
-        third = h.submit()
-        assert not third.running(), "a newcomer jumped the queue"
+        h.pool.result_arrived(0, 1, _kind, memoryview(outcome), h.out)  # room for one
+        fourth = h.submit()
+        assert not fourth.running(), "a newcomer jumped the queue"
         h.pool.fill_idle()
-        assert second.running() and not third.running()
+        assert third.running() and not fourth.running()
+        assert [seq for _slot, seq, _body in h.io.jobs] == [1, 2, 3]
+        assert third._cancelk_job.placement.seq == 3
         h.settle()
         assert first.result(0) == 1
     finally:
@@ -471,43 +509,37 @@ def test_counts_add_up_at_every_step():
     try:
         h.start_runner(0)
         h.start_runner(1)
-        _fine, _raising, killed, timed, queued_cancel, queued = (h.submit() for _ in range(6))
-        assert h.check_counts()["pending"] == 4
+        fine, raising, killed, timed, queued_cancel, queued = (h.submit() for _ in range(6))
+        # one job runs on each runner, one is sent ahead to each, two wait
+        assert h.check_counts()["pending"] == 2
         assert queued_cancel.cancel(), "queued: cancelled at once"
         s = h.check_counts()
-        assert s["cancelled"] == 1 and s["pending"] == 3, "a queued cancel counts at once"
-        # slot 1 got `fine` (idle.pop), slot 0 `raising`
-        h.words.begin(1, FRESH | 2, 1)
-        h.words.finish(1, 1)
-        h.runner_finishes(1, 1, "ok")
-        h.words.begin(0, FRESH | 1, 2)
-        h.words.finish(0, 2)
-        kind, outcome = _wire.run_and_encode(int, ("x",), {})
-        h.pool.result_arrived(0, 2, kind, memoryview(outcome), h.out)
-        h.settle()
+        assert s["cancelled"] == 1 and s["pending"] == 1, "a queued cancel counts at once"
+        h.run_to_end(fine, "ok")
+        h.run_to_end(raising, None, outcome=_wire.run_and_encode(int, ("x",), {}))
         h.pool.fill_idle()  # as the manager thread does after each event
         s = h.check_counts()
-        assert (s["finished"], s["failed"], s["running"]) == (1, 1, 2)
-        assert killed.running() and timed.running()
+        assert (s["finished"], s["failed"], s["running"]) == (1, 1, 3)
+        assert killed.running() and timed.running() and queued.running()
         killed_slot = killed._cancelk_job.placement.slot
         timed_slot = timed._cancelk_job.placement.slot
-        h.words.begin(killed_slot, h.words.state(killed_slot), 3)
+        h.begin_job(killed)
         assert killed.cancel()
         s = h.check_counts()
-        assert s["cancelled"] == 2 and s["running"] == 1, "a killed job no longer runs"
-        h.words.begin(timed_slot, h.words.state(timed_slot), 4)
-        h.words.decide_kill(timed_slot, 4, KILL_TIMEOUT)
+        assert s["cancelled"] == 2 and s["running"] == 2, "a killed job no longer runs"
+        timed_seq = h.begin_job(timed)
+        h.words.decide_kill(timed_slot, timed_seq, KILL_TIMEOUT)
         h.pool.job_killed(
-            timed_slot, timed._cancelk_job.placement.runner_id, 4, KILL_TIMEOUT, 0, h.out
+            timed_slot, timed._cancelk_job.placement.runner_id, timed_seq, KILL_TIMEOUT, 0, h.out
         )
         h.settle()
         s = h.check_counts()
-        assert s["timed_out"] == 1 and s["running"] == 0
+        assert s["timed_out"] == 1 and s["running"] == 1
         for slot in (killed_slot, timed_slot):
             h.exited(slot, h.pool.slots[slot].runner_id, signal.SIGKILL)
         s = h.check_counts()
         assert s["cancelled"] == 2 and s["timed_out"] == 1, "the exits count nothing twice"
-        assert s["pending"] == 1 and not queued.running()
+        assert s["pending"] == 1 and not queued.running(), "the job sent ahead is queued again"
     finally:
         h.close()
 
@@ -542,7 +574,7 @@ def test_a_queued_job_past_its_deadline_never_starts():
         with pytest.raises(ProcessTimeoutError, match="waited for a runner"):
             future.result(0)
         assert h.check_counts()["timed_out"] == 1
-        h.words.begin(0, FRESH | 1, 1)
+        h.begin(0, FRESH | 1, 1)
         h.words.finish(0, 1)
         h.runner_finishes(0, 1, "done")
         h.pool.fill_idle()
@@ -571,7 +603,7 @@ def test_limits_are_sent_with_the_job(h):
 def test_a_memory_kill_ends_with_process_memory_error(h):
     h.start_runner(0)
     future = h.submit(JobOptions(memory_limit=1000))
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     assert h.words.decide_kill(0, 1, KILL_MEMORY)
     h.pool.job_killed(0, 1, 1, KILL_MEMORY, 4096, h.out)
     h.settle()
@@ -586,16 +618,16 @@ def test_max_pending_refuses_at_once_and_accepts_once_drained():
     h.pool.max_pending = 2
     try:
         h.start_runner(0)
-        first, second, third = h.submit(), h.submit(), h.submit()
+        first, ahead, second, third = h.submit(), h.submit(), h.submit(), h.submit()
         with pytest.raises(PoolFullError):
             h.submit()
         stats = h.check_counts()
-        assert (stats["submitted"], stats["refused"], stats["pending"]) == (3, 1, 2)
+        assert (stats["submitted"], stats["refused"], stats["pending"]) == (4, 1, 2)
         assert second.cancel()  # a cancelled job no longer waits
         fourth = h.submit()
         assert not fourth.done()
         assert h.check_counts()["pending"] == 2
-        del first, third
+        del first, ahead, third
     finally:
         h.close()
 
@@ -606,7 +638,7 @@ def test_a_finished_future_is_freed_without_the_cyclic_gc(h):
 
     h.start_runner(0)
     future = h.submit()
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     h.words.finish(0, 1)
     h.runner_finishes(0, 1, "value")
     assert future.result(0) == "value"
@@ -647,7 +679,7 @@ def test_a_pool_running_one_job_at_a_time_asks_for_one_runner():
                 h.pool.fill_idle()
             assert future.running()
             before = h.words.state(0)
-            h.words.begin(0, before, seq)
+            h.begin(0, before, seq)
             h.words.finish(0, seq)
             h.runner_finishes(0, seq, seq)
         starts = [m for m in h.io.control if isinstance(m, _protocol.StartRunner)]
@@ -664,5 +696,136 @@ def test_a_cancel_that_saw_the_job_queued_does_not_mark_it_once_it_started(h):
     assert future.running()
     assert not future._mark_cancelled("stale", by_caller=True, queued=True)
     assert future.running(), "it runs on; a cancel now kills it"
-    h.words.begin(0, FRESH | 1, 1)
+    h.begin(0, FRESH | 1, 1)
     assert future.cancel() is True and h.io.killed == [0]
+
+
+# -- jobs sent ahead: a runner's next job waits in its channel ---------------------
+
+
+def test_a_job_is_sent_ahead_only_once_every_slot_has_its_runner(h):
+    h.start_runner(0)
+    first, second = h.submit(), h.submit()
+    assert first.running() and not second.running(), "slot 1 has no runner yet: it waits"
+    h.start_runner(1)
+    h.pool.fill_idle()
+    third = h.submit()
+    assert second.running() and third.running(), "the third is sent ahead"
+    assert h.pool.stats()["pending"] == 0 and h.pool.stats()["running"] == 3
+
+
+def test_jobs_with_a_deadline_or_memory_limit_are_not_sent_ahead():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        h.submit()
+        limited = h.submit(JobOptions(memory_limit=1 << 30))
+        assert not limited.running()
+    finally:
+        h.close()
+
+
+def test_a_job_sent_ahead_is_queued_again_when_its_runner_dies_first():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        doomed, ahead = h.submit(), h.submit()
+        h.begin_job(doomed)
+        h.exited(0, 1, signal.SIGSEGV)
+        assert isinstance(doomed.exception(0), ProcessDiedError)
+        assert not ahead.running() and not ahead.done(), "never claimed: queued again"
+        first_seq = ahead._cancelk_job.seq
+        assert h.words.claim_word(0, h.io.claim_words[first_seq]) == first_seq | _slots.RETURNED
+        assert not h.words.claim(0, h.io.claim_words[first_seq], first_seq)
+        h.start_runner(0)
+        h.pool.fill_idle()
+        assert ahead.running() and ahead._cancelk_job.seq > first_seq, "a new seq"
+        h.run_to_end(ahead, "ran once")
+        assert ahead.result(0) == "ran once"
+        assert h.check_counts()["died"] == 1
+    finally:
+        h.close()
+
+
+def test_a_cancel_takes_back_a_job_sent_ahead_without_a_kill():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        running, ahead = h.submit(), h.submit()
+        seq = ahead._cancelk_job.placement.seq
+        assert ahead.cancel() and ahead.cancelled()
+        assert not h.io.killed and not h.io.control, "its runner goes on"
+        assert not h.words.claim(0, h.io.claim_words[seq], seq), "the runner skips it"
+        h.run_to_end(running, "fine")
+        assert running.result(0) == "fine"
+        third = h.submit()
+        assert third.running(), "the runner has room again"
+        s = h.check_counts()
+        assert (s["cancelled"], s["finished"], s["running"]) == (1, 1, 1)
+    finally:
+        h.close()
+
+
+def test_a_cancel_after_the_claim_kills_before_the_job_begins():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        first, second = h.submit(), h.submit()
+        h.run_to_end(first, 1)
+        seq = second._cancelk_job.placement.seq
+        assert h.words.claim(0, h.io.claim_words[seq], seq)  # claimed, not begun
+        assert second.cancel() and second.cancelled()
+        assert h.io.killed == [0]
+        assert h.words.state(0) == seq | KILL_CANCEL
+        assert not h.words.begin(0, 1 | _slots.DONE, seq), "the runner must not begin it"
+    finally:
+        h.close()
+
+
+def test_a_late_cancel_of_a_finished_job_does_not_hit_the_job_after_it():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        first, second = h.submit(), h.submit()
+        first_seq = h.begin_job(first)
+        assert h.words.finish(0, first_seq)
+        h.begin_job(second)  # the runner went on before the user process heard
+        assert first.cancel() is False
+        assert not h.io.killed and second.running()
+    finally:
+        h.close()
+
+
+def test_an_idle_runner_takes_over_a_job_sent_ahead_to_a_busy_one(h):
+    h.start_runner(0)
+    h.start_runner(1)
+    first, second, ahead = h.submit(), h.submit(), h.submit()
+    busy = ahead._cancelk_job.placement.slot
+    long_one, short = (
+        (first, second) if first._cancelk_job.placement.slot == busy else (second, first)
+    )
+    h.begin_job(long_one)
+    h.run_to_end(short, "quick")
+    h.pool.take_over_sent_ahead()
+    placement = ahead._cancelk_job.placement
+    assert ahead.running() and placement.slot != busy, "taken over by the idle runner"
+    h.run_to_end(ahead, "done")
+    assert ahead.result(0) == "done" and long_one.running()
+    assert h.check_counts()["running"] == 1
+
+
+def test_a_cancel_of_a_job_queued_again_cancels_it_in_the_queue():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        doomed, ahead = h.submit(), h.submit()
+        h.begin_job(doomed)
+        h.exited(0, 1, signal.SIGKILL)
+        assert ahead.cancel() and ahead.cancelled()
+        s = h.check_counts()
+        assert s["cancelled"] == 1 and s["pending"] == 0
+        h.start_runner(0)
+        h.pool.fill_idle()
+        assert not ahead.running() and h.pool.stats()["running"] == 0
+    finally:
+        h.close()

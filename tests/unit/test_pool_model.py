@@ -1,6 +1,6 @@
 """The pool's logic against a model of its runners and supervisor, in random
-interleavings: runners read their frames, take, begin and finish jobs by the
-shared words as runner.py does; the supervisor starts and kills runners; the
+interleavings: runners read their frames, claim (or skip), begin and finish
+jobs by the shared words as runner.py does; the supervisor starts and kills runners; the
 manager handles one event at a time; callers cancel and submit in between.
 
 Every future must end once the callers stop, no job may begin twice or after
@@ -56,11 +56,13 @@ class Model(FakeIO):
         self.h, self.clock = h, clock
         self.runners: dict[int, SimRunner] = {}
         self.inbox: deque[tuple] = deque()
-        self.began: dict[int, int] = {}  # seq: times begun
+        self.began: dict[bytes, int] = {}  # a job's payload: times begun
+        self.payloads: dict[int, bytes] = {}  # seq: the payload of the job sent under it
         self.limits: list[_protocol.SetTimeLimit] = []
 
     def send_job(self, slot: int, head: bytes, payload: bytes) -> None:
         super().send_job(slot, head, payload)
+        self.payloads[self.jobs[-1][1]] = payload
         runner = self.runners.get(slot)
         if runner is not None and runner.alive:
             runner.frames.append(self.jobs[-1][1])
@@ -124,10 +126,13 @@ class Model(FakeIO):
         if not runner.frames:
             return
         seq = runner.frames.popleft()
+        if not words.claim(runner.slot, self.claim_words[seq], seq):
+            return  # taken back: skipped
         if not words.begin(runner.slot, runner.before, seq):
             runner.stuck = True
             return
-        self.began[seq] = self.began.get(seq, 0) + 1
+        payload = self.payloads[seq]
+        self.began[payload] = self.began.get(payload, 0) + 1
         runner.running, runner.began_at = seq, self.clock.now
 
     # -- the manager ----------------------------------------------------------------
@@ -158,7 +163,10 @@ class Model(FakeIO):
             pool.runner_exited(slot, runner_id, status, self.h.words.state(slot), None, out)
             del self.runners[slot]
             self._start(slot)  # the supervisor replaces a runner that exits
-        pool.fill_idle()
+        if pool.pending:  # as the manager thread does after each event
+            pool.fill_idle()
+        elif pool.idle and pool.ahead:
+            pool.take_over_sent_ahead()
         self.h.settle()
 
 
@@ -169,11 +177,12 @@ def _dump(model: Model, futures: list[Future]) -> str:
     for slot in pool.slots:
         runner = model.runners.get(slot.index)
         lines.append(
-            f"slot {slot.index}: job={slot.job and slot.job.seq} "
+            f"slot {slot.index}: jobs={[(j.seq, j.taken_back) for j in slot.jobs]} "
             f"conn={slot.connected} ready={slot.ready} coming={slot.coming} "
             f"state={words.state(slot.index):#x} runner={runner and vars(runner)}"
         )
     lines.append(f"pending={[j.seq for j in pool.pending]} idle={[s.index for s in pool.idle]}")
+    lines.append(f"roomy={[s.index for s in pool.roomy]} stats={pool.stats()}")
     lines.append(f"inbox={list(model.inbox)} control={model.control}")
     return "\n".join(lines)
 
@@ -188,7 +197,7 @@ def run_model(seed: int, size: int, monkeypatch: pytest.MonkeyPatch, jobs: int =
     model = Model(h, clock)
     h.io = h.pool.io = model
     futures: list[Future] = []
-    seqs: dict[int, int] = {}  # id(future): its job's seq (the job unlinks when it ends)
+    seqs: dict[int, bytes] = {}  # id(future): its job's payload (the job unlinks when it ends)
     try:
         for _ in range(4000):
             calm = len(futures) >= jobs
@@ -202,13 +211,15 @@ def run_model(seed: int, size: int, monkeypatch: pytest.MonkeyPatch, jobs: int =
         h.close()
 
 
-def _act(rng, h: Harness, model: Model, futures: list[Future], seqs: dict[int, int]) -> None:
+def _act(rng, h: Harness, model: Model, futures: list[Future], seqs: dict[int, bytes]) -> None:
     """What the callers and the jobs do, now and then: submit, cancel, die."""
     roll = rng.random()
     if roll < 0.15:
         timed = rng.random() < 0.1
-        futures.append(h.submit(JobOptions(timeout=rng.choice([0.002, 0.01])) if timed else None))
-        seqs[id(futures[-1])] = h.seq
+        options = JobOptions(timeout=rng.choice([0.002, 0.01])) if timed else None
+        payload = b"job %d" % len(futures)
+        futures.append(h.submit(options, payload))
+        seqs[id(futures[-1])] = payload
     elif roll < 0.22 and futures:
         rng.choice(futures).cancel()
     elif roll < 0.25 and model.runners:
@@ -229,13 +240,14 @@ def _step(rng, model: Model, clock: Clock) -> None:
     model.enforce_limits()
 
 
-def _check(seed: int, h: Harness, model: Model, futures: list[Future], seqs: dict[int, int]):
+def _check(seed: int, h: Harness, model: Model, futures: list[Future], seqs: dict[int, bytes]):
     undone = [f for f in futures if not f.done()]
     assert not undone, f"seed {seed}: {len(undone)} futures never ended\n{_dump(model, futures)}"
     twice = {seq: n for seq, n in model.began.items() if n > 1}
     assert not twice, f"seed {seed}: jobs begun twice {twice}"
     for future in futures:
-        if future.cancelled() and "before it started" in future._cancel_reason:
+        reason = future._cancel_reason
+        if future.cancelled() and ("before it started" in reason or "before it began" in reason):
             assert seqs[id(future)] not in model.began, f"seed {seed}: a job cancelled before ran"
     stats = h.check_counts()
     assert stats["pending"] == 0 and stats["running"] == 0, f"seed {seed}: {stats}"

@@ -63,10 +63,10 @@ def test_malformed_module_name_is_an_error():
 
 def test_job_frame_head_and_parse():
     payload = pickle.dumps((len, ("ab",), {}))
-    framed = _protocol.job_frame_head(41, 3, len(payload)) + payload
+    framed = _protocol.job_frame_head(41, 3, 1, len(payload)) + payload
     (body,) = _wire.FrameReader().feed(framed)
-    seq, slot, job = _protocol.parse_job(body)
-    assert (seq, slot) == (41, 3)
+    seq, slot, word, job = _protocol.parse_job(body)
+    assert (seq, slot, word) == (41, 3, 1)
     fn, args, kwargs = pickle.loads(job)
     assert fn(*args, **kwargs) == 2
 

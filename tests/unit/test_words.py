@@ -9,7 +9,17 @@ import threading
 import pytest
 
 from cancelk import _slots
-from cancelk._slots import DONE, FRESH, KILL_CANCEL, KILL_TIMEOUT, SlotWords, job_of
+from cancelk._slots import (
+    CLAIMED,
+    DONE,
+    FRESH,
+    KILL_CANCEL,
+    KILL_TIMEOUT,
+    RETURNED,
+    TAKEN,
+    SlotWords,
+    job_of,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -57,16 +67,58 @@ def test_finish_beats_a_later_kill(words):
     words.begin(0, FRESH | 3, 5)
     assert words.finish(0, 5)
     assert not words.decide_kill(0, 5, KILL_CANCEL)
-    assert not words.decide_kill(0, 5, KILL_CANCEL, 5)
+    assert not words.decide_kill_claimed(0, 5, KILL_CANCEL, 3)
 
 
-def test_kill_before_begin_needs_the_word_before(words):
+def test_a_claimed_job_not_begun_can_be_killed_before_it_begins(words):
     words.give(0, 3)
-    # Without what preceded the job, a job that has not begun cannot be killed...
+    words.offer(0, 1, 9)
+    # A plain kill needs the job running...
     assert not words.decide_kill(0, 9, KILL_CANCEL)
-    # ...with it, it can, and the runner's begin then fails.
-    assert words.decide_kill(0, 9, KILL_CANCEL, FRESH | 3)
+    # ...a claimed one may be killed before it begins, and then never begins.
+    assert words.claim(0, 1, 9)
+    assert words.decide_kill_claimed(0, 9, KILL_CANCEL, 3)
     assert not words.begin(0, FRESH | 3, 9)
+
+
+def test_claim_and_take_back_exclude_each_other(words):
+    words.offer(0, 0, 7)
+    assert words.take_back(0, 0, 7, TAKEN) == 7, "taken back now"
+    assert not words.claim(0, 0, 7), "the runner skips it"
+    assert words.take_back(0, 0, 7, TAKEN) == 7 | TAKEN, "a second cancel sees the first"
+    words.offer(0, 1, 8)
+    assert words.claim(0, 1, 8)
+    assert words.take_back(0, 1, 8, RETURNED) == 8 | CLAIMED, "claimed: it stays"
+    assert words.claim_word(0, 1) == 8 | CLAIMED
+
+
+def test_the_supervisor_sees_whether_a_job_may_still_begin(words):
+    words.offer(0, 0, 4)
+    assert words.awaits_claim(0, 4)
+    assert words.claim(0, 0, 4) and words.awaits_claim(0, 4)
+    words.offer(0, 1, 5)
+    assert words.take_back(0, 1, 5, TAKEN) == 5
+    assert not words.awaits_claim(0, 5)
+    words.offer(0, 1, 6)  # the word serves the next job
+    assert not words.awaits_claim(0, 5) and words.awaits_claim(0, 6)
+
+
+def _claim_after(go, words, seq, claimed):
+    go.wait()
+    claimed.append(words.claim(0, seq % 2, seq))
+
+
+def test_claim_and_take_back_race_one_winner(words):
+    for seq in range(1, 2001):
+        words.offer(0, seq % 2, seq)
+        go = threading.Barrier(2)
+        claimed: list[bool] = []
+        thread = threading.Thread(target=_claim_after, args=(go, words, seq, claimed))
+        thread.start()
+        go.wait()
+        was = words.take_back(0, seq % 2, seq, TAKEN)
+        thread.join()
+        assert claimed[0] == (was == seq | CLAIMED), f"round {seq}: both or neither won"
 
 
 def test_a_late_kill_never_hits_the_next_job(words):
@@ -74,7 +126,7 @@ def test_a_late_kill_never_hits_the_next_job(words):
     words.begin(0, FRESH | 3, 5)
     words.finish(0, 5)
     words.begin(0, 5 | DONE, 6)
-    assert not words.decide_kill(0, 5, KILL_CANCEL, FRESH | 3)
+    assert not words.decide_kill_claimed(0, 5, KILL_CANCEL, 3)
     assert words.state(0) == 6
 
 
@@ -83,7 +135,7 @@ def test_a_kill_never_hits_the_next_runner(words):
     words.begin(0, FRESH | 3, 5)
     words.give(0, 4)  # runner 3 died; runner 4 took the slot
     assert not words.decide_kill(0, 5, KILL_TIMEOUT)
-    assert not words.decide_kill(0, 6, KILL_CANCEL, FRESH | 3)
+    assert not words.decide_kill_claimed(0, 6, KILL_CANCEL, 3)
 
 
 def test_slots_are_independent(words):
@@ -110,7 +162,7 @@ def test_decide_kill_between_begins_cas_is_not_lost(words):
         thread = threading.Thread(target=_begin_after, args=(go, words, before, seq, begun))
         thread.start()
         go.wait()
-        killed = words.decide_kill(0, seq, KILL_CANCEL, before)
+        killed = words.decide_kill_claimed(0, seq, KILL_CANCEL, seq)
         thread.join()
         assert killed, f"round {seq}: the kill lost to a begin()"
         assert words.state(0) == seq | KILL_CANCEL
