@@ -16,7 +16,8 @@ other than the targeted one was ever stopped: every other future holds its
 own token; the target holds its token or ProcessCancelledError /
 ProcessTimeoutError, never ProcessDiedError; a killed target's process is
 gone and its successor on a pool of one ran on a fresh runner, a target that
-won ran its successor on the same runner. Both C backends. The numbers of
+won ran its successor on the same runner (as did one cancelled before its
+runner took it from its channel: nothing is killed for it). Both C backends. The numbers of
 races the kill won and the job won are printed (``-s``).
 """
 
@@ -84,7 +85,7 @@ def target_outcome(future, token, allowed):
 
 
 def _cancel_races(exe, workers, iterations, rng, grace):
-    counts = {"won": 0, "killed": 0, "answer_true": 0}
+    counts = {"won": 0, "killed": 0, "answer_true": 0, "taken_back": 0}
     kill_pids = []
     for i in range(iterations):
         length = rng.uniform(0, 0.003)
@@ -109,10 +110,15 @@ def _cancel_races(exe, workers, iterations, rng, grace):
         if beside is not None:
             check_bystander(beside, f"B{i}")
         counts[kind] += 1
-        if kind == "killed":
-            assert pid is not None, f"iteration {i}: the target never ran on an idle pool"
-            kill_pids.append(pid)
-            if workers == 1:
+        taken_back = kind == "killed" and "before its runner began it" in target._cancel_reason
+        if taken_back:
+            # Cancelled before its runner took it: nothing was killed, and
+            # the runner went on to the successor.
+            counts["taken_back"] += 1
+        elif kind == "killed":
+            if pid is not None:  # None: its runner took it just after the look
+                kill_pids.append(pid)
+            if pid is not None and workers == 1:
                 assert successor_pid != pid, f"iteration {i}: successor ran in the killed process"
         elif workers == 1:
             assert successor_pid == ran_on, (
@@ -139,7 +145,8 @@ def test_cancel_at_random_offsets_never_stops_another_job(make_pool, backend, wo
     stats = settled_stats(exe, cancelled=counts["killed"])
     print(
         f"I1 cancel races [{backend}, {workers} runner(s)]: {iterations} races, "
-        f"kill won {counts['killed']}, job won {counts['won']} "
+        f"kill won {counts['killed']} ({counts['taken_back']} taken back before their "
+        f"runner took them), job won {counts['won']} "
         f"({elapsed / iterations * 1e3:.2f} ms per race); stats {stats}"
     )
     assert stats["died"] == 0 and stats["timed_out"] == 0

@@ -143,14 +143,16 @@ def test_max_pending_refuses_at_once_and_accepts_when_drained(make_pool, backend
     exe.submit(jobs.square, 1).result(timeout=RESULT_WAIT)
     running = exe.submit(jobs.sleep_return, 0.5, "a")
     procs.wait_running(running)
-    queued = [exe.submit(jobs.square, n) for n in (2, 3)]
+    # The first is sent ahead to the busy runner (running, not queued); two queue.
+    queued = [exe.submit(jobs.square, n) for n in (2, 3, 4)]
+    assert exe.stats()["pending"] == 2
     began = time.perf_counter()
     with pytest.raises(PoolFullError):
-        exe.submit(jobs.square, 4)
+        exe.submit(jobs.square, 5)
     assert time.perf_counter() - began < 0.001 * 20  # a refusal never waits (generous bound)
     assert exe.stats()["refused"] == 1
-    assert [f.result(timeout=RESULT_WAIT) for f in queued] == [4, 9]
-    assert exe.submit(jobs.square, 5).result(timeout=RESULT_WAIT) == 25
+    assert [f.result(timeout=RESULT_WAIT) for f in queued] == [4, 9, 16]
+    assert exe.submit(jobs.square, 6).result(timeout=RESULT_WAIT) == 36
 
 
 def test_bad_limits_raise_at_submit_and_construction(make_pool):

@@ -539,6 +539,7 @@ class Pool:
         if back is None:
             return was[0]
         self.running -= 1
+        self.counts["started"] -= 1  # its runner never took it
         if not back:
             self._count_end(job, "cancelled")  # a cancel marked it meanwhile
             return seq
@@ -646,10 +647,14 @@ class Pool:
     def count_cancelled(self, job: Job) -> None:
         """A cancel decided the running job's kill (or took it back): it no
         longer counts as running.  One returned to the queue meanwhile ends there."""
-        if job.placement is None:
+        placement = job.placement
+        if placement is None:
             self.queued_job_cancelled(job)
-        else:
-            self._count_end(job, "cancelled")
+            return
+        self._count_end(job, "cancelled")
+        if job.taken_back:  # no result or exit will come for it: its runner has room now
+            self._file(self.slots[placement.slot])
+            self.fill_idle()
 
     def _count_end(self, job: Job, counter: str, unlink: bool = True) -> bool:
         """Count the job's ending once; False if it was counted already."""
@@ -659,6 +664,8 @@ class Pool:
         if unlink:
             _unlink(job.future)
         self.counts[counter] += 1
+        if job.taken_back:
+            self.counts["started"] -= 1  # sent, but never taken by its runner
         if job.placement is not None:
             self.running -= 1
         return True
@@ -679,6 +686,18 @@ class Pool:
         self.shutting_down = True
         if cancel_pending:
             self._cancel_pending(out, spare=self._free_runners())
+            self._cancel_sent_ahead(out)
+
+    def _cancel_sent_ahead(self, out: list[Completion]) -> None:
+        """Take back the jobs sent ahead to busy runners that have not taken
+        them: they wait as queued jobs do, and are cancelled as those are."""
+        for slot in self.slots:
+            for job in slot.jobs[1:]:
+                if not job.counted and self._take_back(job) is _Taken.NEVER_RUNS:
+                    self._count_end(job, "cancelled")
+                    reason = "the job was cancelled by shutdown() before its runner began it"
+                    out.append(functools.partial(job.future._mark_cancelled, reason))
+            self._file(slot)
 
     def _free_runners(self) -> int:
         """Slots whose runner is up or on its way and has no job: the jobs they
@@ -699,6 +718,7 @@ class Pool:
                 if not job.counted and self.kill(job, _slots.KILL_CANCEL, reason):
                     self._count_end(job, "cancelled")
                     out.append(functools.partial(job.future._mark_cancelled, f"killed: {reason}"))
+            self._file(slot)
 
     def _cancel_pending(self, out: list[Completion], spare: int = 0) -> None:
         """Cancel the queued jobs but the first ``spare`` still to run."""

@@ -742,7 +742,8 @@ def test_a_job_sent_ahead_is_queued_again_when_its_runner_dies_first():
         assert ahead.running() and ahead._cancelk_job.seq > first_seq, "a new seq"
         h.run_to_end(ahead, "ran once")
         assert ahead.result(0) == "ran once"
-        assert h.check_counts()["died"] == 1
+        s = h.check_counts()
+        assert (s["died"], s["finished"], s["started"]) == (1, 1, 2), "started once each"
     finally:
         h.close()
 
@@ -762,6 +763,7 @@ def test_a_cancel_takes_back_a_job_sent_ahead_without_a_kill():
         assert third.running(), "the runner has room again"
         s = h.check_counts()
         assert (s["cancelled"], s["finished"], s["running"]) == (1, 1, 1)
+        assert s["started"] == 2, "the job taken back never started"
     finally:
         h.close()
 
@@ -827,5 +829,38 @@ def test_a_cancel_of_a_job_queued_again_cancels_it_in_the_queue():
         h.start_runner(0)
         h.pool.fill_idle()
         assert not ahead.running() and h.pool.stats()["running"] == 0
+    finally:
+        h.close()
+
+
+def test_shutdown_with_cancel_futures_cancels_a_job_sent_ahead():
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        running, ahead, queued = h.submit(), h.submit(), h.submit()
+        h.begin_job(running)
+        h.pool.begin_shutdown(True, h.out)
+        h.settle()
+        assert running.running() and ahead.cancelled() and queued.cancelled()
+        seq = ahead._cancelk_job.placement.seq if ahead._cancelk_job else None
+        assert seq is None or not h.words.claim(0, h.io.claim_words[seq], seq)
+        s = h.check_counts()
+        assert (s["cancelled"], s["started"], s["running"]) == (2, 1, 1)
+    finally:
+        h.close()
+
+
+def test_a_runner_whose_jobs_were_all_taken_back_takes_the_next_one():
+    """No result or exit comes for a job taken back: the count of its cancel
+    gives its runner the queue's next job."""
+    h = Harness(size=1)
+    try:
+        h.start_runner(0)
+        first, second, third = h.submit(), h.submit(), h.submit()
+        assert first.cancel() and second.cancel()  # neither taken by the runner yet
+        assert third.running(), "the runner has room again"
+        assert h.check_counts()["pending"] == 0
+        h.run_to_end(third, "ran")
+        assert third.result(0) == "ran"
     finally:
         h.close()
