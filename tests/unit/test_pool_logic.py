@@ -161,6 +161,17 @@ def h():
         harness.close()
 
 
+@pytest.fixture
+def h1():
+    """A pool of one slot whose runner is up."""
+    harness = Harness(size=1)
+    try:
+        harness.start_runner(0)
+        yield harness
+    finally:
+        harness.close()
+
+
 def test_a_job_waits_for_a_runner_then_is_dispatched(h):
     future = h.submit()
     assert list(h.pool.pending) and not h.io.jobs
@@ -714,88 +725,63 @@ def test_a_job_is_sent_ahead_only_once_every_slot_has_its_runner(h):
     assert h.pool.stats()["pending"] == 0 and h.pool.stats()["running"] == 3
 
 
-def test_jobs_with_a_deadline_or_memory_limit_are_not_sent_ahead():
-    h = Harness(size=1)
-    try:
-        h.start_runner(0)
-        h.submit()
-        limited = h.submit(JobOptions(memory_limit=1 << 30))
-        assert not limited.running()
-    finally:
-        h.close()
+def test_a_job_with_a_memory_limit_is_not_sent_ahead(h1):
+    h1.submit()
+    limited = h1.submit(JobOptions(memory_limit=1 << 30))
+    assert not limited.running()
 
 
-def test_a_job_sent_ahead_is_queued_again_when_its_runner_dies_first():
-    h = Harness(size=1)
-    try:
-        h.start_runner(0)
-        doomed, ahead = h.submit(), h.submit()
-        h.begin_job(doomed)
-        h.exited(0, 1, signal.SIGSEGV)
-        assert isinstance(doomed.exception(0), ProcessDiedError)
-        assert not ahead.running() and not ahead.done(), "never claimed: queued again"
-        first_seq = ahead._cancelk_job.seq
-        assert h.words.claim_word(0, h.io.claim_words[first_seq]) == first_seq | _slots.RETURNED
-        assert not h.words.claim(0, h.io.claim_words[first_seq], first_seq)
-        h.start_runner(0)
-        h.pool.fill_idle()
-        assert ahead.running() and ahead._cancelk_job.seq > first_seq, "a new seq"
-        h.run_to_end(ahead, "ran once")
-        assert ahead.result(0) == "ran once"
-        s = h.check_counts()
-        assert (s["died"], s["finished"], s["started"]) == (1, 1, 2), "started once each"
-    finally:
-        h.close()
+def test_a_job_sent_ahead_is_queued_again_when_its_runner_dies_first(h1):
+    doomed, ahead = h1.submit(), h1.submit()
+    h1.begin_job(doomed)
+    h1.exited(0, 1, signal.SIGSEGV)
+    assert isinstance(doomed.exception(0), ProcessDiedError)
+    assert not ahead.running() and not ahead.done(), "never claimed: queued again"
+    first_seq = ahead._cancelk_job.seq
+    assert h1.words.claim_word(0, h1.io.claim_words[first_seq]) == first_seq | _slots.RETURNED
+    assert not h1.words.claim(0, h1.io.claim_words[first_seq], first_seq)
+    h1.start_runner(0)
+    h1.pool.fill_idle()
+    assert ahead.running() and ahead._cancelk_job.seq > first_seq, "a new seq"
+    h1.run_to_end(ahead, "ran once")
+    assert ahead.result(0) == "ran once"
+    s = h1.check_counts()
+    assert (s["died"], s["finished"], s["started"]) == (1, 1, 2), "started once each"
 
 
-def test_a_cancel_takes_back_a_job_sent_ahead_without_a_kill():
-    h = Harness(size=1)
-    try:
-        h.start_runner(0)
-        running, ahead = h.submit(), h.submit()
-        seq = ahead._cancelk_job.placement.seq
-        assert ahead.cancel() and ahead.cancelled()
-        assert not h.io.killed and not h.io.control, "its runner goes on"
-        assert not h.words.claim(0, h.io.claim_words[seq], seq), "the runner skips it"
-        h.run_to_end(running, "fine")
-        assert running.result(0) == "fine"
-        third = h.submit()
-        assert third.running(), "the runner has room again"
-        s = h.check_counts()
-        assert (s["cancelled"], s["finished"], s["running"]) == (1, 1, 1)
-        assert s["started"] == 2, "the job taken back never started"
-    finally:
-        h.close()
+def test_a_cancel_takes_back_a_job_sent_ahead_without_a_kill(h1):
+    running, ahead = h1.submit(), h1.submit()
+    seq = ahead._cancelk_job.placement.seq
+    assert ahead.cancel() and ahead.cancelled()
+    assert not h1.io.killed and not h1.io.control, "its runner goes on"
+    assert not h1.words.claim(0, h1.io.claim_words[seq], seq), "the runner skips it"
+    h1.run_to_end(running, "fine")
+    assert running.result(0) == "fine"
+    third = h1.submit()
+    assert third.running(), "the runner has room again"
+    s = h1.check_counts()
+    assert (s["cancelled"], s["finished"], s["running"]) == (1, 1, 1)
+    assert s["started"] == 2, "the job taken back never started"
 
 
-def test_a_cancel_after_the_claim_kills_before_the_job_begins():
-    h = Harness(size=1)
-    try:
-        h.start_runner(0)
-        first, second = h.submit(), h.submit()
-        h.run_to_end(first, 1)
-        seq = second._cancelk_job.placement.seq
-        assert h.words.claim(0, h.io.claim_words[seq], seq)  # claimed, not begun
-        assert second.cancel() and second.cancelled()
-        assert h.io.killed == [0]
-        assert h.words.state(0) == seq | KILL_CANCEL
-        assert not h.words.begin(0, 1 | _slots.DONE, seq), "the runner must not begin it"
-    finally:
-        h.close()
+def test_a_cancel_after_the_claim_kills_before_the_job_begins(h1):
+    first, second = h1.submit(), h1.submit()
+    h1.run_to_end(first, 1)
+    seq = second._cancelk_job.placement.seq
+    assert h1.words.claim(0, h1.io.claim_words[seq], seq)  # claimed, not begun
+    assert second.cancel() and second.cancelled()
+    assert h1.io.killed == [0]
+    assert h1.words.state(0) == seq | KILL_CANCEL
+    assert not h1.words.begin(0, 1 | _slots.DONE, seq), "the runner must not begin it"
 
 
-def test_a_late_cancel_of_a_finished_job_does_not_hit_the_job_after_it():
-    h = Harness(size=1)
-    try:
-        h.start_runner(0)
-        first, second = h.submit(), h.submit()
-        first_seq = h.begin_job(first)
-        assert h.words.finish(0, first_seq)
-        h.begin_job(second)  # the runner went on before the user process heard
-        assert first.cancel() is False
-        assert not h.io.killed and second.running()
-    finally:
-        h.close()
+def test_a_late_cancel_of_a_finished_job_does_not_hit_the_job_after_it(h1):
+    first, second = h1.submit(), h1.submit()
+    first_seq = h1.begin_job(first)
+    assert h1.words.finish(0, first_seq)
+    h1.begin_job(second)  # the runner went on before the user process heard
+    assert first.cancel() is False
+    assert not h1.io.killed and second.running()
 
 
 def test_an_idle_runner_takes_over_a_job_sent_ahead_to_a_busy_one(h):
@@ -816,51 +802,36 @@ def test_an_idle_runner_takes_over_a_job_sent_ahead_to_a_busy_one(h):
     assert h.check_counts()["running"] == 1
 
 
-def test_a_cancel_of_a_job_queued_again_cancels_it_in_the_queue():
-    h = Harness(size=1)
-    try:
-        h.start_runner(0)
-        doomed, ahead = h.submit(), h.submit()
-        h.begin_job(doomed)
-        h.exited(0, 1, signal.SIGKILL)
-        assert ahead.cancel() and ahead.cancelled()
-        s = h.check_counts()
-        assert s["cancelled"] == 1 and s["pending"] == 0
-        h.start_runner(0)
-        h.pool.fill_idle()
-        assert not ahead.running() and h.pool.stats()["running"] == 0
-    finally:
-        h.close()
+def test_a_cancel_of_a_job_queued_again_cancels_it_in_the_queue(h1):
+    doomed, ahead = h1.submit(), h1.submit()
+    h1.begin_job(doomed)
+    h1.exited(0, 1, signal.SIGKILL)
+    assert ahead.cancel() and ahead.cancelled()
+    s = h1.check_counts()
+    assert s["cancelled"] == 1 and s["pending"] == 0
+    h1.start_runner(0)
+    h1.pool.fill_idle()
+    assert not ahead.running() and h1.pool.stats()["running"] == 0
 
 
-def test_shutdown_with_cancel_futures_cancels_a_job_sent_ahead():
-    h = Harness(size=1)
-    try:
-        h.start_runner(0)
-        running, ahead, queued = h.submit(), h.submit(), h.submit()
-        h.begin_job(running)
-        h.pool.begin_shutdown(True, h.out)
-        h.settle()
-        assert running.running() and ahead.cancelled() and queued.cancelled()
-        seq = ahead._cancelk_job.placement.seq if ahead._cancelk_job else None
-        assert seq is None or not h.words.claim(0, h.io.claim_words[seq], seq)
-        s = h.check_counts()
-        assert (s["cancelled"], s["started"], s["running"]) == (2, 1, 1)
-    finally:
-        h.close()
+def test_shutdown_with_cancel_futures_cancels_a_job_sent_ahead(h1):
+    running, ahead, queued = h1.submit(), h1.submit(), h1.submit()
+    h1.begin_job(running)
+    h1.pool.begin_shutdown(True, h1.out)
+    h1.settle()
+    assert running.running() and ahead.cancelled() and queued.cancelled()
+    seq = ahead._cancelk_job.placement.seq if ahead._cancelk_job else None
+    assert seq is None or not h1.words.claim(0, h1.io.claim_words[seq], seq)
+    s = h1.check_counts()
+    assert (s["cancelled"], s["started"], s["running"]) == (2, 1, 1)
 
 
-def test_a_runner_whose_jobs_were_all_taken_back_takes_the_next_one():
+def test_a_runner_whose_jobs_were_all_taken_back_takes_the_next_one(h1):
     """No result or exit comes for a job taken back: the count of its cancel
     gives its runner the queue's next job."""
-    h = Harness(size=1)
-    try:
-        h.start_runner(0)
-        first, second, third = h.submit(), h.submit(), h.submit()
-        assert first.cancel() and second.cancel()  # neither taken by the runner yet
-        assert third.running(), "the runner has room again"
-        assert h.check_counts()["pending"] == 0
-        h.run_to_end(third, "ran")
-        assert third.result(0) == "ran"
-    finally:
-        h.close()
+    first, second, third = h1.submit(), h1.submit(), h1.submit()
+    assert first.cancel() and second.cancel()  # neither taken by the runner yet
+    assert third.running(), "the runner has room again"
+    assert h1.check_counts()["pending"] == 0
+    h1.run_to_end(third, "ran")
+    assert third.result(0) == "ran"
