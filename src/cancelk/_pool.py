@@ -6,7 +6,7 @@
          │                                     io.send_job(head, payload),
          │                                     io.send_control(SetTimeLimit)
          ├── no, but every slot has a runner and one runs a single job
-         │   (and the job has no fixed deadline or memory limit)
+         │   (and the job has no fixed deadline, memory limit or large payload)
          │         ─► dispatch there too: sent ahead, the runner's next job
          └── no ─► pending (FIFO) ─► fill_idle() when a runner has room
       result_arrived / runner_exited / job_killed / supervisor_lost
