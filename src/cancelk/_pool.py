@@ -183,6 +183,7 @@ class Pool:
         self.roomy: list[Slot] = []  # ready runners with one job, that may take the next
         self.ahead: set[Slot] = set()  # runners with a job sent ahead of the one they run
         self.up = 0  # slots whose runner is connected and ready
+        self.retry_due = False  # a dispatch that found a future's lock busy is tried again
         self.pending: deque[Job] = deque()
         self.shutting_down = False
         self.broken: BaseException | None = None
@@ -256,7 +257,21 @@ class Pool:
     def fill_idle(self) -> None:
         pending = self.pending
         while pending and (self.idle or (self.roomy and self._may_send_ahead(pending[0]))):
-            self._place(self._pop_pending())
+            job = self._pop_pending()
+            if not self._place(job):  # its future's lock was busy: first again, later
+                pending.appendleft(job)
+                if job.counted:
+                    self.ended_in_queue += 1
+                return
+
+    def _retry_later(self) -> None:
+        if not self.retry_due:
+            self.retry_due = True
+            self.io.add_timer(time.monotonic() + _RETRY_S, self._retry)
+
+    def _retry(self, out: list[Completion]) -> None:
+        self.retry_due = False
+        self.fill_idle()
 
     def _may_send_ahead(self, job: Job) -> bool:
         """May the job wait behind another one on a busy runner?  Only once
@@ -300,19 +315,28 @@ class Pool:
             self.ended_in_queue += 1
 
     def _place(self, job: Job) -> bool:
-        """True once the job is placed or needs no placing (cancelled meanwhile)."""
+        """True once the job is placed or needs no placing (cancelled meanwhile);
+        False if no runner has room, or its future's lock was busy (tried
+        again shortly)."""
         if self.idle:
             slot = self.idle.pop()
         elif self.roomy and self._may_send_ahead(job):
             slot = self.roomy.pop()
         else:
             return False
-        if not self._dispatch(slot, job):
-            self._file(slot)
-            self._count_end(job, "cancelled")  # no-op if its cancel was counted
+        started = self._dispatch(slot, job)
+        if started:
+            return True
+        self._file(slot)
+        if started is None:
+            self._retry_later()
+            return False
+        self._count_end(job, "cancelled")  # no-op if its cancel was counted
         return True
 
-    def _dispatch(self, slot: Slot, job: Job) -> bool:
+    def _dispatch(self, slot: Slot, job: Job) -> bool | None:
+        """Send the job to the slot's runner: True; False if it was cancelled;
+        None if its future's lock was busy and nothing was sent."""
         assert self.words is not None
         seq = job.seq = next(self.seqs)
         word = 1 - slot.jobs[0].placement.word if slot.jobs else 0  # type: ignore[union-attr]
@@ -320,9 +344,10 @@ class Pool:
         # RUNNING sees where, and can take it back.
         self.words.offer(slot.index, word, seq)
         job.placement = Placement(slot.index, slot.runner_id, slot.pid, word, seq)
-        if not job.future._start_running(None):  # its pid: once its runner claims it
+        started = job.future._start_running(None)  # its pid: once its runner claims it
+        if not started:
             job.placement = None
-            return False
+            return started
         self.running += 1
         slot.jobs.append(job)
         self._file(slot)
@@ -536,8 +561,8 @@ class Pool:
             return True
 
         back = job.future._hand_back(take_back)
-        if back is None:
-            return was[0]
+        if back is None:  # claimed; or the future's lock was busy: it ends with its runner
+            return was[0] or seq | _slots.CLAIMED
         self.running -= 1
         self.counts["started"] -= 1  # its runner never took it
         if not back:
@@ -743,6 +768,12 @@ class Pool:
         counts["running"] = self.running
         counts["pending"] = len(self.pending) - self.ended_in_queue
         return counts
+
+
+# A dispatch whose future's lock another thread holds is tried again this
+# much later, rather than waited for: that thread may be waiting for the
+# pool's lock (a finalizer inside wait() that submits).
+_RETRY_S = 0.001
 
 
 class _Taken(enum.Enum):

@@ -95,23 +95,33 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 self._owner.cancelled_in_queue(self)
                 return True
 
-    def _start_running(self, pid: int | None) -> bool:
+    def _start_running(self, pid: int | None) -> bool | None:
         """The pool starts the job (in process ``pid``, if known):
-        PENDING -> RUNNING, False if it was cancelled."""
-        with self._condition:
+        PENDING -> RUNNING, False if it was cancelled.  None, without
+        waiting, if another thread holds this future's lock: the pool holds
+        its own lock here, which that thread may be waiting for (a finalizer
+        that submits from inside ``wait()``)."""
+        if not self._condition.acquire(blocking=False):
+            return None
+        try:
             if self._state != PENDING:
                 return False
             self._job_pid = pid
             self._state = RUNNING
             return True
+        finally:
+            self._condition.release()
 
     def _hand_back(self, take_back: Callable[[], bool]) -> bool | None:
         """The pool takes the job off a runner that never claimed it: under
         this future's lock, ``take_back()`` (False: the runner has it) and
         RUNNING -> PENDING, so cancel() finds the job on its runner or
-        queued, never between.  None: not taken back; False: taken back,
-        but cancelled meanwhile; True: PENDING again."""
-        with self._condition:
+        queued, never between.  None: not taken back (also, without waiting,
+        when another thread holds this future's lock, as _start_running);
+        False: taken back, but cancelled meanwhile; True: PENDING again."""
+        if not self._condition.acquire(blocking=False):
+            return None
+        try:
             if not take_back():
                 return None
             if self._state != RUNNING:
@@ -119,6 +129,8 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             self._state = PENDING
             self._job_pid = None
             return True
+        finally:
+            self._condition.release()
 
     def _is_pending(self) -> bool:
         with self._condition:

@@ -835,3 +835,35 @@ def test_a_runner_whose_jobs_were_all_taken_back_takes_the_next_one(h1):
     assert h1.check_counts()["pending"] == 0
     h1.run_to_end(third, "ran")
     assert third.result(0) == "ran"
+
+
+def test_a_dispatch_never_waits_for_a_future_lock_held_elsewhere(h):
+    """A thread inside wait() holds its futures' locks; a finalizer there that
+    submits waits for the pool's lock.  The dispatch, under the pool's lock,
+    must not wait for the future's: it leaves the job queued and tries again."""
+    import threading
+
+    future = h.submit()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with future._condition:
+            holding.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(5)
+        h.start_runner(0)
+        h.pool.fill_idle()
+        assert not future.running() and h.pool.stats()["pending"] == 1
+        assert len(h.io.timers) == 1, "tried again shortly"
+    finally:
+        release.set()
+        thread.join(5)
+    _at, retry = h.io.timers.pop()
+    retry(h.out)
+    assert future.running() and h.pool.stats()["pending"] == 0
+    h.run_to_end(future, "ran")
+    assert future.result(0) == "ran"
