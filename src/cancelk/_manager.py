@@ -149,10 +149,12 @@ class Manager:
         job is queued again (its runner died before it began)."""
         self._check_not_forked()
         job: Job | None = getattr(future, "_cancelk_job", None)
-        decided = None if job is None else self.pool.cancel_running(job)
-        if job is not None and decided is None:
+        if job is None:
+            return future.cancelled()
+        decided = self.pool.cancel_running(job)
+        if decided is None:
             return None
-        if job is None or not decided:
+        if not decided:
             return future.cancelled()
         # Marked before it is counted: counting unlinks the job from the
         # future, and a concurrent cancel() that then finds no job answers

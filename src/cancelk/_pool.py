@@ -344,7 +344,7 @@ class Pool:
         # RUNNING sees where, and can take it back.
         self.words.offer(slot.index, word, seq)
         job.placement = Placement(slot.index, slot.runner_id, slot.pid, word, seq)
-        started = job.future._start_running(None)  # its pid: once its runner claims it
+        started = job.future._start_running()
         if not started:
             job.placement = None
             return started

@@ -43,7 +43,6 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     def __init__(self, owner: _Owner | None = None) -> None:
         super().__init__()
         self._owner = owner
-        self._job_pid: int | None = None
         self._cancel_reason = "the job was cancelled"
 
     @property
@@ -53,11 +52,9 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         A job counts as running once it is on its way to a process (as in the
         stdlib), which may still be running the job before it; ``pid`` is
         None until that process has taken it."""
-        if not self.running():
+        if self._owner is None or not self.running():
             return None
-        if self._job_pid is None and self._owner is not None:
-            return self._owner.claimed_pid(self)
-        return self._job_pid
+        return self._owner.claimed_pid(self)
 
     def cancel(self) -> bool:
         """Cancel the job, even a running one; never blocks on the kill.
@@ -95,9 +92,9 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                 self._owner.cancelled_in_queue(self)
                 return True
 
-    def _start_running(self, pid: int | None) -> bool | None:
-        """The pool starts the job (in process ``pid``, if known):
-        PENDING -> RUNNING, False if it was cancelled.  None, without
+    def _start_running(self) -> bool | None:
+        """The pool starts the job: PENDING -> RUNNING, False if it was
+        cancelled (its pid is known once its runner claims it).  None, without
         waiting, if another thread holds this future's lock: the pool holds
         its own lock here, which that thread may be waiting for (a finalizer
         that submits from inside ``wait()``)."""
@@ -106,7 +103,6 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         try:
             if self._state != PENDING:
                 return False
-            self._job_pid = pid
             self._state = RUNNING
             return True
         finally:
@@ -127,7 +123,6 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             if self._state != RUNNING:
                 return False
             self._state = PENDING
-            self._job_pid = None
             return True
         finally:
             self._condition.release()
