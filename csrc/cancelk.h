@@ -65,6 +65,7 @@ int cancelk_pidfd_supported(void);
 int64_t cancelk_monotonic_ns(void);
 int cancelk_pidfd_open(int pid);
 int cancelk_pidfd_send_signal(int pidfd, int sig);
+int cancelk_pidfd_signal_group(int pidfd, int sig);
 int cancelk_kill_group(int pgid, int sig);
 int cancelk_kill_pid(int pid, int sig);
 int cancelk_become_group_leader(void);

@@ -27,6 +27,9 @@
 #ifndef P_PIDFD
 #define P_PIDFD 3
 #endif
+#ifndef PIDFD_SIGNAL_PROCESS_GROUP
+#define PIDFD_SIGNAL_PROCESS_GROUP (1U << 2)
+#endif
 #endif
 
 int64_t cancelk_monotonic_ns(void)
@@ -59,6 +62,35 @@ int cancelk_pidfd_send_signal(int pidfd, int sig)
 	errno = ENOSYS;
 	return -1;
 #endif
+}
+
+/* Signal the process group the pidfd's process leads (Linux 6.9+).  Exact
+ * even after that process has exited and been reaped: the group is matched by
+ * the pidfd's own struct pid, which a new process never gets, not by a number
+ * that may be reused.  1 when sent, 0 when the group is empty, -2 when the
+ * kernel does not know the flag (remembered: later calls fail at once), -1 on
+ * another error. */
+int cancelk_pidfd_signal_group(int pidfd, int sig)
+{
+#ifdef __linux__
+	static int unsupported;
+
+	if (!unsupported) {
+		if (syscall(SYS_pidfd_send_signal, pidfd, sig, NULL,
+			    PIDFD_SIGNAL_PROCESS_GROUP) == 0)
+			return 1;
+		if (errno == ESRCH)
+			return 0;
+		if (errno != EINVAL)
+			return -1;
+		unsupported = 1;
+	}
+#else
+	(void)pidfd;
+	(void)sig;
+#endif
+	errno = ENOSYS;
+	return -2;
 }
 
 int cancelk_kill_group(int pgid, int sig)

@@ -344,6 +344,94 @@ class TestLoopErrors:
         os.close(fd)
 
 
+class TestPidfdGroupSignal:
+    """pidfd_signal_group: the group a pidfd's process leads, matched by the
+    pidfd's own pid (Linux 6.9+; None where the kernel cannot)."""
+
+    @staticmethod
+    def _group_with_member(tmp_path, children, *, leader_waits: bool):
+        """A shell leading its own group, with a ``sleep`` in that group;
+        (leader pid, member pid, pipe end that ends the leader when closed)."""
+        member_file = tmp_path / "member"
+        hold_r, hold_w = os.pipe()
+        script = f"sleep 60 & echo $! > {member_file}; " + (
+            "read x; wait" if leader_waits else "read x"
+        )
+        leader = os.posix_spawnp(
+            "sh",
+            ["sh", "-c", script],
+            os.environ,
+            setpgroup=0,
+            file_actions=[(os.POSIX_SPAWN_DUP2, hold_r, 0)],
+        )
+        os.close(hold_r)
+        children.append(leader)
+        deadline = time.monotonic() + 10
+        while not member_file.is_file() or not member_file.read_text().strip():
+            assert time.monotonic() < deadline, "the group's member never started"
+            time.sleep(0.01)
+        member = int(member_file.read_text())
+        return leader, member, hold_w
+
+    @pytest.fixture
+    def strays(self):
+        """pidfds of processes the test started that are not its children:
+        each is SIGKILLed at the end, failed test or not (a pidfd never
+        reaches a recycled pid)."""
+        fds: list[int] = []
+        yield fds
+        for fd in fds:
+            try:
+                _core.pidfd_kill(fd, signal.SIGKILL)
+            finally:
+                os.close(fd)
+
+    @pytest.fixture
+    def group_signal(self):
+        if not _core._PIDFD_SUPPORTED:
+            pytest.skip("this kernel does not offer pidfd_open(2)")
+        fd = _core.pidfd_open(os.getpid())
+        try:
+            if _core.pidfd_signal_group(fd, 0) is None:
+                pytest.skip("this kernel does not signal a group through a pidfd (< 6.9)")
+        finally:
+            os.close(fd)
+
+    @pytest.mark.timeout(30)
+    def test_kills_the_leader_and_its_group(self, group_signal, tmp_path, children, strays):
+        leader, member, hold = self._group_with_member(tmp_path, children, leader_waits=True)
+        strays.append(_core.pidfd_open(member))
+        fd = _core.pidfd_open(leader)
+        try:
+            assert _core.pidfd_signal_group(fd, signal.SIGKILL) is True
+            _, status = os.waitpid(leader, 0)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            psutil.wait_procs([psutil.Process(member)] if psutil.pid_exists(member) else [], 5)
+            assert not psutil.pid_exists(member) or psutil.Process(member).status() == "zombie"
+        finally:
+            os.close(fd)
+            os.close(hold)
+
+    @pytest.mark.timeout(30)
+    def test_reaches_the_group_after_its_leader_was_reaped(
+        self, group_signal, tmp_path, children, strays
+    ):
+        leader, member, hold = self._group_with_member(tmp_path, children, leader_waits=False)
+        strays.append(_core.pidfd_open(member))
+        fd = _core.pidfd_open(leader)
+        try:
+            os.close(hold)  # the leader reads EOF and exits; its member stays in the group
+            os.waitpid(leader, 0)
+            assert psutil.Process(member).status() != "zombie"
+            assert os.getpgid(member) == leader
+            assert _core.pidfd_signal_group(fd, signal.SIGKILL) is True
+            _gone, alive = psutil.wait_procs([psutil.Process(member)], 5)
+            assert not alive
+            assert _core.pidfd_signal_group(fd, signal.SIGKILL) is False  # nobody left
+        finally:
+            os.close(fd)
+
+
 class TestLoopFailuresNameTheCall:
     """A failed step of the C loop raises OSError naming its system call and
     what the loop was doing, with the call's errno."""

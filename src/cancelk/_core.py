@@ -40,6 +40,7 @@ __all__ = [
     "open_fds",
     "pidfd_kill",
     "pidfd_open",
+    "pidfd_signal_group",
     "place_fds",
     "reap",
     "receive_table",
@@ -109,6 +110,17 @@ def pidfd_open(pid: int) -> int:
     if fd < 0:
         raise _fail(f"pidfd_open({pid})")
     return fd
+
+
+def pidfd_signal_group(pidfd: int, sig: int) -> bool | None:
+    """Signal the process group led by the process a pidfd names, exactly
+    (Linux 6.9+); False if the group is empty, None where the kernel cannot."""
+    rc = int(lib.cancelk_pidfd_signal_group(pidfd, sig))
+    if rc == -2:
+        return None
+    if rc < 0:
+        raise _fail(f"pidfd_send_signal({pidfd}, {sig}, PIDFD_SIGNAL_PROCESS_GROUP)")
+    return rc == 1
 
 
 def pidfd_kill(pidfd: int, sig: int) -> bool:

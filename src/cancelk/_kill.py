@@ -69,21 +69,23 @@ def kill_group(pid: int) -> bool:
 
 
 def kill_by_pidfd(pidfd: int, pid: int) -> bool:
-    """SIGKILL a runner's whole group from the user process, which is not
-    its parent: True if it was done here.
+    """SIGKILL the whole group a job process leads (a runner, a standby)
+    from a process that is not its parent: True if it was done here.
 
-    The pidfd proves the runner has not exited, so it is not reaped and its
-    group id is its own: the group is killed (the job and what it started
-    in its group, one syscall); the pidfd kill follows, which can never
-    reach a recycled pid.  Only the runner's parent could reap it between
-    the check and the kill, and it does so only after seeing it exit.
+    Where the kernel signals a group through a pidfd, that is exact and one
+    syscall.  Elsewhere the pidfd proves the process has not exited, so it is
+    not reaped and its group id is its own: the group is killed by that id.
+    Only its parent could reap it between the check and the kill, and it does
+    so only after seeing it exit.  The pidfd kill of the process itself
+    follows either way (it may have left its group), and can never reach a
+    recycled pid.
     """
     try:
-        if not _pidfd_exited(pidfd):
+        if _core.pidfd_signal_group(pidfd, _KILL) is None and not _pidfd_exited(pidfd):
             kill_group(pid)
         _core.pidfd_kill(pidfd, _KILL)
-    except OSError as why:  # the supervisor's group kill still follows
-        log.debug("killing runner %d through its pidfd failed: %s", pid, why)
+    except OSError as why:  # the parent's group kill still follows
+        log.debug("killing process %d through its pidfd failed: %s", pid, why)
         return False
     return True
 
