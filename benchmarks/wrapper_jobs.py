@@ -15,7 +15,11 @@ these functions to it); everything here is timed there, not in the user process.
                               this worker forked ahead of time (pickle, one
                               write, one read, both ways), nothing else
     timeout_trials_in_worker  killable_wrapper(job, timeout=50 ms): deadline ->
-                              ProcessTimeoutError raised, -> every job process gone
+                              ProcessTimeoutError raised, -> every job process gone;
+                              each trial followed by its floor: the same job,
+                              through killable_wrapper with no limit, SIGKILLed
+                              at the same age by a killer process of the
+                              benchmark, SIGKILL -> every job process exited
 
 A process counts as gone when it no longer exists *or is a zombie*: a zombie
 runs nothing, and a reparented grandchild is reaped by init (or a subreaper) on
@@ -30,6 +34,8 @@ import ctypes
 import math
 import os
 import pickle
+import select
+import signal
 import socket
 import subprocess
 import threading
@@ -37,7 +43,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Callable, Union
 
-from cancelk import ProcessTimeoutError, killable_wrapper
+from cancelk import ProcessDiedError, ProcessTimeoutError, killable_wrapper
 
 try:
     from benchmarks import floor_host
@@ -408,16 +414,152 @@ def _one_timeout_trial(job: Callable[[int, float], None]) -> Sample:
 
 
 def timeout_trials_in_worker(kind: str, trials: int, warmup: int) -> dict[str, Any]:
-    """Run the timeout trial ``warmup + trials`` times; keep the last ``trials``."""
+    """Run the timeout trial ``warmup + trials`` times, each followed by its
+    floor trial (with pidfds); keep the last ``trials``.  ``floor[i]`` pairs
+    with ``gone[i]`` (None: no floor for that trial)."""
     job = JOBS[kind]
     raised: list[int] = []
     gone: list[int] = []
+    floor: list[int | None] = []
     failures: list[str] = []
-    for index in range(warmup + trials):
-        sample = _one_timeout_trial(job)
-        if isinstance(sample, str):
-            failures.append(sample)
-        elif index >= warmup:
-            raised.append(sample[0])
-            gone.append(sample[1])
-    return {"raised": raised, "gone": gone, "failures": failures}
+    killer = _Killer.start() if floor_host._have_pidfd() else None
+    try:
+        for index in range(warmup + trials):
+            sample = _one_timeout_trial(job)
+            floor_sample = _one_floor_trial(job, killer) if killer is not None else None
+            if isinstance(sample, str):
+                failures.append(sample)
+                continue
+            if isinstance(floor_sample, str):
+                failures.append(f"floor: {floor_sample}")
+                floor_sample = None
+            if index >= warmup:
+                raised.append(sample[0])
+                gone.append(sample[1])
+                floor.append(floor_sample)
+    finally:
+        if killer is not None:
+            killer.close()
+    return {"raised": raised, "gone": gone, "floor": floor, "failures": failures}
+
+
+# ------------------------------------------------ the floor of a P3 trial
+#
+# The floor under a trial's "all gone" is the kernel's teardown of that same
+# job's processes: the same job, started the same way (a standby of this
+# worker runs it), SIGKILLed at the same age (the 50 ms time limit) by a
+# process of the benchmark, nothing of cancelk's on the way.  A fresh fork of
+# the worker killed at once is cheaper to tear down than a process that has
+# lived 50 ms (its page tables and pages are still in the CPU's caches), so
+# only this floor is the trial's own.
+
+
+class _Killer:
+    """A fork of this worker that SIGKILLs each floor trial's job.
+
+    The worker writes the kill time (monotonic ns) to ``requests``; the job
+    writes its pids there too (its fd table is the worker's).  The killer
+    opens a pidfd for each, sleeps until the kill time, SIGKILLs them all and
+    answers on ``answers`` the ns from its first SIGKILL until every pidfd is
+    readable (exited), or -1 when a pid was gone before the kill."""
+
+    def __init__(self, pid: int, requests: int, answers: int) -> None:
+        self.pid = pid
+        self.requests = requests
+        self.answers = answers
+
+    @classmethod
+    def start(cls) -> _Killer:
+        request_r, request_w = os.pipe()
+        answer_r, answer_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the killer
+            code = 0
+            try:
+                _close_all_but((0, 1, 2, request_r, answer_w))
+                _killer_main(request_r, answer_w)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(request_r)
+        os.close(answer_w)
+        return cls(pid, request_w, answer_r)
+
+    def kill_at(self, at_ns: int) -> None:
+        os.write(self.requests, f"{at_ns}\n".encode())
+
+    def answer(self) -> int | None:
+        """ns SIGKILL -> exited, or None (no answer in time, or a pid gone early)."""
+        if not select.select([self.answers], [], [], GONE_LIMIT_NS / 1e9)[0]:
+            return None
+        data = os.read(self.answers, 64)
+        value = int(data) if data.strip() else -1
+        return value if value >= 0 else None
+
+    def close(self) -> None:
+        os.close(self.requests)  # EOF: the killer exits
+        os.close(self.answers)
+        os.waitpid(self.pid, 0)
+
+
+def _close_all_but(keep: Sequence[int]) -> None:  # pragma: no cover - the killer
+    """The killer holds none of the worker's descriptors (a template's
+    control socket, say, must still reach EOF when the worker closes it)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _killer_main(requests: int, answers: int) -> None:  # pragma: no cover - the killer
+    lines = os.fdopen(requests, "rb", buffering=0)
+    pending = b""
+    while True:
+        while pending.count(b"\n") < 2:  # the kill time, then the job's pids
+            data = lines.read(4096)
+            if not data:
+                return
+            pending += data
+        at_line, pids_line, pending = pending.split(b"\n", 2)
+        try:
+            pidfds = [os.pidfd_open(int(pid)) for pid in pids_line.split()]
+        except ProcessLookupError:
+            os.write(answers, b"-1")
+            continue
+        try:
+            time.sleep(max(0.0, (int(at_line) - time.monotonic_ns()) / 1e9))
+            began = time.monotonic_ns()
+            for pidfd in pidfds:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            poller = select.poll()
+            for pidfd in pidfds:
+                poller.register(pidfd, select.POLLIN)
+            left = len(pidfds)
+            while left:
+                for pidfd, _event in poller.poll():
+                    poller.unregister(pidfd)
+                    left -= 1
+            os.write(answers, str(time.monotonic_ns() - began).encode())
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+
+
+def _one_floor_trial(job: Callable[[int, float], None], killer: _Killer) -> int | str:
+    """ns SIGKILL -> every job process exited, for ``job`` run as a trial's
+    is and killed at its age by ``killer``; or why the trial failed."""
+    killer.kill_at(time.monotonic_ns() + TIMEOUT_NS)
+    try:
+        killable_wrapper(job, killer.requests, KILLED_JOB_S)
+    except ProcessDiedError:
+        pass
+    except Exception as why:
+        return f"{type(why).__name__}: {why}"
+    else:
+        return "the job ended on its own"
+    took = killer.answer()
+    return "the killer did not time the job's end" if took is None else took
