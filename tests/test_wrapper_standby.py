@@ -443,6 +443,32 @@ def test_threaded_host_gets_a_clean_interpreter_even_with_a_template(standby_her
 
 
 @pytest.mark.timeout(60)
+def test_stop_of_a_standby_that_ended_after_its_result_is_still_answered(standby_here):
+    """H asks T to stop a standby only after killing it through its pidfd,
+    so T may reap a standby done with its job (its result written, no
+    report due) before H's request arrives: T answers it all the same, with
+    the status it reaped, and the call does not wait for a report that would
+    never come."""
+    killable_wrapper(jobs.add, 1, 2)  # a template, and a standby ready
+    job = _standby.acquire(jobs.add, (2, 3), {})
+    assert job is not None, "no standby"
+    try:
+        assert job.start()
+        assert select.select([job.result_fd], [], [], RESULT_WAIT)[0], "no result"
+        time.sleep(0.2)  # T reads the standby's "done" news
+        os.kill(job.pid, signal.SIGKILL)  # unreaped by T until it sees the exit
+        assert gone(job.pid), "T did not reap its standby"
+        began = time.monotonic()
+        status = job.finish(stop=True)
+        assert time.monotonic() - began < GONE
+        assert status is not None and os.WIFSIGNALED(status)
+        assert os.WTERMSIG(status) == signal.SIGKILL
+    finally:
+        job.close()
+    assert killable_wrapper(jobs.add, 3, 3) == 6  # the template serves on
+
+
+@pytest.mark.timeout(60)
 def test_idle_standby_or_template_killed_from_outside(standby_here):
     killable_wrapper(jobs.add, 1, 2)
     standby = ready_standby()

@@ -145,6 +145,24 @@ def sweep_orphans(keep: Collection[int]) -> None:
                 pass  # reaped by somebody else meanwhile
 
 
+def end_orphans(pids: Collection[int]) -> None:
+    """SIGKILL orphans adopted by the caller (a subreaper) and wait until
+    each has exited, reaping none: a zombie runs nothing, and the reap, the
+    slow part of a process's end, can follow later.  What a dying orphan
+    leaves (its own children) is adopted by the caller too: look again."""
+    for pid in pids:
+        _kill_orphan(pid)
+    for pid in pids:
+        _wait_exited(pid)
+
+
+def _wait_exited(pid: int) -> None:
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        pass  # reaped by somebody else meanwhile
+
+
 def _kill_orphan(pid: int) -> None:
     # An unreaped child of ours: its pid (and group id, if it leads one) is safe.
     try:

@@ -599,13 +599,12 @@ class StandbyJob:
                 _close_fds(self.result_fd)
                 self.result_fd = -1
             asked = stop and self.pid not in template.exits
-            if asked:
-                # T first: S, woken by its SIGKILL to die, may take this CPU,
-                # and T kills S's group at once, while S is torn down.
-                template.send_kill(self.pid)
             if self.pidfd >= 0:  # S and its group at once; never a recycled pid
+                # Before T hears of it: T, woken on this CPU, would run first
+                # (~0.2 ms of cold Python in traces) and delay the kill.
                 _kill.kill_by_pidfd(self.pidfd, self.pid)
             if asked:
+                template.send_kill(self.pid)  # without a pidfd, T kills S
                 self.status = template.wait_exit(self.pid)
                 if self.status is None and self.pidfd >= 0:
                     _readable(self.pidfd, _WAIT_T)  # T ended: S dies with it
@@ -672,6 +671,7 @@ _STARTING, _READY, _DONE = 0, 1, 2  # a standby, as T sees it
 _SPARES = 2  # standbys kept starting or ready: a call finds one warmed up
 _IDLE_DEATHS = 3  # standbys in a row that end before they are ready: T gives up
 _WARM_FDS = 16  # fds a standby's warm-up passes itself, as many as a pool worker has
+_UNREPORTED_KEPT = 8  # exits T keeps for a stop request that comes after them
 
 
 class _Standby:  # pragma: no cover - lives in the template
@@ -713,6 +713,7 @@ class _Server:  # pragma: no cover - runs in the template
         self.buffer = bytearray()
         self.children_file = f"/proc/self/task/{os.getpid()}/children"
         self.children_fd = -1
+        self.unreported: dict[int, int] = {}  # standbys done with a job, reaped untold
 
     def serve(self) -> None:
         self.ensure_spares()
@@ -770,6 +771,7 @@ class _Server:  # pragma: no cover - runs in the template
         self.loop.add_child(pid, pid << 1)
         self.loop.add_fd(news_r, pid << 1 | 1)
         self.kids[pid] = _Standby(news_r, channel, pidfd)
+        self.unreported.pop(pid, None)  # an earlier standby's pid, reused
         return True
 
     def on_news(self, pid: int) -> None:
@@ -796,22 +798,31 @@ class _Server:  # pragma: no cover - runs in the template
 
     def on_exit(self, pid: int) -> None:
         """A standby ended: its group killed while it is unreaped (its id is
-        still its own), reaped, the orphans of its tree killed, H told if it
-        is news to H."""
+        still its own), the orphans of its tree killed and waited for, H told
+        if it is news to H, then all of them reaped."""
         kid = self.kids.pop(pid, None)
         if kid is None:
             return
         _kill.kill_group(pid)
-        if self.strays(exited=pid):
-            _kill.sweep_orphans((*self.kids.keys(), pid))
-        if kid.report or kid.state != _DONE:  # H may be waiting: told first
+        strays = self.end_strays(exited=pid)
+        reported = kid.report or kid.state != _DONE
+        if reported:  # H may be waiting: told first
             # A zombie runs nothing: H hears of it before the reap, which
             # costs more than the rest of this together (~90 us on a VM).
             self.send(_EXITED, pid, _exit_status(pid))
             # H's wake-up may have been queued on this CPU, behind the fork
             # of the next standby that follows: let it run first.
             os.sched_yield()
-        _core.reap(pid)
+        status = _core.reap(pid)
+        for stray in strays:
+            try:
+                _core.reap(stray)
+            except ChildProcessError:
+                pass  # reaped by somebody else meanwhile
+        if not reported:  # H's request to stop it may be on its way
+            self.unreported[pid] = status if status is not None else 0
+            while len(self.unreported) > _UNREPORTED_KEPT:
+                del self.unreported[next(iter(self.unreported))]
         self.loop.remove_child(pid)
         self.drop_news(kid)
         kid.forget_h_end()
@@ -821,19 +832,32 @@ class _Server:  # pragma: no cover - runs in the template
                 self.send(_FAILED, 0, errno.ECHILD)
         self.ensure_spares()
 
-    def strays(self, exited: int) -> bool:
-        """Has T children other than its standbys and the one that ``exited``
-        (orphans of a standby's tree, adopted by T as a subreaper)?  One
-        read where the kernel lists a task's children (the file kept open: a
-        path lookup in /proc costs more than the read), else assume so (the
-        sweep scans /proc)."""
+    def end_strays(self, exited: int) -> list[int]:
+        """Kill T's children other than its standbys and the one that
+        ``exited`` (orphans of a standby's tree, adopted by T as a
+        subreaper), and wait until each has exited: their pids, to reap."""
+        ended: list[int] = []
+        while True:
+            found = [
+                pid
+                for pid in self.children()
+                if pid not in self.kids and pid != exited and pid not in ended
+            ]
+            if not found:
+                return ended
+            _kill.end_orphans(found)
+            ended += found
+
+    def children(self) -> list[int]:
+        """T's children: one read where the kernel lists a task's children
+        (the file kept open: a path lookup in /proc costs more than the
+        read), else a scan of /proc (not Linux: none known)."""
         try:
             if self.children_fd < 0:
                 self.children_fd = os.open(self.children_file, os.O_RDONLY | os.O_CLOEXEC)
-            listed = os.pread(self.children_fd, 1 << 16, 0).split()
+            return [int(pid) for pid in os.pread(self.children_fd, 1 << 16, 0).split()]
         except OSError:
-            return True
-        return any(int(pid) not in self.kids and int(pid) != exited for pid in listed)
+            return _core.list_children(os.getpid()) or []
 
     def drop_news(self, kid: _Standby) -> None:
         if kid.news >= 0:
@@ -854,7 +878,11 @@ class _Server:  # pragma: no cover - runs in the template
         if len(self.buffer) == _RECORD.size:
             kind, pid, _value = _RECORD.unpack(self.buffer)
             self.buffer.clear()
-            if kind == _KILL and pid in self.kids:
+            if kind == _KILL and pid in self.unreported and pid not in self.kids:
+                # Done with its job, it ended before H's request arrived:
+                # H waits for the report all the same.
+                self.send(_EXITED, pid, self.unreported.pop(pid))
+            elif kind == _KILL and pid in self.kids:
                 kid = self.kids[pid]
                 kid.report = True
                 self.kill(pid)
