@@ -10,6 +10,8 @@
     killable_wrapper: stop the job         freeze_and_kill_tree(job)
     killable_wrapper: stop its own child   stop_child_tree(job, pidfd), reap_child
       in a host that may reap it too         (inside sigchld_blocked())
+    killable_wrapper: stop a standby       kill_by_pidfd(standby pidfd)  (the group, at once)
+    standby template: a standby ended      kill_group(standby), end_orphans(adopted), reaped after
     parent right after fork()              join_own_group(child)
 
 A job process (runner or wrapped job) leads its own process group and is a
