@@ -492,7 +492,9 @@ class _Killer:
 
     def answer(self) -> int | None:
         """ns SIGKILL -> exited, or None (no answer in time, or a pid gone early)."""
-        if not select.select([self.answers], [], [], GONE_LIMIT_NS / 1e9)[0]:
+        poller = select.poll()  # not select(): an fd may be numbered above 1023
+        poller.register(self.answers, select.POLLIN)
+        if not poller.poll(GONE_LIMIT_NS // 1_000_000):
             return None
         data = os.read(self.answers, 64)
         value = int(data) if data.strip() else -1
@@ -517,11 +519,10 @@ def _close_all_but(keep: Sequence[int]) -> None:  # pragma: no cover - the kille
 
 
 def _killer_main(requests: int, answers: int) -> None:  # pragma: no cover - the killer
-    lines = os.fdopen(requests, "rb", buffering=0)
     pending = b""
     while True:
         while pending.count(b"\n") < 2:  # the kill time, then the job's pids
-            data = lines.read(4096)
+            data = os.read(requests, 4096)
             if not data:
                 return
             pending += data
