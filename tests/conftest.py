@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from multiprocessing import resource_sharer
@@ -23,6 +24,21 @@ from jobs import BACKENDS, START_METHODS
 
 _LEAK_WAIT = 3.0  # seconds a test's processes get to disappear after it ends
 _FD_WAIT = 1.0
+
+
+# --------------------------------------------------------------------------
+# a terminal's signal dispositions
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A shell without job control starts a background command (``cmd &``)
+    with SIGINT and SIGQUIT ignored, and ignored signals survive exec: every
+    program a test starts would then shrug off Ctrl-C, which no program in a
+    terminal does, and the Ctrl-C tests would test nothing. Give the run a
+    terminal's dispositions, which its children inherit."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 # --------------------------------------------------------------------------
