@@ -8,11 +8,12 @@
     per series: peak RSS growth of the user process and of the job process
                                      target cancelk <= 1.0 x stdlib, time and both memories
 
-Each library runs in a fresh interpreter of its own (this module run as
-``python -m benchmarks.payloads``), so what the benchmark process holds weighs
-on neither, and each series (size x job) in a fresh pool, so no worker carries
-memory over from the series before; the user process returns its freed heap
-(``malloc_trim``) before each pool starts.  Memory is the kernel's high-water mark
+Each series (library x size x job) runs in a fresh interpreter of its own
+(this module run as ``python -m benchmarks.payloads``) with a fresh pool: what
+the benchmark process holds weighs on neither library, and no process starts
+with a heap that an earlier series left full of freed blocks of just the
+right size (reused, they would hide a copy from the high-water mark, by luck
+of the allocator and of the order the series run in).  Memory is the kernel's high-water mark
 (VmHWM): reset for the user process and every process of the pool just before
 the series (``/proc/PID/clear_refs``), read after it; growth = high-water mark
 - RSS at the reset, the job process's being the largest among the pool's
@@ -122,9 +123,7 @@ def _series(library: peers.Library, spec: dict[str, Any], mb: int, variant: str)
 
 def child(spec: dict[str, Any]) -> list[dict[str, Any]]:
     library = peers.by_name(spec["library"])
-    return [
-        _series(library, spec, mb, variant) for mb in spec["sizes_mb"] for variant in jobs.PAYLOADS
-    ]
+    return [_series(library, spec, spec["size_mb"], spec["variant"])]
 
 
 # ------------------------------------------------------ in the benchmark
@@ -205,7 +204,12 @@ def figure_p9(ctx: harness.Context) -> dict[str, Any]:
         ctx.say(f"P9 payloads of {'/'.join(map(str, plan.p9_sizes_mb))} MB: {name}")
         with ctx.capture.heard() as heard:
             try:
-                measured = [_row(library, series) for series in _run_child(name, spec)]
+                measured = [
+                    _row(library, series)
+                    for mb in plan.p9_sizes_mb
+                    for variant in jobs.PAYLOADS
+                    for series in _run_child(name, {**spec, "size_mb": mb, "variant": variant})
+                ]
             except Exception as why:
                 measured = [{"status": f"error: {type(why).__name__}: {why}"}]
         for row in measured:

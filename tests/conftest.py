@@ -29,6 +29,7 @@ _FD_WAIT = 1.0
 # --------------------------------------------------------------------------
 # a terminal's signal dispositions
 
+
 def pytest_configure(config: pytest.Config) -> None:
     """A shell without job control starts a background command (``cmd &``)
     with SIGINT and SIGQUIT ignored, and ignored signals survive exec: every
