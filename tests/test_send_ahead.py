@@ -15,6 +15,10 @@ Both C backends; real processes.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
+import signal
 import time
 
 import psutil
@@ -110,3 +114,37 @@ def test_the_time_limit_of_a_job_sent_ahead_counts_from_its_start(make_pool, bac
         past.result(timeout=RESULT_WAIT)
     assert time.monotonic() - started < 3
     procs.assert_pool_works(exe)
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_of_quick_jobs_runs_each_once_through_runner_kills(make_pool, backend, tmp_path):
+    """Quick runners get several jobs ahead; SIGKILLs of runners in the middle
+    of a burst lose none and run none twice: the jobs a dead runner never
+    claimed run once elsewhere, and only the job it ran dies with it."""
+    exe = make_pool(2)
+    procs.assert_pool_works(exe)
+    runs = tmp_path / "runs"
+    burst = [exe.submit(jobs.count_run, str(runs), f"j{i}") for i in range(1500)]
+    victims = [burst[300], burst[700], burst[1100]]
+    killed = set()
+    for victim in victims:
+        while not victim.done():
+            pid = victim.pid
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+                break
+            time.sleep(0.0002)
+    died = 0
+    for future in burst:
+        try:
+            future.result(timeout=RESULT_WAIT)
+        except ProcessDiedError:
+            died += 1
+    counts = collections.Counter(_runs(runs))
+    assert max(counts.values()) == 1, "a job ran twice"
+    finished = {f"j{i}" for i, future in enumerate(burst) if future.exception() is None}
+    assert finished <= set(counts), "a finished job never ran"
+    assert died <= len(killed), "only the job a killed runner ran dies with it"
+    assert len(finished) + died == len(burst)

@@ -13,7 +13,8 @@
                                          if it never got ready, the pool broken
       runner channel ─► result frames ─► Pool.result_arrived
       writable       ─► the bytes that did not fit when they were queued
-    then, still under the lock: queued jobs to idle runners, the intake;
+    then, still under the lock: queued jobs to runners with room, the intake;
+    the small job frames of this wake-up go out one write per runner;
     once the pool is shut down and idle, the supervisor is stopped and every
     descriptor closed.  Futures are settled after the lock is released.
 
@@ -95,6 +96,10 @@ class ManagerThread(threading.Thread):
         self.supervisor: SupervisorLink | None = None
         self.runners: list[RunnerLink | None] = [None] * config.slots
         self.want_write: set[int] = set()
+        # While this thread handles a wake-up: small job frames per slot, sent
+        # together at its end (one write, one wake-up of the runner, for all
+        # the jobs the results it read made room for).  None otherwise.
+        self.outgoing: dict[RunnerLink, list[bytes]] | None = None
         self.preload: list[str] = []
         self.timers: list[tuple[float, int, Command]] = []  # (monotonic time, tie, command)
         self._timer_order = itertools.count()
@@ -112,8 +117,14 @@ class ManagerThread(threading.Thread):
         if link is None:
             return  # the runner died; its exit settles the job
         if isinstance(payload, bytes) and len(payload) <= SMALL:
+            outgoing = self.outgoing
+            if outgoing is not None:  # this thread, in a wake-up: sent at its end
+                outgoing.setdefault(link, []).append(head + payload)
+                return
             sent = link.outbox.push(head + payload)  # one send: the runner wakes once
         else:
+            if self.outgoing:
+                self._send_outgoing(link, self.outgoing)  # first: in the order of dispatch
             sent = link.outbox.push(head)
             for part in [payload] if isinstance(payload, bytes) else payload:
                 sent = link.outbox.push(part) and sent
@@ -254,6 +265,31 @@ class ManagerThread(threading.Thread):
     def _handle_events(
         self, events: list[tuple[selectors.SelectorKey, int]], out: list[Completion]
     ) -> None:
+        outgoing: dict[RunnerLink, list[bytes]] = {}
+        self.outgoing = outgoing
+        try:
+            self._handle_batch(events, out)
+        finally:
+            self.outgoing = None
+            for link in list(outgoing):
+                self._send_outgoing(link, outgoing)
+        self._register_writes()  # last: dispatching may have queued bytes
+        pool = self.pool
+        if pool.shutting_down and pool.finished():
+            self._stop_processes()
+            self.stopped = True
+
+    def _send_outgoing(self, link: RunnerLink, outgoing: dict[RunnerLink, list[bytes]]) -> None:
+        """Send the frames held for ``link``'s runner in one write."""
+        frames = outgoing.pop(link, None)
+        if not frames or self.runners[link.slot] is not link:
+            return  # its runner is gone: its exit hands its jobs back
+        if not link.outbox.push(frames[0] if len(frames) == 1 else b"".join(frames)):
+            self.want_write.add(link.slot)
+
+    def _handle_batch(
+        self, events: list[tuple[selectors.SelectorKey, int]], out: list[Completion]
+    ) -> None:
         for key, mask in events:
             if mask == _READ and type(key.data) is RunnerLink:
                 self._read_channel(key.data, out)  # nearly every wake-up: a result
@@ -268,10 +304,6 @@ class ManagerThread(threading.Thread):
             pool.take_over_sent_ahead()
         if self.intake:
             self._run_intake(out)
-        self._register_writes()  # last: dispatching may have queued bytes
-        if pool.shutting_down and pool.finished():
-            self._stop_processes()
-            self.stopped = True
 
     def _on_event(self, key: selectors.SelectorKey, mask: int, out: list[Completion]) -> None:
         link = key.data

@@ -5,9 +5,11 @@
          │                                     PENDING -> RUNNING,
          │                                     io.send_job(head, payload),
          │                                     io.send_control(SetTimeLimit)
-         ├── no, but every slot has a runner and one runs a single job
+         ├── no, but every slot has a runner and one has room behind its job
          │   (and the job has no fixed deadline, memory limit or large payload)
-         │         ─► dispatch there too: sent ahead, the runner's next job
+         │         ─► dispatch there too: sent ahead, up to JOBS_PER_SLOT - 1
+         │            jobs waiting in the runner's channel; the frames one
+         │            wake-up dispatches to a runner go in one write
          └── no ─► pending (FIFO) ─► fill_idle() when a runner has room
       result_arrived / runner_exited / job_killed / supervisor_lost
          ─► the job's ending, as a completion run after the lock is released
@@ -64,6 +66,16 @@ MEMORY_WATCH = "rss-sampling"  # the mechanism behind memory limits (no cgroup v
 Completion = Callable[[], object]
 
 INIT_FAILURES_TO_BREAK = 3
+# The job a runner runs and those sent ahead of it, each under a CLAIM word.
+# Deep enough that a runner works through a burst of short jobs while the
+# user process is busy elsewhere (P2), and that a wake-up finds several
+# results to read and sends their successors in one write.  Only a runner
+# whose last job took under QUICK_S gets more than one job ahead: a job
+# waits behind a long one at most until another runner idles
+# (take_over_sent_ahead), and where jobs are long that is one job, as it
+# is with max_pending (whose count of waiting jobs leaves out one per runner).
+JOBS_PER_SLOT = _slots.CLAIM_WORDS
+QUICK_S = 0.001
 # Every submitted job is, at every moment, in exactly one of: pending,
 # running, or one of the endings below (stats() adds the first two).
 ENDINGS = ("finished", "failed", "timed_out", "cancelled", "memory_exceeded", "died")
@@ -95,6 +107,7 @@ class Job:
         "future",
         "killed_by_cancel",
         "options",
+        "order",
         "payload",
         "placement",
         "seq",
@@ -111,6 +124,7 @@ class Job:
     ) -> None:
         self.future = future
         self.seq = seq  # given at each dispatch: a slot's jobs have rising seqs
+        self.order = 0  # given when the pool accepts it: the order of submits
         self.payload = payload
         self.options = options
         self.deadline_at = deadline_at  # time.monotonic() by which it must be gone
@@ -129,7 +143,9 @@ class Slot:
         "connected",
         "index",
         "jobs",
+        "last_result_at",
         "pid",
+        "quick",
         "ready",
         "retiring",
         "runner_id",
@@ -143,9 +159,11 @@ class Slot:
         self.connected = False  # the manager holds an open channel to the runner
         self.ready = False  # the runner's initializer has run: it can take a job now
         self.coming = False  # a runner was asked for (or the dead one's replacement is due)
-        # The jobs sent to its runner, oldest first: the one it runs, and at
-        # most one sent ahead; taken-back ones until they are noticed.
+        # The jobs sent to its runner, oldest first: the one it runs, and
+        # those sent ahead; taken-back ones until they are noticed.
         self.jobs: list[Job] = []
+        self.last_result_at = 0.0  # time.monotonic() of its runner's last result
+        self.quick = False  # that result came within QUICK_S of the one before
         self.tasks = 0
         self.retiring = False  # it exits after this job (max_tasks_per_child)
 
@@ -179,9 +197,10 @@ class Pool:
         self.io = io
         self.words: _slots.SlotWords | None = None
         self.seqs = itertools.count(1)
+        self.orders = itertools.count(1)
         self.idle: list[Slot] = []  # ready runners with no job
-        self.roomy: list[Slot] = []  # ready runners with one job, that may take the next
-        self.ahead: set[Slot] = set()  # runners with a job sent ahead of the one they run
+        self.roomy: list[Slot] = []  # ready runners with jobs and room for more, in turn
+        self.ahead: set[Slot] = set()  # runners with jobs sent ahead of the one they run
         self.up = 0  # slots whose runner is connected and ready
         self.retry_due = False  # a dispatch that found a future's lock busy is tried again
         self.pending: deque[Job] = deque()
@@ -201,6 +220,7 @@ class Pool:
                 f"{self.max_pending} jobs already wait for a runner (max_pending): job refused"
             )
         self.counts["submitted"] += 1
+        job.order = next(self.orders)
         if self.broken is not None:
             self._count_end(job, "failed")
             out.append(functools.partial(fail, job.future, self.broken))
@@ -255,6 +275,8 @@ class Pool:
         self.counts["failed"] += 1
 
     def fill_idle(self) -> None:
+        if self.idle and self.ahead:
+            self._move_from_long_jobs()
         pending = self.pending
         while pending and (self.idle or (self.roomy and self._may_send_ahead(pending[0]))):
             job = self._pop_pending()
@@ -272,6 +294,66 @@ class Pool:
     def _retry(self, out: list[Completion]) -> None:
         self.retry_due = False
         self.fill_idle()
+        if not self.pending and self.idle and self.ahead:
+            self.take_over_sent_ahead()
+
+    def _roomy_slot(self, job: Job) -> Slot | None:
+        """The next runner with room for ``job``, in turn (runners fill
+        evenly).  A job waits only behind jobs submitted before it (one
+        queued again after its runner died waits for a runner that has no
+        later job), so jobs start in the order they were submitted; and one
+        that holds a job ahead already takes more only while the job it runs
+        is short: none goes deeper behind a job that has run past QUICK_S
+        (that runner is listed again at its next result)."""
+        for slot in list(self.roomy):
+            if len(slot.jobs) >= 2 and self._running_long(slot):
+                self.roomy.remove(slot)
+            elif slot.jobs[-1].order < job.order:
+                self.roomy.remove(slot)
+                return slot
+        return None
+
+    def _running_long(self, slot: Slot) -> bool:
+        """Has the slot's runner been running its job for QUICK_S or more?"""
+        assert self.words is not None
+        if not slot.jobs or self.words.state(slot.index) != slot.jobs[0].seq:
+            return False  # not begun, or ended: the next one follows at once
+        return _core.monotonic_ns() - self.words.started_ns(slot.index) >= QUICK_S * 1e9
+
+    def _move_from_long_jobs(self) -> None:
+        """Runners idle while others run a job past QUICK_S with jobs sent
+        ahead behind it: those of them submitted before the first job still
+        queued go first in the queue again, the oldest first, one per idle
+        runner, so that fill_idle gives them to the idle runners."""
+        moved: list[Job] = []
+        first_queued = self.pending[0].order if self.pending else None
+        for slot in list(self.ahead):
+            if not self._running_long(slot):
+                continue
+            for job in slot.jobs[1:]:
+                if len(moved) == len(self.idle):
+                    break
+                if first_queued is not None and job.order > first_queued:
+                    break  # the queue's first job is older: the idle runner takes that
+                if not job.taken_back and self._take_off(slot, job):
+                    moved.append(job)
+        # _hand_back put each first in the queue: the oldest must come first.
+        for job in sorted(moved, key=lambda job: job.order, reverse=True):
+            self.pending.remove(job)
+            self.pending.appendleft(job)
+
+    def _take_off(self, slot: Slot, job: Job) -> bool:
+        """Hand back a job sent ahead to the slot, not claimed yet: True if
+        it left the slot (queued again, or cancelled meanwhile)."""
+        was = self._hand_back(job)
+        if was == _BUSY:
+            self._retry_later()  # its future's lock was held: tried again shortly
+            return False
+        if was == job.seq | _slots.CLAIMED:
+            return False  # its runner has it: the next job
+        slot.jobs.remove(job)
+        self._file(slot)
+        return was == job.seq and job.placement is None and not job.counted
 
     def _may_send_ahead(self, job: Job) -> bool:
         """May the job wait behind another one on a busy runner?  Only once
@@ -288,20 +370,15 @@ class Pool:
         )
 
     def take_over_sent_ahead(self) -> None:
-        """Idle runners and nothing queued: a job sent ahead to a busy runner,
-        not claimed yet, is taken back and given to an idle one."""
-        for slot in list(self.ahead):
-            if not self.idle:
-                return
-            job = slot.jobs[-1] if len(slot.jobs) == 2 else None
-            if (
-                job is not None
-                and not job.taken_back
-                and self._hand_back(job) != (job.seq | _slots.CLAIMED)
-            ):
-                slot.jobs.remove(job)
-                self._file(slot)
-                self.fill_idle()
+        """Idle runners and nothing queued: jobs sent ahead to busy runners,
+        not claimed yet, are taken back (the first sent first) and given to
+        idle ones."""
+        for slot in sorted(self.ahead, key=lambda s: len(s.jobs), reverse=True):
+            for job in slot.jobs[1:]:
+                if not self.idle:
+                    return
+                if not job.taken_back and self._take_off(slot, job):
+                    self.fill_idle()
 
     def _pop_pending(self) -> Job:
         job = self.pending.popleft()
@@ -321,7 +398,10 @@ class Pool:
         if self.idle:
             slot = self.idle.pop()
         elif self.roomy and self._may_send_ahead(job):
-            slot = self.roomy.pop()
+            found = self._roomy_slot(job)
+            if found is None:
+                return False
+            slot = found
         else:
             return False
         started = self._dispatch(slot, job)
@@ -339,7 +419,7 @@ class Pool:
         None if its future's lock was busy and nothing was sent."""
         assert self.words is not None
         seq = job.seq = next(self.seqs)
-        word = 1 - slot.jobs[0].placement.word if slot.jobs else 0  # type: ignore[union-attr]
+        word = _free_claim_word(slot)
         # Offered, then placed, before it turns RUNNING: a cancel that sees
         # RUNNING sees where, and can take it back.
         self.words.offer(slot.index, word, seq)
@@ -489,6 +569,7 @@ class Pool:
         slot = self.slots[index]
         slot.runner_id, slot.pid, slot.connected, slot.coming = runner_id, pid, True, False
         slot.tasks, slot.retiring, slot.ready, slot.jobs = 0, False, False, []
+        slot.quick = False  # until it shows its jobs are quick
         self.counts["processes_started"] += 1
         self._file(slot)
 
@@ -512,6 +593,8 @@ class Pool:
             return  # a result its kill overtook: the kill decided the ending
         slot.jobs.remove(job)
         slot.tasks += 1
+        now = time.monotonic()
+        slot.quick, slot.last_result_at = now - slot.last_result_at < QUICK_S, now
         self.init_failures = 0
         self._count_end(job, "failed" if kind == _wire.OUTCOME_ERROR else "finished")
         # The frame's buffer is this job's alone now: no copy of a large result.
@@ -521,8 +604,8 @@ class Pool:
         self._file(slot)
 
     def _file(self, slot: Slot) -> None:
-        """List the slot where dispatch looks: idle (no job), roomy (one job,
-        room for the next) or neither; in ``ahead`` if it holds two."""
+        """List the slot where dispatch looks: idle (no job), roomy (jobs,
+        and room for more) or neither; in ``ahead`` if it holds two or more."""
         jobs = slot.jobs
         if jobs and (jobs[0].taken_back or jobs[-1].taken_back):
             jobs[:] = [job for job in jobs if not job.taken_back]
@@ -531,14 +614,21 @@ class Pool:
         if slot in self.roomy:
             self.roomy.remove(slot)
         self.ahead.discard(slot)
-        if len(jobs) == 2:
+        if len(jobs) >= 2:
             self.ahead.add(slot)
         if not (slot.connected and slot.ready) or slot.retiring or self.broken is not None:
             return
         if not jobs:
             self.idle.append(slot)
-        elif len(jobs) == 1 and (self.max_tasks is None or slot.tasks + 1 < self.max_tasks):
+        elif len(jobs) < self._room(slot) and (
+            self.max_tasks is None or slot.tasks + len(jobs) < self.max_tasks
+        ):
             self.roomy.append(slot)
+
+    def _room(self, slot: Slot) -> int:
+        """How many jobs the slot may hold: the one it runs and one ahead;
+        more while its jobs are quick and no max_pending counts the queue."""
+        return JOBS_PER_SLOT if slot.quick and self.max_pending is None else 2
 
     def _count_up(self) -> None:
         self.up = sum(1 for slot in self.slots if slot.connected and slot.ready)
@@ -546,7 +636,8 @@ class Pool:
     def _hand_back(self, job: Job) -> int:
         """Take back a job its runner has not claimed (the runner died, or an
         idle one takes it over) and queue it first again.  Returns its CLAIM
-        word as it was: the job's seq if it was handed back."""
+        word as it was: the job's seq if it was handed back; _BUSY if its
+        future's lock was held by another thread (nothing done: try again)."""
         placement = job.placement
         assert placement is not None and self.words is not None
         words, seq, was = self.words, placement.seq, [0]
@@ -561,8 +652,8 @@ class Pool:
             return True
 
         back = job.future._hand_back(take_back)
-        if back is None:  # claimed; or the future's lock was busy: it ends with its runner
-            return was[0] or seq | _slots.CLAIMED
+        if back is None:  # claimed (it ends with its runner); or the future's lock was busy
+            return was[0] or _BUSY
         self.running -= 1
         self.counts["started"] -= 1  # its runner never took it
         if not back:
@@ -619,9 +710,33 @@ class Pool:
         self._count_up()
         jobs, slot.jobs = slot.jobs, []
         self._file(slot)
-        for job in reversed(jobs):  # reversed: a returned pair queues in its order
-            if not job.taken_back and self._hand_back(job) == job.seq | _slots.CLAIMED:
-                self._settle_stopped(slot, job, state, status, out, detail)
+        for job in reversed(jobs):  # reversed: returned jobs queue in their order
+            if not job.taken_back:
+                self._hand_back_from_dead(slot, slot.pid, job, state, status, detail, out)
+
+    def _hand_back_from_dead(
+        self,
+        slot: Slot,
+        pid: int,
+        job: Job,
+        state: int,
+        status: int | None,
+        detail: str | None,
+        out: list[Completion],
+        retried: bool = False,
+    ) -> None:
+        """A job of a runner that is gone: queued again if the runner never
+        claimed it, else settled by how the runner ended."""
+        was = self._hand_back(job)
+        if was == _BUSY:  # its future's lock was held: never settled as if it ran
+            retry = functools.partial(
+                self._hand_back_from_dead, slot, pid, job, state, status, detail, retried=True
+            )
+            self.io.add_timer(time.monotonic() + _RETRY_S, retry)
+        elif was == job.seq | _slots.CLAIMED:
+            self._settle_stopped(slot, job, state, status, out, detail, pid=pid)
+        elif retried:
+            self.fill_idle()  # queued again after its runner's exit was handled: placed now
 
     def job_killed(
         self, index: int, runner_id: int, seq: int, flag: int, peak: int, out: list[Completion]
@@ -641,10 +756,10 @@ class Pool:
         detail = f"the cancelk supervisor (pid {pid}) died, {how}"
         for slot in self.slots:
             jobs, slot.jobs = slot.jobs, []
+            state = self.words.state(slot.index)
             for job in reversed(jobs):
-                if not job.taken_back and self._hand_back(job) == job.seq | _slots.CLAIMED:
-                    state = self.words.state(slot.index)
-                    self._settle_stopped(slot, job, state, None, out, detail)
+                if not job.taken_back:
+                    self._hand_back_from_dead(slot, slot.pid, job, state, None, detail, out)
             slot.pid = slot.runner_id = 0
             slot.connected = slot.ready = slot.coming = False
         self.idle.clear()
@@ -661,9 +776,11 @@ class Pool:
         out: list[Completion],
         detail: str | None = None,
         peak: int = 0,
+        pid: int | None = None,
     ) -> None:
-        """End the future of a job that was killed or died, once."""
-        ending = _ending(job, state, status, slot.pid, detail, peak)
+        """End the future of a job that was killed or died, once (``pid``: its
+        runner's, if the slot may have another runner by now)."""
+        ending = _ending(job, state, status, slot.pid if pid is None else pid, detail, peak)
         # Unlinked only once settled: a concurrent cancel() that meets the
         # still-RUNNING future must find the job, whose word says how it ended.
         if self._count_end(job, ending.counter, unlink=False):
@@ -774,6 +891,7 @@ class Pool:
 # much later, rather than waited for: that thread may be waiting for the
 # pool's lock (a finalizer inside wait() that submits).
 _RETRY_S = 0.001
+_BUSY = -1  # _hand_back: the job's future was locked by another thread; nothing done
 
 
 class _Taken(enum.Enum):
@@ -794,6 +912,14 @@ class Ending(NamedTuple):
 
     counter: str
     settle: Callable[[Future], object]
+
+
+def _free_claim_word(slot: Slot) -> int:
+    """A CLAIM word none of the slot's jobs holds: the job that held it last
+    has left the slot, so it is settled (claimed and done, taken back, or
+    returned) and no CAS expecting its seq can succeed any more."""
+    used = {job.placement.word for job in slot.jobs if job.placement is not None}
+    return next(word for word in range(JOBS_PER_SLOT) if word not in used)
 
 
 def _unlink(future: Future) -> None:

@@ -10,14 +10,16 @@
                 seq|KILL_*   a kill of job seq was decided (time limit or deadline,
                              cancel, memory limit)
     STARTED_NS  CLOCK_MONOTONIC when the running job began (time limits count from it)
-    CLAIM 0, 1  seq          job seq was sent to the runner, which has not taken it
+    CLAIM 0..5  seq          job seq was sent to the runner, which has not taken it
                 seq|CLAIMED  the runner took it: it runs next (or runs, or ran)
                 seq|TAKEN    a cancel took it back first: it never runs
                 seq|RETURNED its runner died first: the pool queues it again
 
-A slot holds at most two jobs at once, the one its runner runs and the next
-(sent ahead, so the runner need not wait for the user process between two
-jobs); each job has one of the two CLAIM words while it is the slot's.
+A slot holds at most six jobs at once, the one its runner runs and those
+sent ahead of it (so the runner need not wait for the user process between
+two jobs, and a burst of jobs crosses in few writes); each job has one of
+the CLAIM words while it is the slot's.  A runner claims a job only when it
+is about to begin it, so at most one claimed job waits at a time: the next.
 
 Every transition is a compare-and-swap from a value that names the job (or,
 before its first job, the runner), so "finished" and "killed" cannot both win,
@@ -44,10 +46,10 @@ SEQ_MASK = (1 << 48) - 1
 CLAIMED = 1 << 55
 TAKEN = 1 << 56
 RETURNED = 1 << 57
-CLAIM_WORDS = 2
+CLAIM_WORDS = 6
 
 _STATE, _STARTED_NS, _CLAIM = 0, 1, 2
-_WORDS_PER_SLOT = 4  # STATE, STARTED_NS, two CLAIM words: each slot on its own 32 bytes
+_WORDS_PER_SLOT = 8  # STATE, STARTED_NS, six CLAIM words: each slot on a cache line of its own
 
 
 def _size(slots: int) -> int:

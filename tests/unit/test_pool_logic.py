@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from cancelk import _core, _protocol, _slots, _wire
-from cancelk._pool import ENDINGS, Job, Pool
+from cancelk import _core, _pool, _protocol, _slots, _wire
+from cancelk._pool import ENDINGS, JOBS_PER_SLOT, Job, Pool
 from cancelk._slots import FRESH, KILL_CANCEL, KILL_MEMORY, KILL_TIMEOUT, SlotWords
 from cancelk.errors import (
     PoolFullError,
@@ -150,6 +151,19 @@ class Harness:
         kind, outcome = _wire.encode_result(value)
         self.pool.result_arrived(slot, seq, kind, memoryview(outcome), self.out)
         self.settle()
+
+
+@pytest.fixture(autouse=True)
+def one_ahead(monkeypatch):
+    """No runner counts as quick unless a test says so (``quick``): how deep
+    jobs are sent ahead must not hang on how fast this test runs."""
+    monkeypatch.setattr(_pool, "QUICK_S", 0.0)
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    """Every runner that has returned a result counts as quick."""
+    monkeypatch.setattr(_pool, "QUICK_S", float("inf"))
 
 
 @pytest.fixture
@@ -800,6 +814,174 @@ def test_an_idle_runner_takes_over_a_job_sent_ahead_to_a_busy_one(h):
     h.run_to_end(ahead, "done")
     assert ahead.result(0) == "done" and long_one.running()
     assert h.check_counts()["running"] == 1
+
+
+# -- deeper: a quick runner gets a burst's jobs several at a time -------------------
+
+
+def _make_quick(h: Harness, slot: int = 0) -> None:
+    """One job run to its end on the slot: its runner has returned a result."""
+    first = h.submit()
+    assert first._cancelk_job.placement.slot == slot
+    h.run_to_end(first, "warm")
+
+
+def test_a_quick_runner_is_sent_jobs_ahead_each_under_its_own_claim_word(h1, quick):
+    _make_quick(h1)
+    burst = [h1.submit() for _ in range(JOBS_PER_SLOT + 2)]
+    assert [f.running() for f in burst] == [True] * JOBS_PER_SLOT + [False, False]
+    seqs = [f._cancelk_job.placement.seq for f in burst[:JOBS_PER_SLOT]]
+    words = {h1.io.claim_words[seq] for seq in seqs}
+    assert len(words) == JOBS_PER_SLOT, "no two jobs of a slot share a CLAIM word"
+    assert h1.check_counts()["pending"] == 2
+    for future in burst:  # the runner goes through them in order; each result makes room
+        h1.pool.fill_idle()
+        h1.run_to_end(future, "ok")
+    assert all(f.result(0) == "ok" for f in burst)
+    assert h1.check_counts()["finished"] == len(burst) + 1
+
+
+def test_a_slow_runner_gets_one_job_ahead(h1):
+    _make_quick(h1)  # not quick: QUICK_S is 0 here
+    running, ahead, queued = h1.submit(), h1.submit(), h1.submit()
+    assert running.running() and ahead.running() and not queued.running()
+
+
+def test_with_max_pending_a_quick_runner_still_gets_one_job_ahead(quick):
+    h = Harness(size=1)
+    h.pool.max_pending = 4
+    try:
+        h.start_runner(0)
+        _make_quick(h)
+        _running, ahead, queued = h.submit(), h.submit(), h.submit()
+        assert ahead.running() and not queued.running(), "max_pending counts it as waiting"
+    finally:
+        h.close()
+
+
+def test_jobs_sent_ahead_to_a_runner_that_dies_are_queued_again_in_order(h1, quick):
+    _make_quick(h1)
+    doomed, *ahead = (h1.submit() for _ in range(JOBS_PER_SLOT))
+    queued = h1.submit()
+    h1.begin_job(doomed)
+    h1.exited(0, 1, signal.SIGKILL)
+    assert isinstance(doomed.exception(0), ProcessDiedError)
+    assert not any(f.running() or f.done() for f in [*ahead, queued]), "never claimed"
+    assert [job.future for job in h1.pool.pending] == [*ahead, queued], "in submit order"
+    h1.start_runner(0)
+    h1.pool.fill_idle()
+    for future in [*ahead, queued]:
+        h1.pool.fill_idle()
+        h1.run_to_end(future, "once")
+    s = h1.check_counts()
+    assert (s["died"], s["finished"], s["running"], s["pending"]) == (1, JOBS_PER_SLOT + 1, 0, 0)
+
+
+def test_an_idle_runner_takes_over_the_first_jobs_waiting_behind_a_long_one(h, quick):
+    h.start_runner(0)
+    h.start_runner(1)
+    for warm in [h.submit(), h.submit()]:  # one on each runner: both quick
+        h.run_to_end(warm, "warm")
+    long_one = h.submit()
+    busy = long_one._cancelk_job.placement.slot
+    burst = [h.submit() for _ in range(7)]
+    behind = [f for f in burst if f._cancelk_job.placement.slot == busy]
+    elsewhere = [f for f in burst if f._cancelk_job.placement.slot != busy]
+    assert len(behind) >= 2 and elsewhere, "sent ahead to both runners"
+    h.begin_job(long_one)
+    for future in elsewhere:
+        h.run_to_end(future, "there")
+    h.pool.take_over_sent_ahead()
+    moved = [f for f in behind if f._cancelk_job.placement.slot != busy]
+    assert moved == behind[:1], "the first one waiting moves to the idle runner"
+    h.run_to_end(moved[0], "moved")
+    h.pool.take_over_sent_ahead()
+    assert behind[1]._cancelk_job.placement.slot != busy, "then the next one"
+    h.run_to_end(behind[1], "moved too")
+    assert long_one.running() and all(f.running() for f in behind[2:])
+    h.check_counts()
+
+
+def test_an_idle_runner_takes_jobs_waiting_behind_a_long_job_before_queued_ones(
+    h, quick, monkeypatch
+):
+    h.start_runner(0)
+    h.start_runner(1)
+    for warm in [h.submit(), h.submit()]:  # both runners quick
+        h.run_to_end(warm, "warm")
+    long_one = h.submit()
+    busy = long_one._cancelk_job.placement.slot
+    burst = [h.submit() for _ in range(2 * JOBS_PER_SLOT + 2)]
+    behind = [f for f in burst if f.running() and f._cancelk_job.placement.slot == busy]
+    queued = [f for f in burst if not f.running()]
+    assert len(behind) == JOBS_PER_SLOT - 1 and queued
+    h.begin_job(long_one)
+    monkeypatch.setattr(_pool, "QUICK_S", 0.0)  # the long job has run past it now
+    for future in [f for f in burst if f.running() and f not in behind]:
+        h.run_to_end(future, "there")  # the other runner goes idle
+    sent_before = len(h.io.jobs)
+    h.pool.fill_idle()
+    moved = [f for f in behind if f._cancelk_job.placement.slot != busy]
+    assert moved == behind[:1], "the oldest job waiting behind the long one moves first"
+    first_sent = h.io.jobs[sent_before][1]
+    assert first_sent == moved[0]._cancelk_job.placement.seq, "before the queued jobs"
+    assert long_one.running()
+    h.check_counts()
+
+
+def test_jobs_queued_again_never_wait_behind_jobs_submitted_after_them(h, quick):
+    h.start_runner(0)
+    h.start_runner(1)
+    for warm in [h.submit(), h.submit()]:  # both runners quick
+        h.run_to_end(warm, "warm")
+    burst = [h.submit() for _ in range(6)]
+    doomed_slot = burst[0]._cancelk_job.placement.slot
+    on_doomed = [f for f in burst if f._cancelk_job.placement.slot == doomed_slot]
+    on_other = [f for f in burst if f._cancelk_job.placement.slot != doomed_slot]
+    assert len(on_doomed) == len(on_other) == 3, "sent to both runners in turn"
+    h.begin_job(on_doomed[0])
+    h.begin_job(on_other[0])
+    h.exited(doomed_slot, h.pool.slots[doomed_slot].runner_id, signal.SIGKILL)
+    h.start_runner(doomed_slot)
+    h.pool.fill_idle()
+    back = on_doomed[1:]
+    assert all(f.running() for f in back)
+    assert all(f._cancelk_job.placement.slot == doomed_slot for f in back), (
+        "the other runner holds later jobs: they wait for the new runner instead"
+    )
+    h.check_counts()
+
+
+def test_jobs_of_a_dead_runner_whose_future_is_locked_are_queued_again_not_failed(h1):
+    doomed, ahead = h1.submit(), h1.submit()
+    h1.begin_job(doomed)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with ahead._condition:  # another thread looks at the future (f.pid, f.done())
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert held.wait(5)
+        h1.exited(0, 1, signal.SIGKILL)
+        assert isinstance(doomed.exception(0), ProcessDiedError)
+        assert not ahead.done(), "never claimed: it must not fail as if it ran"
+    finally:
+        release.set()
+        holder.join()
+    for _at, command in list(h1.io.timers):  # the retry, as the manager thread runs it
+        command(h1.out)
+    h1.settle()
+    assert not ahead.running() and not ahead.done(), "queued again"
+    h1.start_runner(0)
+    h1.pool.fill_idle()
+    h1.run_to_end(ahead, "ran once")
+    assert ahead.result(0) == "ran once"
+    s = h1.check_counts()
+    assert (s["died"], s["finished"]) == (1, 1)
 
 
 def test_a_cancel_of_a_job_queued_again_cancels_it_in_the_queue(h1):

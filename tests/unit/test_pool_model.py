@@ -257,7 +257,13 @@ SEEDS = 20  # about 0.2 s per size; more with CANCELK_MODEL_SEEDS=1000
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
-def test_random_interleavings_end_every_future(size, monkeypatch):
+@pytest.mark.parametrize(
+    "quick_s",
+    [0.0, _pool.QUICK_S, float("inf")],
+    ids=["one-ahead", "by-the-clock", "deep"],  # never, sometimes, always quick runners
+)
+def test_random_interleavings_end_every_future(size, quick_s, monkeypatch):
     for seed in range(int(os.environ.get("CANCELK_MODEL_SEEDS", SEEDS))):
         with monkeypatch.context() as patch:
+            patch.setattr(_pool, "QUICK_S", quick_s)
             run_model(seed * 10 + size, size, patch)
