@@ -81,7 +81,7 @@ class DeadlineBook:
     def _add(self, slot: int, deadline: Deadline) -> None:
         # A slot's jobs have rising seqs, so the deadlines of jobs older than
         # the one it runs now are moot: dropping them keeps the book bounded
-        # however long the limits are.  (The job sent ahead has a later seq.)
+        # however long the limits are.  (Jobs sent ahead have later seqs.)
         current = job_of(self.words.state(slot))
         kept = [d for d in self.by_slot.get(slot, ()) if d.seq >= current]
         kept.append(deadline)

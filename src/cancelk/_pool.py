@@ -70,10 +70,11 @@ INIT_FAILURES_TO_BREAK = 3
 # Deep enough that a runner works through a burst of short jobs while the
 # user process is busy elsewhere (P2), and that a wake-up finds several
 # results to read and sends their successors in one write.  Only a runner
-# whose last job took under QUICK_S gets more than one job ahead: a job
-# waits behind a long one at most until another runner idles
-# (take_over_sent_ahead), and where jobs are long that is one job, as it
-# is with max_pending (whose count of waiting jobs leaves out one per runner).
+# whose last job took under QUICK_S gets more than one job ahead, and none
+# more once the job it runs has run past QUICK_S; the jobs already behind
+# such a job wait until a runner is idle with nothing older queued
+# (_move_from_long_jobs).  With max_pending (whose count of waiting jobs
+# leaves out one per runner) it is one job ahead, as where jobs are long.
 JOBS_PER_SLOT = _slots.CLAIM_WORDS
 QUICK_S = 0.001
 # Every submitted job is, at every moment, in exactly one of: pending,
@@ -210,6 +211,9 @@ class Pool:
         self.counts = dict.fromkeys(_COUNTERS, 0)
         self.running = 0  # dispatched, ending not counted yet
         self.ended_in_queue = 0  # in ``pending``, but already counted (cancelled, deadline)
+        # Jobs of dead runners whose hand-back found their future's lock held:
+        # tried again shortly; their CLAIM words stay theirs until then.
+        self.limbo: list[Job] = []
 
     # -- jobs in ----------------------------------------------------------------
     def accept(self, job: Job, out: list[Completion]) -> None:
@@ -327,16 +331,18 @@ class Pool:
         runner, so that fill_idle gives them to the idle runners."""
         moved: list[Job] = []
         first_queued = self.pending[0].order if self.pending else None
-        for slot in list(self.ahead):
-            if not self._running_long(slot):
-                continue
-            for job in slot.jobs[1:]:
-                if len(moved) == len(self.idle):
-                    break
-                if first_queued is not None and job.order > first_queued:
-                    break  # the queue's first job is older: the idle runner takes that
-                if not job.taken_back and self._take_off(slot, job):
-                    moved.append(job)
+        long_ones = [slot for slot in self.ahead if self._running_long(slot)]
+        waiting = sorted(
+            ((job, slot) for slot in long_ones for job in slot.jobs[1:]),
+            key=lambda waiting: waiting[0].order,
+        )
+        for job, slot in waiting:
+            if len(moved) == len(self.idle):
+                break
+            if first_queued is not None and job.order > first_queued:
+                break  # the queue's first job is older: the idle runners take that
+            if not job.taken_back and job in slot.jobs and self._take_off(slot, job):
+                moved.append(job)
         # _hand_back put each first in the queue: the oldest must come first.
         for job in sorted(moved, key=lambda job: job.order, reverse=True):
             self.pending.remove(job)
@@ -371,14 +377,17 @@ class Pool:
 
     def take_over_sent_ahead(self) -> None:
         """Idle runners and nothing queued: jobs sent ahead to busy runners,
-        not claimed yet, are taken back (the first sent first) and given to
+        not claimed yet, are taken back (the oldest first) and given to
         idle ones."""
-        for slot in sorted(self.ahead, key=lambda s: len(s.jobs), reverse=True):
-            for job in slot.jobs[1:]:
-                if not self.idle:
-                    return
-                if not job.taken_back and self._take_off(slot, job):
-                    self.fill_idle()
+        waiting = sorted(
+            ((job, slot) for slot in self.ahead for job in slot.jobs[1:]),
+            key=lambda waiting: waiting[0].order,
+        )
+        for job, slot in waiting:
+            if not self.idle:
+                return
+            if not job.taken_back and job in slot.jobs and self._take_off(slot, job):
+                self.fill_idle()
 
     def _pop_pending(self) -> Job:
         job = self.pending.popleft()
@@ -419,7 +428,7 @@ class Pool:
         None if its future's lock was busy and nothing was sent."""
         assert self.words is not None
         seq = job.seq = next(self.seqs)
-        word = _free_claim_word(slot)
+        word = self._free_claim_word(slot)
         # Offered, then placed, before it turns RUNNING: a cancel that sees
         # RUNNING sees where, and can take it back.
         self.words.offer(slot.index, word, seq)
@@ -530,7 +539,9 @@ class Pool:
             if was == seq | _slots.TAKEN:
                 return _Taken.NEVER_RUNS  # by another cancel
             if was != seq | _slots.RETURNED:
-                return _Taken.ENDED  # the word serves a later job now
+                if job.placement is not placement:
+                    continue  # handed back and sent again meanwhile: look once more
+                return _Taken.ENDED  # it ended; the word serves a later job now
             if job.placement is placement:
                 # Returned, and the hand-back that did it is this thread's
                 # own, interrupted (a finalizer): it sees the cancel next.
@@ -569,7 +580,7 @@ class Pool:
         slot = self.slots[index]
         slot.runner_id, slot.pid, slot.connected, slot.coming = runner_id, pid, True, False
         slot.tasks, slot.retiring, slot.ready, slot.jobs = 0, False, False, []
-        slot.quick = False  # until it shows its jobs are quick
+        slot.quick, slot.last_result_at = False, 0.0  # until it shows its jobs are quick
         self.counts["processes_started"] += 1
         self._file(slot)
 
@@ -625,6 +636,16 @@ class Pool:
         ):
             self.roomy.append(slot)
 
+    def _free_claim_word(self, slot: Slot) -> int:
+        """A CLAIM word no job of the slot holds (nor one in limbo): the job
+        that held it last has left, so it is settled (claimed and done,
+        taken back, or returned) and no CAS expecting its seq can succeed."""
+        used = {job.placement.word for job in slot.jobs if job.placement is not None}
+        for job in self.limbo:
+            if job.placement is not None and job.placement.slot == slot.index:
+                used.add(job.placement.word)
+        return next(word for word in range(JOBS_PER_SLOT) if word not in used)
+
     def _room(self, slot: Slot) -> int:
         """How many jobs the slot may hold: the one it runs and one ahead;
         more while its jobs are quick and no max_pending counts the queue."""
@@ -636,8 +657,10 @@ class Pool:
     def _hand_back(self, job: Job) -> int:
         """Take back a job its runner has not claimed (the runner died, or an
         idle one takes it over) and queue it first again.  Returns its CLAIM
-        word as it was: the job's seq if it was handed back; _BUSY if its
-        future's lock was held by another thread (nothing done: try again)."""
+        word as it was: the job's seq if it was handed back (or cancelled
+        meanwhile), seq|CLAIMED for a large payload (let go once sent: it
+        ends with its runner); _BUSY if its future's lock was held by
+        another thread (nothing done: try again)."""
         placement = job.placement
         assert placement is not None and self.words is not None
         words, seq, was = self.words, placement.seq, [0]
@@ -729,14 +752,31 @@ class Pool:
         claimed it, else settled by how the runner ended."""
         was = self._hand_back(job)
         if was == _BUSY:  # its future's lock was held: never settled as if it ran
+            if not retried:
+                self.limbo.append(job)
             retry = functools.partial(
                 self._hand_back_from_dead, slot, pid, job, state, status, detail, retried=True
             )
             self.io.add_timer(time.monotonic() + _RETRY_S, retry)
-        elif was == job.seq | _slots.CLAIMED:
+            return
+        if retried:
+            self.limbo.remove(job)
+        if was == job.seq | _slots.CLAIMED:
             self._settle_stopped(slot, job, state, status, out, detail, pid=pid)
-        elif retried:
-            self.fill_idle()  # queued again after its runner's exit was handled: placed now
+        elif retried and job.placement is None and not job.counted:
+            self._queued_late(job, out)
+
+    def _queued_late(self, job: Job, out: list[Completion]) -> None:
+        """A dead runner's job queued again after the death was handled: the
+        pool may have broken meanwhile (it then fails as queued jobs did),
+        and runners may have to be asked for it."""
+        if self.broken is not None:
+            self.pending.remove(job)
+            if self._count_end(job, "failed"):
+                out.append(functools.partial(fail, job.future, self.broken))
+            return
+        self.start_runners()
+        self.fill_idle()
 
     def job_killed(
         self, index: int, runner_id: int, seq: int, flag: int, peak: int, out: list[Completion]
@@ -754,12 +794,19 @@ class Pool:
         assert self.words is not None
         how = "status unknown" if status is None else f"status {status}"
         detail = f"the cancelk supervisor (pid {pid}) died, {how}"
+        lost = [
+            (slot, job, self.words.state(slot.index))
+            for slot in self.slots
+            for job in slot.jobs
+            if not job.taken_back
+        ]
         for slot in self.slots:
-            jobs, slot.jobs = slot.jobs, []
-            state = self.words.state(slot.index)
-            for job in reversed(jobs):
-                if not job.taken_back:
-                    self._hand_back_from_dead(slot, slot.pid, job, state, None, detail, out)
+            slot.jobs = []
+        # The newest first: each returned job goes first in the queue, so
+        # they queue again in the order they were submitted.
+        for slot, job, state in sorted(lost, key=lambda lost: lost[1].order, reverse=True):
+            self._hand_back_from_dead(slot, slot.pid, job, state, None, detail, out)
+        for slot in self.slots:
             slot.pid = slot.runner_id = 0
             slot.connected = slot.ready = slot.coming = False
         self.idle.clear()
@@ -876,7 +923,7 @@ class Pool:
 
     def finished(self) -> bool:
         """Shut down, and nothing is left to run or to end."""
-        if not self.shutting_down or len(self.pending) > self.ended_in_queue:
+        if not self.shutting_down or len(self.pending) > self.ended_in_queue or self.limbo:
             return False
         return all(all(job.taken_back for job in slot.jobs) for slot in self.slots)
 
@@ -912,14 +959,6 @@ class Ending(NamedTuple):
 
     counter: str
     settle: Callable[[Future], object]
-
-
-def _free_claim_word(slot: Slot) -> int:
-    """A CLAIM word none of the slot's jobs holds: the job that held it last
-    has left the slot, so it is settled (claimed and done, taken back, or
-    returned) and no CAS expecting its seq can succeed any more."""
-    used = {job.placement.word for job in slot.jobs if job.placement is not None}
-    return next(word for word in range(JOBS_PER_SLOT) if word not in used)
 
 
 def _unlink(future: Future) -> None:

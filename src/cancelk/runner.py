@@ -7,7 +7,7 @@
     user process ◄══channel══ ready frame (INIT_SEQ, value), or the
                               initializer's exception (INIT_SEQ, error)
     user process ══channel══► job frame (seq, slot, CLAIM word, pickled fn/args/kwargs);
-                              the next one may arrive while a job runs
+                              the next ones may arrive while a job runs
                               words.claim(slot, word, seq)  (taken back: skip it)
                               words.begin(slot, seq)   (lost race: wait to be killed)
                               run, pickle the outcome (in parts: a large

@@ -969,19 +969,29 @@ def test_jobs_of_a_dead_runner_whose_future_is_locked_are_queued_again_not_faile
         h1.exited(0, 1, signal.SIGKILL)
         assert isinstance(doomed.exception(0), ProcessDiedError)
         assert not ahead.done(), "never claimed: it must not fail as if it ran"
+        h1.start_runner(0)  # a warm spare takes the slot at once
+        h1.pool.shutting_down = True
+        assert not h1.pool.finished(), "a job still to be handed back keeps the pool going"
+        h1.pool.shutting_down = False
+        other = h1.submit()
+        ahead_word = h1.io.claim_words[ahead._cancelk_job.placement.seq]
+        assert h1.io.claim_words[other._cancelk_job.placement.seq] != ahead_word, (
+            "the word of a job still to be handed back is not given to another"
+        )
     finally:
         release.set()
         holder.join()
     for _at, command in list(h1.io.timers):  # the retry, as the manager thread runs it
         command(h1.out)
     h1.settle()
-    assert not ahead.running() and not ahead.done(), "queued again"
-    h1.start_runner(0)
+    assert not ahead.done() and not h1.pool.limbo
+    h1.run_to_end(other, "other")
     h1.pool.fill_idle()
+    assert ahead.running(), "queued again, then sent to the new runner"
     h1.run_to_end(ahead, "ran once")
-    assert ahead.result(0) == "ran once"
+    assert ahead.result(0) == "ran once" and other.result(0) == "other"
     s = h1.check_counts()
-    assert (s["died"], s["finished"]) == (1, 1)
+    assert (s["died"], s["finished"]) == (1, 2)
 
 
 def test_a_cancel_of_a_job_queued_again_cancels_it_in_the_queue(h1):
