@@ -640,6 +640,8 @@ class Pool:
         """A CLAIM word no job of the slot holds (nor one in limbo): the job
         that held it last has left, so it is settled (claimed and done,
         taken back, or returned) and no CAS expecting its seq can succeed."""
+        if not slot.jobs and not self.limbo:
+            return 0  # the usual dispatch, to an idle runner
         used = {job.placement.word for job in slot.jobs if job.placement is not None}
         for job in self.limbo:
             if job.placement is not None and job.placement.slot == slot.index:
