@@ -3,6 +3,7 @@ processes, sockets or threads; the shared words are real (in this process)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -151,6 +152,26 @@ class Harness:
         kind, outcome = _wire.encode_result(value)
         self.pool.result_arrived(slot, seq, kind, memoryview(outcome), self.out)
         self.settle()
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(future: Future):
+    """Another thread holds the future's lock meanwhile (as one inside wait())."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with future._condition:
+            holding.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(5)
+        yield
+    finally:
+        release.set()
+        thread.join(5)
 
 
 @pytest.fixture(autouse=True)
@@ -955,17 +976,7 @@ def test_jobs_queued_again_never_wait_behind_jobs_submitted_after_them(h, quick)
 def test_jobs_of_a_dead_runner_whose_future_is_locked_are_queued_again_not_failed(h1):
     doomed, ahead = h1.submit(), h1.submit()
     h1.begin_job(doomed)
-    held, release = threading.Event(), threading.Event()
-
-    def hold_lock() -> None:
-        with ahead._condition:  # another thread looks at the future (f.pid, f.done())
-            held.set()
-            release.wait(5)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        assert held.wait(5)
+    with lock_held_elsewhere(ahead):  # another thread looks at it (f.pid, f.done())
         h1.exited(0, 1, signal.SIGKILL)
         assert isinstance(doomed.exception(0), ProcessDiedError)
         assert not ahead.done(), "never claimed: it must not fail as if it ran"
@@ -978,9 +989,6 @@ def test_jobs_of_a_dead_runner_whose_future_is_locked_are_queued_again_not_faile
         assert h1.io.claim_words[other._cancelk_job.placement.seq] != ahead_word, (
             "the word of a job still to be handed back is not given to another"
         )
-    finally:
-        release.set()
-        holder.join()
     for _at, command in list(h1.io.timers):  # the retry, as the manager thread runs it
         command(h1.out)
     h1.settle()
@@ -1033,27 +1041,12 @@ def test_a_dispatch_never_waits_for_a_future_lock_held_elsewhere(h):
     """A thread inside wait() holds its futures' locks; a finalizer there that
     submits waits for the pool's lock.  The dispatch, under the pool's lock,
     must not wait for the future's: it leaves the job queued and tries again."""
-    import threading
-
     future = h.submit()
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with future._condition:
-            holding.set()
-            release.wait(5)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        assert holding.wait(5)
+    with lock_held_elsewhere(future):
         h.start_runner(0)
         h.pool.fill_idle()
         assert not future.running() and h.pool.stats()["pending"] == 1
         assert len(h.io.timers) == 1, "tried again shortly"
-    finally:
-        release.set()
-        thread.join(5)
     _at, retry = h.io.timers.pop()
     retry(h.out)
     assert future.running() and h.pool.stats()["pending"] == 0
