@@ -284,7 +284,7 @@ class Pool:
         pending = self.pending
         while pending and (self.idle or (self.roomy and self._may_send_ahead(pending[0]))):
             job = self._pop_pending()
-            if not self._place(job):  # its future's lock was busy: first again, later
+            if not self._place(job):  # no runner may take it now, or its lock was busy
                 pending.appendleft(job)
                 if job.counted:
                     self.ended_in_queue += 1
@@ -305,8 +305,8 @@ class Pool:
         """The next runner with room for ``job``, in turn (runners fill
         evenly).  A job waits only behind jobs submitted before it (one
         queued again after its runner died waits for a runner that has no
-        later job), so jobs start in the order they were submitted; and one
-        that holds a job ahead already takes more only while the job it runs
+        later job), so none waits for a later one; and a runner that holds
+        a job ahead already takes more only while the job it runs
         is short: none goes deeper behind a job that has run past QUICK_S
         (that runner is listed again at its next result)."""
         for slot in list(self.roomy):
