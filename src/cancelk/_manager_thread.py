@@ -96,7 +96,7 @@ class ManagerThread(threading.Thread):
         self.supervisor: SupervisorLink | None = None
         self.runners: list[RunnerLink | None] = [None] * config.slots
         self.want_write: set[int] = set()
-        # While this thread handles a wake-up: small job frames per slot, sent
+        # While this thread handles a wake-up: small job frames per runner, sent
         # together at its end (one write, one wake-up of the runner, for all
         # the jobs the results it read made room for).  None otherwise.
         self.outgoing: dict[RunnerLink, list[bytes]] | None = None

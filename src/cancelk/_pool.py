@@ -206,6 +206,7 @@ class Pool:
         self.retry_due = False  # a dispatch that found a future's lock busy is tried again
         self.pending: deque[Job] = deque()
         self.shutting_down = False
+        self.queue_cancelled = False  # shutdown(cancel_futures=True), or everything killed
         self.broken: BaseException | None = None
         self.init_failures = 0
         self.counts = dict.fromkeys(_COUNTERS, 0)
@@ -770,12 +771,15 @@ class Pool:
 
     def _queued_late(self, job: Job, out: list[Completion]) -> None:
         """A dead runner's job queued again after the death was handled: the
-        pool may have broken meanwhile (it then fails as queued jobs did),
-        and runners may have to be asked for it."""
-        if self.broken is not None:
+        pool may have broken meanwhile (it then fails as queued jobs did) or
+        cancelled its queue (it is cancelled as they were), and runners may
+        have to be asked for it."""
+        if self.broken is not None or self.queue_cancelled:
             self.pending.remove(job)
-            if self._count_end(job, "failed"):
+            if self.broken is not None and self._count_end(job, "failed"):
                 out.append(functools.partial(fail, job.future, self.broken))
+            elif self.broken is None and self._count_end(job, "cancelled"):
+                out.append(job.future.cancel)
             return
         self.start_runners()
         self.fill_idle()
@@ -876,6 +880,7 @@ class Pool:
     def begin_shutdown(self, cancel_pending: bool, out: list[Completion]) -> None:
         self.shutting_down = True
         if cancel_pending:
+            self.queue_cancelled = True
             self._cancel_pending(out, spare=self._free_runners())
             self._cancel_sent_ahead(out)
 
@@ -902,7 +907,7 @@ class Pool:
 
     def kill_everything(self, reason: str, out: list[Completion]) -> None:
         """Cancel what is queued and kill what runs; the pool then stops."""
-        self.shutting_down = True
+        self.shutting_down = self.queue_cancelled = True
         self._cancel_pending(out)
         for slot in self.slots:
             for job in list(slot.jobs):

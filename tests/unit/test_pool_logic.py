@@ -1002,6 +1002,21 @@ def test_jobs_of_a_dead_runner_whose_future_is_locked_are_queued_again_not_faile
     assert (s["died"], s["finished"]) == (1, 2)
 
 
+def test_a_dead_runners_job_handed_back_after_shutdown_cancelled_the_queue_never_runs(h1):
+    doomed, ahead = h1.submit(), h1.submit()
+    h1.begin_job(doomed)
+    with lock_held_elsewhere(ahead):
+        h1.exited(0, 1, signal.SIGKILL)
+        h1.pool.begin_shutdown(True, h1.out)  # shutdown(cancel_futures=True)
+        h1.settle()
+        assert not ahead.done() and not h1.pool.finished()
+    for _at, command in list(h1.io.timers):
+        command(h1.out)
+    h1.settle()
+    assert ahead.cancelled(), "cancelled with the queue it rejoined, never run"
+    assert h1.pool.finished() and h1.check_counts()["cancelled"] == 1
+
+
 def test_a_cancel_of_a_job_queued_again_cancels_it_in_the_queue(h1):
     doomed, ahead = h1.submit(), h1.submit()
     h1.begin_job(doomed)
