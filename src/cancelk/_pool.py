@@ -43,7 +43,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import InvalidStateError
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple, Protocol
@@ -299,8 +299,6 @@ class Pool:
     def _retry(self, out: list[Completion]) -> None:
         self.retry_due = False
         self.fill_idle()
-        if not self.pending and self.idle and self.ahead:
-            self.take_over_sent_ahead()
 
     def _roomy_slot(self, job: Job) -> Slot | None:
         """The next runner with room for ``job``, in turn (runners fill
@@ -332,17 +330,12 @@ class Pool:
         runner, so that fill_idle gives them to the idle runners."""
         moved: list[Job] = []
         first_queued = self.pending[0].order if self.pending else None
-        long_ones = [slot for slot in self.ahead if self._running_long(slot)]
-        waiting = sorted(
-            ((job, slot) for slot in long_ones for job in slot.jobs[1:]),
-            key=lambda waiting: waiting[0].order,
-        )
-        for job, slot in waiting:
+        for job, slot in _waiting_behind(s for s in self.ahead if self._running_long(s)):
             if len(moved) == len(self.idle):
                 break
             if first_queued is not None and job.order > first_queued:
                 break  # the queue's first job is older: the idle runners take that
-            if not job.taken_back and job in slot.jobs and self._take_off(slot, job):
+            if self._take_off(slot, job):
                 moved.append(job)
         # _hand_back put each first in the queue: the oldest must come first.
         for job in sorted(moved, key=lambda job: job.order, reverse=True):
@@ -351,7 +344,9 @@ class Pool:
 
     def _take_off(self, slot: Slot, job: Job) -> bool:
         """Hand back a job sent ahead to the slot, not claimed yet: True if
-        it left the slot (queued again, or cancelled meanwhile)."""
+        it is queued again."""
+        if job.taken_back or job not in slot.jobs:
+            return False  # a cancel took it, or an earlier move did
         was = self._hand_back(job)
         if was == _BUSY:
             self._retry_later()  # its future's lock was held: tried again shortly
@@ -380,14 +375,10 @@ class Pool:
         """Idle runners and nothing queued: jobs sent ahead to busy runners,
         not claimed yet, are taken back (the oldest first) and given to
         idle ones."""
-        waiting = sorted(
-            ((job, slot) for slot in self.ahead for job in slot.jobs[1:]),
-            key=lambda waiting: waiting[0].order,
-        )
-        for job, slot in waiting:
+        for job, slot in _waiting_behind(self.ahead):
             if not self.idle:
                 return
-            if not job.taken_back and job in slot.jobs and self._take_off(slot, job):
+            if self._take_off(slot, job):
                 self.fill_idle()
 
     def _pop_pending(self) -> Job:
@@ -781,8 +772,7 @@ class Pool:
             elif self.broken is None and self._count_end(job, "cancelled"):
                 out.append(job.future.cancel)
             return
-        self.start_runners()
-        self.fill_idle()
+        self.start_runners()  # the wake-up that ran this timer then fills the runners
 
     def job_killed(
         self, index: int, runner_id: int, seq: int, flag: int, peak: int, out: list[Completion]
@@ -966,6 +956,13 @@ class Ending(NamedTuple):
 
     counter: str
     settle: Callable[[Future], object]
+
+
+def _waiting_behind(slots: Iterable[Slot]) -> list[tuple[Job, Slot]]:
+    """The jobs sent ahead to these slots, each with its slot, oldest first."""
+    waiting = [(job, slot) for slot in slots for job in slot.jobs[1:]]
+    waiting.sort(key=lambda pair: pair[0].order)
+    return waiting
 
 
 def _unlink(future: Future) -> None:
